@@ -1,0 +1,57 @@
+"""Typed experiment configs: dataclass schemas, YAML files and `key=value` overrides.
+
+Every config is a dataclass. `load_config` merges the schema's defaults, a YAML file and
+command-line overrides with OmegaConf, so a typo or a wrong type fails at start and names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its schema."""
+
+
+def _describe(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        return f"{source}: unknown key '{key}' (check its spelling against the schema)"
+    if isinstance(err, ValidationError):
+        return f"{source}: bad value for '{key}': {str(err).splitlines()[0]}"
+    return f"{source}: {str(err).splitlines()[0]}"
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Schema defaults <- YAML file <- `a.b=value` overrides, validated, as a dataclass instance."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_describe(err, str(path))) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, "override")) from None
+
+
+def to_yaml(config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
