@@ -1,0 +1,37 @@
+# make demo | make test | make bench | make results — each creates .venv and installs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-fast bench results clean
+
+install: $(INSTALLED)
+
+# Reinstall whenever the dependency list changes.
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/simvq dataset-info
+	$(BIN)/simvq collapse-study -c configs/study/collapse_demo.yaml
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/bench_quantizer.py
+
+results: $(INSTALLED)
+	$(BIN)/simvq collapse-study -c configs/study/collapse.yaml
+
+clean:
+	rm -rf runs .pytest_cache

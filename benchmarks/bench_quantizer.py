@@ -1,0 +1,352 @@
+"""Benchmark: forward throughput and peak memory of our SimVQ quantizer against vector-quantize-pytorch's.
+
+For each (codebook size K, code dim) case, one forward of `stage1_tokenizer.quantizers.SimVQ` ("ours")
+and of `vector_quantize_pytorch.SimVQ` ("ref", rotation trick off) on the same 4,096 latent vectors,
+laid out as (16, dim, 16, 16) as an encoder produces them; both in train mode with `requires_grad` on
+the input as in training, forward only (no backward). It reports
+
+- tokens/s: 4,096 / the median time of `--repeats` calls after one warm-up call;
+- effective GFLOP/s: 2 * tokens * K * dim (the search's multiply-adds) / that time, set against the
+  machine's fp32 GEMM rate (torch.mm at 2048^3), measured at the start and at the end of the same run;
+- peak memory: what the forward calls add to the process's resident memory (peak RSS during them
+  minus RSS just before them), and the peak RSS itself;
+- a sweep of our search's memory budget (`search_max_bytes`) at K = 65,536, dim 128.
+
+Every (implementation, case) runs in a fresh worker process (`--worker IMPL K DIM`), so that one
+measurement's memory cannot leak into the next. Results go to benchmarks/results/quantizer.json and
+to the quantizer section of docs/BENCHMARKS.md, between the markers below.
+
+    python benchmarks/bench_quantizer.py              # full run, a few minutes on 2 cores
+    python benchmarks/bench_quantizer.py --quick      # smoke run: 2 repeats, prints only, writes nothing
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_PATH = REPO / "benchmarks" / "results" / "quantizer.json"
+DOC_PATH = REPO / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- quantizer:begin -->", "<!-- quantizer:end -->"
+DOC_INTRO = """# Benchmarks
+
+Benchmarks are scripts in `benchmarks/`; each section gives the command, the machine and the numbers;
+ratios matter more than absolute times on these noisy shared 2-core machines.
+"""
+
+CASES = [(1024, 128), (65536, 128), (262144, 8), (262144, 128)]  # (K, dim)
+BATCH, SIDE = 16, 16
+TOKENS = BATCH * SIDE * SIDE  # 4,096 tokens per call
+SWEEP_CASE = (65536, 128)
+SWEEP_MIB = [2, 8, 32, 128]
+DEFAULT_SEARCH_MIB = 8
+GEMM_SIZE = 2048
+GEMM_REPEATS = 10
+DEFAULT_REPEATS, QUICK_REPEATS = 5, 2
+
+# Targets: at K >= BIG_K ours must be MIN_SPEEDUP times faster and need at most 1/MIN_MEMORY_RATIO of
+# the reference's memory; at dim 128 its search must run at MIN_GEMM_FRACTION of the GEMM rate.
+BIG_K = 65536
+MIN_SPEEDUP = 3.0
+MIN_MEMORY_RATIO = 4.0
+GEMM_TARGET_DIM = 128
+MIN_GEMM_FRACTION = 0.5
+
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0).
+
+    Not ru_maxrss: after fork + exec it starts at the *parent's* peak (the kernel carries the old
+    address space's high-water mark across exec), and it cannot be reset, so it would hide a
+    forward that needs less than the module's construction or than the parent process.
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def build(impl: str, codebook_size: int, dim: int, search_max_bytes: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)  # the reference draws its frozen codebook from the global generator
+    if impl == "ours":
+        from stage1_tokenizer.quantizers import SimVQ
+        module = SimVQ(codebook_size, dim, search_max_bytes=search_max_bytes)
+    else:
+        from vector_quantize_pytorch import SimVQ as RefSimVQ
+        # channel_first: it takes the same (B, dim, h, w) latents as ours and flattens them itself
+        module = RefSimVQ(dim=dim, codebook_size=codebook_size, rotation_trick=False, channel_first=True)
+    z = torch.randn(BATCH, dim, SIDE, SIDE, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    return module.train(), z
+
+
+def worker(impl: str, codebook_size: int, dim: int, search_max_bytes: int, repeats: int) -> dict:
+    torch.set_num_threads(os.cpu_count())
+    module, z = build(impl, codebook_size, dim, search_max_bytes)
+    baseline_kib = proc_status_kib("VmRSS")
+    reset_peak_rss()
+    module(z)  # warm-up; its memory counts too (the peak covers every call)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        module(z)
+        times.append(time.perf_counter() - start)
+    peak_kib = proc_status_kib("VmHWM")
+    return {
+        "impl": impl,
+        "codebook_size": codebook_size,
+        "dim": dim,
+        "search_max_bytes": search_max_bytes if impl == "ours" else None,
+        "threads": torch.get_num_threads(),
+        "times_s": times,
+        "baseline_rss_bytes": baseline_kib * 1024,
+        "peak_rss_bytes": peak_kib * 1024,
+    }
+
+
+# ------------------------------------------------------------------------------------- driver side
+
+def gemm_rate(repeats: int = GEMM_REPEATS) -> dict:
+    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    torch.mm(a, b)  # warm-up: thread pool start, page faults
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return {"times_s": times, "gflops": 2 * GEMM_SIZE**3 / statistics.median(times) / 1e9}
+
+
+def run_worker(impl: str, codebook_size: int, dim: int, repeats: int, search_mib: int = DEFAULT_SEARCH_MIB) -> dict:
+    command = [sys.executable, __file__, "--worker", impl, str(codebook_size), str(dim),
+               "--repeats", str(repeats), "--search-mib", str(search_mib)]
+    # stdout carries the result; stderr stays on the terminal so that a failing worker is visible
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    result = json.loads(done.stdout.splitlines()[-1])
+    median = statistics.median(result["times_s"])
+    result["median_s"] = median
+    result["tokens_per_s"] = TOKENS / median
+    result["gflops"] = 2 * TOKENS * codebook_size * dim / median / 1e9
+    result["peak_increase_bytes"] = result["peak_rss_bytes"] - result["baseline_rss_bytes"]
+    return result
+
+
+def judge(codebook_size: int, dim: int, ours: dict, ref: dict, gemm_gflops: float) -> dict:
+    speedup = ours["tokens_per_s"] / ref["tokens_per_s"]
+    memory_ratio = ref["peak_increase_bytes"] / ours["peak_increase_bytes"]
+    gemm_fraction = ours["gflops"] / gemm_gflops
+    targets = {}  # only those that apply to this case
+    if codebook_size >= BIG_K:
+        targets["speed-up"] = speedup >= MIN_SPEEDUP
+        targets["memory"] = memory_ratio >= MIN_MEMORY_RATIO
+    if dim == GEMM_TARGET_DIM:
+        targets["GEMM rate"] = gemm_fraction >= MIN_GEMM_FRACTION
+    return {"speedup": speedup, "memory_ratio": memory_ratio, "gemm_fraction": gemm_fraction,
+            "targets": targets, "passed": all(targets.values())}
+
+
+def verdict(targets: dict) -> str:
+    failed = [name for name, ok in targets.items() if not ok]
+    return "FAIL: " + ", ".join(failed) if failed else "pass"
+
+
+def provenance(argv: list[str]) -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    revision = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "--", "stage1_tokenizer/quantizers"):
+        revision += "+modified"  # the measured quantizer code is not exactly the commit's
+    return {
+        "command": "python benchmarks/bench_quantizer.py " + " ".join(argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": revision,
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "vector_quantize_pytorch": importlib.metadata.version("vector-quantize-pytorch"),
+        "python": sys.version.split()[0],
+    }
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / MIB:,.1f}"
+
+
+def main_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for case in results["cases"]:
+        ours, ref = case["ours"], case["ref"]
+        rows.append([
+            f"{case['codebook_size']:,}", str(case["dim"]),
+            f"{ours['tokens_per_s']:,.0f}", f"{ref['tokens_per_s']:,.0f}", f"{case['speedup']:.1f}x",
+            f"{ours['gflops']:.1f}", f"{100 * case['gemm_fraction']:.0f}%",
+            mib(ours["peak_increase_bytes"]), mib(ref["peak_increase_bytes"]), f"{case['memory_ratio']:.1f}x",
+            mib(ours["peak_rss_bytes"]), mib(ref["peak_rss_bytes"]),
+            verdict(case["targets"]),
+        ])
+    return rows
+
+
+MAIN_HEADER = ["K", "dim", "ours tokens/s", "ref tokens/s", "speed-up", "ours GFLOP/s", "% of GEMM",
+               "ours peak MiB (increase)", "ref peak MiB (increase)", "memory ratio (ref/ours)",
+               "ours peak RSS MiB", "ref peak RSS MiB", "targets"]
+SWEEP_HEADER = ["search_max_bytes", "tokens/s", "GFLOP/s", "peak MiB (increase)"]
+
+
+def sweep_rows(results: dict) -> list[list[str]]:
+    return [[f"{r['search_max_bytes'] // MIB} MiB", f"{r['tokens_per_s']:,.0f}", f"{r['gflops']:.1f}",
+             mib(r["peak_increase_bytes"])] for r in results["search_budget_sweep"]]
+
+
+def print_tables(console: Console, results: dict) -> None:
+    gemm = results["gemm"]
+    table = Table(title=f"SimVQ forward, {TOKENS:,} tokens/call; GEMM {gemm['start']['gflops']:.1f} (start) / "
+                        f"{gemm['end']['gflops']:.1f} (end) GFLOP/s")
+    for i, name in enumerate(MAIN_HEADER):
+        table.add_column(name, justify="left" if i == len(MAIN_HEADER) - 1 else "right")
+    for row in main_rows(results):
+        table.add_row(*row, style=None if row[-1] == "pass" else "red")
+    console.print(table)
+    sweep = Table(title=f"Ours, search memory budget sweep at K = {SWEEP_CASE[0]:,}, dim {SWEEP_CASE[1]}")
+    for name in SWEEP_HEADER:
+        sweep.add_column(name, justify="right")
+    for row in sweep_rows(results):
+        sweep.add_row(*row)
+    console.print(sweep)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_section(results: dict) -> str:
+    p, s, gemm = results["provenance"], results["settings"], results["gemm"]
+    return f"""## SimVQ quantizer: forward throughput and peak memory
+
+Command: `{p['command'].strip()}`; raw numbers in `benchmarks/results/quantizer.json`.
+Machine: {p['cpu_model']}, {p['cpu_count']} CPUs ({s['threads']} torch threads), torch {p['torch']},
+vector-quantize-pytorch {p['vector_quantize_pytorch']}; revision {p['git_revision']}, {p['date']}.
+
+One forward of ours (`stage1_tokenizer.quantizers.SimVQ`, default `search_max_bytes` = {DEFAULT_SEARCH_MIB} MiB) and of
+the reference (`vector_quantize_pytorch.SimVQ`, `rotation_trick=False`, `channel_first=True`) on the same
+({BATCH}, dim, {SIDE}, {SIDE}) latents, {TOKENS:,} tokens: train mode, `requires_grad` on the input, forward only.
+Time is the median of {s['repeats']} calls after one warm-up call, each (implementation, case) in a fresh process.
+GFLOP/s = 2 x tokens x K x dim / time: the search's work over the whole forward's time. The fp32 GEMM rate
+(torch.mm, {GEMM_SIZE}^3) was {gemm['start']['gflops']:.1f} GFLOP/s at the start of the run and
+{gemm['end']['gflops']:.1f} at the end; "% of GEMM" uses the higher. Peak MiB (increase) is the peak RSS during
+the forward calls minus the RSS just before them (the memory the forward needs); peak RSS is the absolute figure.
+
+{markdown_table(MAIN_HEADER, main_rows(results))}
+
+Targets: at K >= {BIG_K:,}, speed-up >= {MIN_SPEEDUP:.0f}x and ours needs <= 1/{MIN_MEMORY_RATIO:.0f} of the
+reference's peak memory (memory ratio >= {MIN_MEMORY_RATIO:.0f}x); at dim {GEMM_TARGET_DIM}, ours runs at
+>= {100 * MIN_GEMM_FRACTION:.0f}% of the GEMM rate.
+
+Our search's memory budget at K = {SWEEP_CASE[0]:,}, dim {SWEEP_CASE[1]} (the distance block size; the default is
+{DEFAULT_SEARCH_MIB} MiB):
+
+{markdown_table(SWEEP_HEADER, sweep_rows(results))}"""
+
+
+def write_doc(section: str) -> None:
+    """Replace the quantizer section between its markers, leaving the rest of the file alone."""
+    text = DOC_PATH.read_text() if DOC_PATH.exists() else DOC_INTRO
+    block = f"{BEGIN}\n{section}\n{END}"
+    if BEGIN in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DOC_PATH.write_text(text)
+
+
+def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
+    console = Console()
+    torch.set_num_threads(os.cpu_count())
+    results = {"provenance": provenance(argv),
+               "settings": {"tokens_per_call": TOKENS, "batch": BATCH, "height": SIDE, "width": SIDE,
+                            "repeats": repeats, "threads": torch.get_num_threads(),
+                            "mode": "train mode, requires_grad on the input, forward only",
+                            "reference_options": {"rotation_trick": False, "channel_first": True}},
+               "targets": {"big_k": BIG_K, "min_speedup": MIN_SPEEDUP, "min_memory_ratio": MIN_MEMORY_RATIO,
+                           "gemm_target_dim": GEMM_TARGET_DIM, "min_gemm_fraction": MIN_GEMM_FRACTION}}
+
+    gemm_start = gemm_rate()
+    console.log(f"GEMM rate at start: {gemm_start['gflops']:.1f} GFLOP/s")
+    measured = []
+    for codebook_size, dim in CASES:
+        pair = {}
+        for impl in ("ours", "ref"):
+            console.log(f"{impl} K={codebook_size:,} dim={dim} ...")
+            pair[impl] = run_worker(impl, codebook_size, dim, repeats)
+        measured.append((codebook_size, dim, pair))
+    sweep = []
+    for search_mib in SWEEP_MIB:
+        console.log(f"ours K={SWEEP_CASE[0]:,} dim={SWEEP_CASE[1]} search_max_bytes={search_mib} MiB ...")
+        sweep.append(run_worker("ours", *SWEEP_CASE, repeats, search_mib=search_mib))
+    gemm_end = gemm_rate()
+    console.log(f"GEMM rate at end: {gemm_end['gflops']:.1f} GFLOP/s")
+
+    # the higher of the two GEMM rates: the stricter reference for the "% of GEMM" target
+    gemm_gflops = max(gemm_start["gflops"], gemm_end["gflops"])
+    results["gemm"] = {"size": GEMM_SIZE, "start": gemm_start, "end": gemm_end, "reference_gflops": gemm_gflops}
+    results["cases"] = [{"codebook_size": k, "dim": d, "ours": pair["ours"], "ref": pair["ref"],
+                         **judge(k, d, pair["ours"], pair["ref"], gemm_gflops)} for k, d, pair in measured]
+    results["search_budget_sweep"] = sweep
+
+    print_tables(console, results)
+    if write:
+        RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+        write_doc(markdown_section(results))
+        console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, help=f"timed calls per measurement (default {DEFAULT_REPEATS}, "
+                                                    f"{QUICK_REPEATS} with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats, print only, write nothing")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "K", "DIM"),
+                        help="internal: measure one (implementation, case) in this process, print JSON")
+    parser.add_argument("--search-mib", type=int, default=DEFAULT_SEARCH_MIB, help="internal: ours' search budget")
+    args = parser.parse_args()
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+
+    if args.worker:
+        impl, codebook_size, dim = args.worker
+        if impl not in ("ours", "ref"):
+            parser.error(f"worker implementation must be 'ours' or 'ref', got {impl!r}")
+        print(json.dumps(worker(impl, int(codebook_size), int(dim), args.search_mib * MIB, repeats)))
+    else:
+        run_benchmark(sys.argv[1:], repeats, write=not args.quick)
+
+
+if __name__ == "__main__":
+    main()
