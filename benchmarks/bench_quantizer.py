@@ -212,9 +212,8 @@ def main_rows(results: dict) -> list[list[str]]:
 
 
 MAIN_HEADER = ["K", "dim", "ours tokens/s", "ref tokens/s", "speed-up", "ours GFLOP/s", "% of GEMM",
-               "ours peak MiB (increase)", "ref peak MiB (increase)", "memory ratio (ref/ours)",
-               "ours peak RSS MiB", "ref peak RSS MiB", "targets"]
-SWEEP_HEADER = ["search_max_bytes", "tokens/s", "GFLOP/s", "peak MiB (increase)"]
+               "ours peak MiB", "ref peak MiB", "memory ratio", "ours peak RSS MiB", "ref peak RSS MiB", "targets"]
+SWEEP_HEADER = ["search_max_bytes", "tokens/s", "GFLOP/s", "peak MiB"]
 
 
 def sweep_rows(results: dict) -> list[list[str]]:
@@ -259,8 +258,9 @@ the reference (`vector_quantize_pytorch.SimVQ`, `rotation_trick=False`, `channel
 Time is the median of {s['repeats']} calls after one warm-up call, each (implementation, case) in a fresh process.
 GFLOP/s = 2 x tokens x K x dim / time: the search's work over the whole forward's time. The fp32 GEMM rate
 (torch.mm, {GEMM_SIZE}^3) was {gemm['start']['gflops']:.1f} GFLOP/s at the start of the run and
-{gemm['end']['gflops']:.1f} at the end; "% of GEMM" uses the higher. Peak MiB (increase) is the peak RSS during
-the forward calls minus the RSS just before them (the memory the forward needs); peak RSS is the absolute figure.
+{gemm['end']['gflops']:.1f} at the end; "% of GEMM" uses the higher. Peak MiB is the peak RSS during the forward
+calls minus the RSS just before them, after building the module and input: the memory the forward needs.
+Memory ratio = ref peak MiB / ours peak MiB. Peak RSS is the process's absolute peak, torch included.
 
 {markdown_table(MAIN_HEADER, main_rows(results))}
 
@@ -288,6 +288,8 @@ def write_doc(section: str) -> None:
 
 def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
     console = Console()
+    if not console.is_terminal:  # piped to a log: do not squeeze the 13-column table into 80 columns
+        console = Console(width=200)
     torch.set_num_threads(os.cpu_count())
     results = {"provenance": provenance(argv),
                "settings": {"tokens_per_call": TOKENS, "batch": BATCH, "height": SIDE, "width": SIDE,

@@ -27,10 +27,15 @@ class SimVQ(Quantizer):
         self.register_buffer("frozen_codebook", frozen_codebook(codebook_size, dim, seed))
         self.basis = nn.Linear(dim, dim, bias=bias)
 
+    def _transform(self, rows: torch.Tensor) -> torch.Tensor:
+        # Always fp32: under bf16 autocast a bf16 codebook would change which code is nearest.
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            return F.linear(rows, self.basis.weight, self.basis.bias)
+
     def codebook(self) -> torch.Tensor:
-        return self.basis(self.frozen_codebook)
+        return self._transform(self.frozen_codebook)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         # The linear layer is applied to the selected rows only (N x d x d instead of K x d x d):
         # the same vectors as codebook()[indices], with the gradient reaching W and b.
-        return F.linear(self.frozen_codebook[indices], self.basis.weight, self.basis.bias)
+        return self._transform(self.frozen_codebook[indices])

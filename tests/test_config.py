@@ -1,0 +1,64 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from simvq_common.config import ConfigError, load_config, to_yaml
+
+
+@dataclass
+class Inner:
+    width: int = 8
+    rate: float = 0.5
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_file_then_overrides_merge_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: fromfile\ninner:\n  width: 16\n")
+    cfg = load_config(Outer, path, ["inner.rate=0.25", "sizes=[3,4,5]"])
+    assert isinstance(cfg, Outer) and isinstance(cfg.inner, Inner)
+    assert (cfg.name, cfg.inner.width, cfg.inner.rate, cfg.sizes) == ("fromfile", 16, 0.25, [3, 4, 5])
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(Outer, None, ["inner.width=3"])
+    path = tmp_path / "saved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(Outer, path) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inner.widht=3"], "unknown key 'inner.widht'"),
+    (["inner.width=abc"], "bad value for 'inner.width'"),
+    (["name"], "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_typo_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inner:\n  wdth: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'inner\.wdth'"):
+        load_config(Outer, path)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    from stage1_tokenizer.collapse_study import CollapseStudyConfig
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/study/*.yaml")):
+        load_config(CollapseStudyConfig, path)
