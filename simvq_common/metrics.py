@@ -11,15 +11,20 @@ from .provenance import environment
 
 
 class RunDir:
-    """One directory per run: config.yaml (merged), environment.json, metrics.jsonl, outputs."""
+    """One directory per run: config.yaml (merged), environment.json, metrics.jsonl, outputs.
 
-    def __init__(self, root: str | Path, config=None):
+    A new run starts a new metrics.jsonl; `resume=True` appends to the one already there.
+    """
+
+    def __init__(self, root: str | Path, config=None, resume: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if config is not None:
             write_text_atomic(self.root / "config.yaml", to_yaml(config))
         write_text_atomic(self.root / "environment.json", json.dumps(environment(), indent=2) + "\n")
         self.metrics_path = self.root / "metrics.jsonl"
+        if not resume:
+            self.metrics_path.unlink(missing_ok=True)
 
     def log(self, **record) -> None:
         """Append one JSON line (flushed at once, so a killed run keeps every logged step)."""

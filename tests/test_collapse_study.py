@@ -29,6 +29,9 @@ def test_collapse_study_end_to_end_through_the_cli(tmp_path):
     assert md.read_text().count("<!-- collapse-study:begin -->") == 1
 
 
-def test_cli_reports_config_errors_without_traceback(capsys):
-    assert main(["collapse-study", "steps=abc"]) == 2
-    assert main(["collapse-study", "resolution=30"]) == 2
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    assert main(["collapse-study", f"out_dir={tmp_path}", "steps=abc"]) == 2
+    assert "bad value for 'steps'" in capsys.readouterr().err
+    assert main(["collapse-study", f"out_dir={tmp_path}", "resolution=31"]) == 2
+    assert "not divisible by the autoencoder's downsampling 2" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
