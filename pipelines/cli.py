@@ -6,8 +6,9 @@ import shlex
 import sys
 from typing import Callable
 
-from simvq_common.config import ConfigError, load_config
+from simvq_common.config import load_config
 from simvq_common.console import console
+from simvq_common.errors import UserError
 
 OVERRIDES_HELP = "config overrides as key=value (dotted keys for nested fields, e.g. autoencoder.ch=64)"
 
@@ -20,6 +21,14 @@ def _collapse_study(args: argparse.Namespace) -> None:
     run_collapse_study(cfg)
     console.print(f"[green]done[/]: results in {cfg.out_dir}/results.md"
                   + (f" and {cfg.results_md}" if cfg.results_md else ""))
+
+
+def _train_tokenizer(args: argparse.Namespace) -> None:
+    from stage1_tokenizer.config import TokenizerTrainConfig
+    from stage1_tokenizer.train import train_tokenizer
+
+    out = train_tokenizer(load_config(TokenizerTrainConfig, args.config, args.overrides))
+    console.print(f"[green]done[/]: tokenizer (EMA weights) in {out}")
 
 
 def _dataset_info(args: argparse.Namespace) -> None:
@@ -44,6 +53,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
                        "train a small autoencoder with plain VQ, EMA VQ and SimVQ at several codebook sizes on the "
                        "bundled emoji (same budget each) and tabulate codebook utilisation, perplexity, MSE and PSNR",
                        True),
+    "train-tokenizer": (_train_tokenizer,
+                        "train a SimVQ tokenizer (stage 1); resumes from the run directory's last checkpoint; "
+                        "run under torchrun for several processes", True),
     "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes", False),
 }
 
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.function(args)
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (UserError, ValueError, FileNotFoundError) as err:
         console.print(f"[red]error[/]: {err}")
         return 2
     return 0

@@ -28,3 +28,28 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=0)
     return tensor
+
+
+def init_from_env() -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+
+    nccl with one GPU per local rank on CUDA machines, gloo on CPU. Returns this process's device.
+    """
+    import os
+
+    if "RANK" not in os.environ or is_distributed():
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

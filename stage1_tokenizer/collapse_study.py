@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from simvq_common.console import console, progress
+from simvq_common.errors import NonFiniteLoss
 from simvq_common.io import write_json_atomic
 from simvq_common.metrics import RunDir
 from simvq_common.provenance import environment
@@ -103,7 +104,7 @@ def train_one(cfg: CollapseStudyConfig, method: str, codebook_size: int, train: 
             recon_loss = F.l1_loss(reconstruction, x)
             loss = recon_loss + q.loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{method} K={codebook_size}: non-finite loss at step {step}; "
+                raise NonFiniteLoss(f"{method} K={codebook_size}: non-finite loss at step {step}; "
                                          f"lower lr (now {cfg.lr})")
             # step
             optimizer.zero_grad(set_to_none=True)

@@ -29,3 +29,66 @@ class QuantizerConfig:
     seed: int = 0  # the frozen codebook (SimVQ) / the initial codebook (EMA VQ)
     ema_decay: float = 0.99  # EMA VQ only
     search_max_mb: float = 8.0  # memory budget of the nearest-code distance blocks
+
+
+@dataclass
+class TokenizerConfig:
+    """Everything needed to rebuild a tokenizer: saved as config.yaml beside its weights."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    perceptual: str = "lpips-vgg"  # lpips-vgg | stlpips-vgg (offline weights) | none
+    perceptual_weights: str = ""  # local VGG16 weights for lpips-vgg when offline
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.1  # the paper's fixed generator weight
+    gan_adaptive: bool = False  # VQGAN's adaptive weight (grad-norm ratio) times gan_weight
+    gan_kind: str = "non_saturating"  # generator side: non_saturating | hinge
+    gan_start_step: int = 0  # the paper trains the GAN from step 0; later starts are often steadier
+    disc_ndf: int = 64
+    disc_layers: int = 3
+    quantizer_weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
+    resolution: int = 128
+    batch_size: int = 32  # per process; the global batch is batch_size x world size
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    warmup_steps: int = 0  # linear warm-up of both learning rates
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    ema_decay: float = 0.999  # EMA of the tokenizer weights, used for evaluation and export
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/tokenizer"
+    steps: int = 1000
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    log_every: int = 10
+    image_every: int = 500  # reconstruction grid PNG
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """One file describes a whole stage-1 experiment (configs/tokenizer/*.yaml)."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,266 @@
+"""Stage-1 training: a SimVQ tokenizer with L1 + perceptual + GAN + quantizer losses.
+
+One process, or many under torchrun (DDP: gloo on CPU, nccl on GPU). A run resumes exactly:
+the checkpoint holds the step, both models and optimisers, the EMA weights, every RNG state
+and the data position, so N steps + resume + N steps equals 2N straight steps.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from simvq_common.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from simvq_common.config import to_yaml
+from simvq_common.console import console, progress
+from simvq_common.distributed import all_reduce_sum, barrier, init_from_env, rank, world_size
+from simvq_common.errors import NonFiniteLoss
+from simvq_common.metrics import RunDir
+
+from .config import TokenizerTrainConfig
+from .data import EpochSampler, build_image_dataset, collate_skip_none
+from .losses import (PatchDiscriminator, adaptive_generator_weight, build_perceptual_loss, gan_weight_at,
+                     generator_adversarial_loss, hinge_d_loss)
+from .quantizers import CodebookUsage
+from .tokenizer import Tokenizer
+from .visualize import save_image_grid
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got '{precision}'")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p.detach(), 1.0 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def check_resumable(saved: dict, cfg: TokenizerTrainConfig) -> None:
+    """A checkpoint may only continue the run it belongs to: same model, data and world size."""
+    now = {"tokenizer": asdict(cfg.tokenizer), "data": asdict(cfg.data), "world_size": world_size()}
+    for key, value in now.items():
+        if saved["identity"][key] != value:
+            raise ValueError(f"cannot resume: the checkpoint's {key} is {saved['identity'][key]}, this run's is "
+                             f"{value}; use a new run.out_dir or the original config")
+
+
+class TokenizerTrainer:
+    def __init__(self, cfg: TokenizerTrainConfig):
+        self.cfg = cfg
+        self.device = init_from_env()
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        # models
+        self.tokenizer = Tokenizer(cfg.tokenizer).to(self.device)
+        self.ema = copy.deepcopy(self.tokenizer).requires_grad_(False).eval()
+        self.discriminator = PatchDiscriminator(cfg.tokenizer.autoencoder.in_channels, cfg.loss.disc_ndf,
+                                                cfg.loss.disc_layers).to(self.device)
+        self.perceptual = build_perceptual_loss(cfg.loss.perceptual, cfg.loss.perceptual_weights)
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+        self.generator, self.critic = self.tokenizer, self.discriminator
+        if world_size() > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.generator = DDP(self.tokenizer, device_ids=device_ids)
+            # D sees reals, then fakes, before one backward: broadcasting its BatchNorm buffers between
+            # the two calls breaks autograd, and D never runs in eval mode, so they need not be in sync
+            self.critic = DDP(self.discriminator, device_ids=device_ids, broadcast_buffers=False)
+        # optimisers
+        betas = tuple(cfg.optim.betas)
+        self.opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=cfg.optim.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.optim.lr, betas=betas)
+        # data
+        self.dataset = build_image_dataset(cfg.data.source, "train", cfg.data.resolution, cfg.run.seed)
+        self.sampler = EpochSampler(len(self.dataset), seed=cfg.run.seed, rank=rank(), world_size=world_size())
+        self.val_images = self._fixed_val_batch()
+        # state that the checkpoint carries
+        self.step, self.epoch, self.batch_in_epoch, self.skipped_images = 0, 0, 0, 0
+        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True) if rank() == 0 else None
+        self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
+        self._resume()
+
+    def _fixed_val_batch(self, n: int = 16) -> torch.Tensor:
+        val = build_image_dataset(self.cfg.data.source, "val", self.cfg.data.resolution, self.cfg.run.seed)
+        images = []  # the first n readable validation images: the same grid at every step
+        for i in range(len(val)):
+            if len(images) == n:
+                break
+            item = val[i]
+            if item is not None:
+                images.append(item[0])
+        if not images:
+            raise ValueError(f"no readable validation image in {self.cfg.data.source}")
+        return torch.stack(images).to(self.device)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "identity": {"tokenizer": asdict(self.cfg.tokenizer), "data": asdict(self.cfg.data),
+                         "world_size": world_size()},
+            "config_yaml": to_yaml(self.cfg),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "skipped_images": self.skipped_images,
+            "tokenizer": self.tokenizer.state_dict(), "ema": self.ema.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def _resume(self) -> None:
+        saved = load_latest_checkpoint(self.checkpoints)
+        if saved is None:
+            return
+        check_resumable(saved, self.cfg)
+        self.tokenizer.load_state_dict(saved["tokenizer"])
+        self.ema.load_state_dict(saved["ema"])
+        self.discriminator.load_state_dict(saved["discriminator"])
+        self.opt_g.load_state_dict(saved["opt_g"])
+        self.opt_d.load_state_dict(saved["opt_d"])
+        self.step, self.epoch, self.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        self.skipped_images = saved["skipped_images"]
+        set_rng_state(saved["rng"])
+        if rank() == 0:
+            console.print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def save(self) -> None:
+        if rank() == 0:
+            save_checkpoint(self.checkpoints, self.step, self._state(), self.cfg.run.keep_checkpoints)
+        barrier()
+
+    # -- data ------------------------------------------------------------------------------------
+    def batches(self):
+        """Endless (images, labels), resuming mid-epoch at the saved position."""
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch)
+            self.sampler.start_index = self.batch_in_epoch * self.cfg.data.batch_size
+            loader = DataLoader(self.dataset, batch_size=self.cfg.data.batch_size, sampler=self.sampler,
+                                num_workers=self.cfg.data.num_workers, collate_fn=collate_skip_none, drop_last=True)
+            for images, labels, skipped in loader:
+                self.batch_in_epoch += 1
+                self.skipped_images += skipped
+                if len(images):  # a batch of only unreadable files is dropped (counted above)
+                    yield images.to(self.device, non_blocking=True), labels
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    # -- one step --------------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        warmup = self.cfg.optim.warmup_steps
+        lr = self.cfg.optim.lr * min(1.0, (self.step + 1) / warmup) if warmup else self.cfg.optim.lr
+        for group in (*self.opt_g.param_groups, *self.opt_d.param_groups):
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        cfg, loss_cfg = self.cfg, self.cfg.loss
+        lr = self._set_lr()
+        gan_weight = gan_weight_at(self.step, loss_cfg.gan_start_step, loss_cfg.gan_weight)
+        autocast = autocast_context(self.device, cfg.run.precision)
+        # generator: reconstruction + perceptual + quantizer (+ adversarial once the GAN is on)
+        self.discriminator.requires_grad_(False)
+        with autocast:
+            reconstruction, q = self.generator(x)
+            l1 = F.l1_loss(reconstruction.float(), x)
+            perceptual = (self.perceptual(reconstruction.float(), x).mean() if self.perceptual is not None
+                          else torch.zeros((), device=x.device))
+            rec_loss = loss_cfg.l1_weight * l1 + loss_cfg.perceptual_weight * perceptual
+            g_adv = torch.zeros((), device=x.device)
+            adv_weight = torch.zeros((), device=x.device)
+            if gan_weight > 0:
+                # the unwrapped discriminator: it is not updated here, so DDP need not sync it
+                g_adv = generator_adversarial_loss(self.discriminator(reconstruction), loss_cfg.gan_kind)
+                adv_weight = torch.tensor(gan_weight, device=x.device)
+                if loss_cfg.gan_adaptive:
+                    adv_weight = adv_weight * adaptive_generator_weight(
+                        rec_loss, g_adv, self.tokenizer.decoder.conv_out.weight)
+            loss_g = rec_loss + adv_weight * g_adv + loss_cfg.quantizer_weight * q.loss
+        if not torch.isfinite(loss_g):
+            raise NonFiniteLoss(f"non-finite generator loss at step {self.step} (l1 {l1.item()}, perceptual "
+                                f"{perceptual.item()}, quantizer {q.loss.item()}, gan {g_adv.item()}); training "
+                                f"stopped, the last good checkpoint is in {self.checkpoints}. Lower optim.lr, set "
+                                f"optim.grad_clip, or raise loss.gan_start_step")
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        g_norm = self._clip(self.tokenizer)
+        self.opt_g.step()
+        # discriminator: hinge loss on real vs the (detached) reconstructions
+        d_loss = torch.zeros((), device=x.device)
+        if gan_weight > 0:
+            self.discriminator.requires_grad_(True)
+            with autocast:
+                d_loss = hinge_d_loss(self.critic(x), self.critic(reconstruction.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._clip(self.discriminator)
+            self.opt_d.step()
+        # EMA of the tokenizer weights
+        update_ema(self.ema, self.tokenizer, cfg.optim.ema_decay)
+        self.step += 1
+        return {"loss": loss_g.item(), "l1": l1.item(), "perceptual": perceptual.item(),
+                "quantizer_loss": q.loss.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
+                "gan_weight": float(adv_weight), "lr": lr, "grad_norm": g_norm, "indices": q.indices}
+
+    def _clip(self, module: torch.nn.Module) -> float:
+        if self.cfg.optim.grad_clip <= 0:
+            return float("nan")
+        return float(torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.grad_clip))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> Path:
+        run = self.cfg.run
+        usage = CodebookUsage(self.tokenizer.codebook_size, self.device)
+        tic, images_seen = time.perf_counter(), 0
+        with progress() as bar:
+            task = bar.add_task("tokenizer", total=run.steps, completed=self.step, status="")
+            batches = self.batches()
+            while self.step < run.steps:
+                x, _ = next(batches)
+                stats = self.train_step(x)
+                usage.update(stats.pop("indices"))
+                images_seen += x.shape[0] * world_size()
+                if self.step % run.log_every == 0 or self.step == run.steps:
+                    window = usage.merged().summary()
+                    bad = int(all_reduce_sum(torch.tensor(self.skipped_images)))
+                    if rank() == 0:
+                        self.run_dir.log(step=self.step, epoch=self.epoch, **stats,
+                                         utilisation=window["utilisation"], perplexity=window["perplexity"],
+                                         images_per_s=images_seen / (time.perf_counter() - tic),
+                                         global_batch=self.cfg.data.batch_size * world_size(), skipped_images=bad)
+                    bar.update(task, status=f"loss {stats['loss']:.3f} util {window['utilisation']:.1%}")
+                    usage = CodebookUsage(self.tokenizer.codebook_size, self.device)
+                if self.step % run.image_every == 0 or self.step == run.steps:
+                    self.save_reconstructions()
+                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                    self.save()
+                bar.update(task, completed=self.step)
+        out = Path(run.out_dir) / "tokenizer"
+        if rank() == 0:
+            self.ema.cpu().save_pretrained(out)
+            self.ema.to(self.device)
+        barrier()
+        return out
+
+    @torch.no_grad()
+    def save_reconstructions(self) -> None:
+        if rank() != 0:
+            return
+        reconstruction, _ = self.ema(self.val_images)
+        save_image_grid(torch.cat([self.val_images, reconstruction.clamp(-1, 1)]),
+                        self.run_dir.path(f"reconstructions/step_{self.step:08d}.png"), rows=2)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
+    """Train (or resume) the run in cfg.run.out_dir; returns the exported tokenizer directory (EMA weights)."""
+    return TokenizerTrainer(cfg).train()
