@@ -1,0 +1,124 @@
+"""The stage-1 trainer: exact resume, refusal of foreign checkpoints, non-finite loss, 2-process DDP."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from simvq_common.checkpoint import list_checkpoints
+from simvq_common.config import load_config
+from simvq_common.errors import NonFiniteLoss
+from stage1_tokenizer import train as train_module
+from stage1_tokenizer.config import TokenizerTrainConfig
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
+
+TINY = [
+    "tokenizer.autoencoder.ch=8", "tokenizer.autoencoder.ch_mult=[1,2]", "tokenizer.autoencoder.num_res_blocks=1",
+    "tokenizer.autoencoder.z_channels=8", "tokenizer.autoencoder.norm_groups=4",
+    "tokenizer.quantizer.codebook_size=64", "loss.perceptual=none", "loss.gan_start_step=1", "loss.disc_ndf=8",
+    "loss.disc_layers=2", "data.resolution=16", "data.batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=2",
+    "optim.grad_clip=1.0", "optim.ema_decay=0.9", "run.log_every=1", "run.image_every=100", "run.checkpoint_every=2",
+]
+
+
+def tiny_config(out_dir, *extra) -> TokenizerTrainConfig:
+    return load_config(TokenizerTrainConfig, None, [*TINY, f"run.out_dir={out_dir}", *extra])
+
+
+def states(run_dir):
+    saved = torch.load(list_checkpoints(run_dir / "checkpoints")[-1], weights_only=False)
+    return {name: saved[name] for name in ("tokenizer", "ema", "discriminator")}, saved
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: the same kernels and summation order in every run."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_resume_is_bitwise_exact(tmp_path, one_thread):
+    train_tokenizer(tiny_config(tmp_path / "straight", "run.steps=6"))
+    train_tokenizer(tiny_config(tmp_path / "resumed", "run.steps=3", "run.checkpoint_every=3"))
+    train_tokenizer(tiny_config(tmp_path / "resumed", "run.steps=6", "run.checkpoint_every=3"))
+    straight, saved_a = states(tmp_path / "straight")
+    resumed, saved_b = states(tmp_path / "resumed")
+    assert saved_a["step"] == saved_b["step"] == 6
+    assert (saved_a["epoch"], saved_a["batch_in_epoch"]) == (saved_b["epoch"], saved_b["batch_in_epoch"]) == (0, 6)
+    assert_bitwise_equal(straight, resumed)
+    assert torch.equal(saved_a["opt_g"]["state"][0]["exp_avg_sq"], saved_b["opt_g"]["state"][0]["exp_avg_sq"])
+    # the exported tokenizer holds the EMA weights and rebuilds from its directory alone
+    exported = Tokenizer.from_pretrained(tmp_path / "resumed" / "tokenizer")
+    for key, value in exported.state_dict().items():
+        assert torch.equal(value, resumed["ema"][key])
+    assert exported.fingerprint() == Tokenizer.from_pretrained(tmp_path / "straight" / "tokenizer").fingerprint()
+    # and the training moved the weights (so the equality above is not trivial)
+    fresh = TokenizerTrainer(tiny_config(tmp_path / "fresh", "run.steps=0")).tokenizer.state_dict()
+    assert not torch.equal(fresh["decoder.conv_out.weight"], resumed["tokenizer"]["decoder.conv_out.weight"])
+
+
+def test_checkpoints_are_pruned_to_the_last_k(tmp_path):
+    train_tokenizer(tiny_config(tmp_path, "run.steps=6", "run.checkpoint_every=1", "run.keep_checkpoints=2"))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000005.pt", "step_00000006.pt"]
+    assert not list(tmp_path.glob("checkpoints/*.tmp"))
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train_tokenizer(tiny_config(tmp_path, "run.steps=2"))
+    with pytest.raises(ValueError, match=r"checkpoint's tokenizer is .*'codebook_size': 64.* this run's is .*'codebook_size': 128"):
+        TokenizerTrainer(tiny_config(tmp_path, "run.steps=4", "tokenizer.quantizer.codebook_size=128"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real_l1 = train_module.F.l1_loss
+    calls = {"n": 0}
+
+    def l1_that_diverges(*args, **kwargs):
+        calls["n"] += 1
+        value = real_l1(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(train_module.F, "l1_loss", l1_that_diverges)
+    with pytest.raises(NonFiniteLoss, match="non-finite generator loss at step 2.*last good checkpoint"):
+        train_tokenizer(tiny_config(tmp_path, "run.steps=6"))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt"]
+
+
+def _ddp_worker(rank, world, port, out_dir, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        trainer = TokenizerTrainer(tiny_config(out_dir, "run.steps=3"))
+        trainer.train()
+        torch.save({k: v.clone() for k, v in trainer.tokenizer.state_dict().items()}, f"{results}/rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    saved = torch.load(list_checkpoints(tmp_path / "run" / "checkpoints")[-1], weights_only=False)
+    assert saved["identity"]["world_size"] == 2 and saved["step"] == 3
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"global_batch": 8' in logged[-1]
