@@ -31,6 +31,21 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     console.print(f"[green]done[/]: tokenizer (EMA weights) in {out}")
 
 
+def _eval_tokenizer(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+
+    result = evaluate_tokenizer(load_config(TokenizerEvalConfig, args.config, args.overrides))
+    table = Table(title=f"tokenizer {result['tokenizer_fingerprint']} on {result['data']} {result['split']} "
+                        f"({result['num_images']} images, {result['resolution']} px)")
+    for name in ("rfid", "psnr", "ssim", "lpips", "utilisation", "perplexity"):
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{result[k]:.4g}" if result[k] is not None else "-" for k in
+                    ("rfid", "psnr", "ssim", "lpips", "utilisation", "perplexity")))
+    console.print(table)
+
+
 def _dataset_info(args: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -56,6 +71,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "train-tokenizer": (_train_tokenizer,
                         "train a SimVQ tokenizer (stage 1); resumes from the run directory's last checkpoint; "
                         "run under torchrun for several processes", True),
+    "eval-tokenizer": (_eval_tokenizer,
+                       "rFID, PSNR, SSIM, LPIPS, codebook utilisation and perplexity of a tokenizer over a "
+                       "validation split, written to eval.json with their provenance (e.g. tokenizer=DIR resolution=32)",
+                       True),
     "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes", False),
 }
 

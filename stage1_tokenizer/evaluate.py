@@ -1,0 +1,104 @@
+"""`simvq eval-tokenizer`: rFID, PSNR, SSIM, LPIPS, utilisation and perplexity over a validation split.
+
+PSNR, SSIM and LPIPS are computed per image and then averaged. rFID compares the reconstructions
+with the originals (both at the evaluation resolution) through torch-fidelity with the standard
+FID Inception (simvq_common.fid). Everything lands in eval.json with its provenance.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from simvq_common.console import progress
+from simvq_common.fid import compute_fid
+from simvq_common.image_metrics import psnr, ssim
+from simvq_common.io import write_json_atomic
+from simvq_common.provenance import environment
+
+from .data import build_image_dataset, collate_skip_none, to_uint8
+from .losses import PerceptualBackendUnavailable, build_perceptual_loss
+from .quantizers import CodebookUsage
+from .tokenizer import Tokenizer
+from .visualize import save_image_grid
+
+
+@dataclass
+class TokenizerEvalConfig:
+    tokenizer: str = ""  # a tokenizer directory (save_pretrained / train-tokenizer output)
+    data: str = "emoji"  # "emoji" or an image folder (ImageNet layout)
+    split: str = "val"
+    resolution: int = 0  # the evaluation resolution (required: e.g. 128 for the paper's configs)
+    batch_size: int = 64
+    max_images: int = 0  # 0 = the whole split
+    perceptual: str = "auto"  # auto (lpips-vgg if its weights load, else stlpips-vgg) | lpips-vgg | stlpips-vgg | none
+    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    out: str = ""  # eval.json path; default <tokenizer>/eval.json
+
+
+def perceptual_for_eval(backend: str):
+    if backend != "auto":
+        return build_perceptual_loss(backend)
+    try:
+        return build_perceptual_loss("lpips-vgg")
+    except PerceptualBackendUnavailable:
+        return build_perceptual_loss("stlpips-vgg")
+
+
+@torch.no_grad()
+def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
+    if not cfg.tokenizer:
+        raise ValueError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
+    if cfg.resolution <= 0:
+        raise ValueError("set resolution=N, the image size to evaluate at (e.g. 128 for the ImageNet-128 configs)")
+    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+    dataset = build_image_dataset(cfg.data, cfg.split, cfg.resolution)
+    indices = range(min(len(dataset), cfg.max_images) if cfg.max_images else len(dataset))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
+                        collate_fn=collate_skip_none)
+    perceptual = perceptual_for_eval(cfg.perceptual)
+    usage = CodebookUsage(tokenizer.codebook_size)
+    originals, reconstructions, per_image, skipped = [], [], {"psnr": [], "ssim": [], "lpips": []}, 0
+    with progress() as bar:
+        task = bar.add_task("eval-tokenizer", total=len(indices), status="")
+        for images, _, n_bad in loader:
+            skipped += n_bad
+            if len(images):
+                reconstruction, q = tokenizer(images)
+                reconstruction = reconstruction.clamp(-1, 1)
+                usage.update(q.indices)
+                per_image["psnr"].append(psnr(reconstruction, images))
+                per_image["ssim"].append(ssim(reconstruction, images))
+                if perceptual is not None:
+                    per_image["lpips"].append(perceptual(reconstruction, images))
+                originals.append(to_uint8(images))
+                reconstructions.append(to_uint8(reconstruction))
+            bar.advance(task, len(images) + n_bad)
+    if not originals:
+        raise ValueError(f"no readable image in {cfg.data} ({cfg.split})")
+    originals, reconstructions = torch.cat(originals), torch.cat(reconstructions)
+    fid = compute_fid(reconstructions, originals, source=cfg.fid_source)
+    out_path = Path(cfg.out) if cfg.out else Path(cfg.tokenizer) / "eval.json"
+    grid = save_image_grid(torch.cat([originals[:16], reconstructions[:16]]).float() / 127.5 - 1,
+                           out_path.with_name(out_path.stem + "_reconstructions.png"), rows=2)
+    usage.save_plot(out_path.with_name(out_path.stem + "_usage.png"), f"tokenizer {tokenizer.fingerprint()}")
+    mean = {name: float(torch.cat(values).mean()) if values else None for name, values in per_image.items()}
+    result = {
+        "tokenizer": str(cfg.tokenizer), "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "data": cfg.data, "split": cfg.split, "resolution": cfg.resolution,
+        "num_images": len(originals), "skipped_images": skipped,
+        "rfid": fid["fid"], **mean,
+        "utilisation": usage.utilisation, "perplexity": usage.perplexity, "usage": usage.summary(),
+        "conventions": {
+            "psnr": "per image on [-1, 1] (peak-to-peak 2), then the mean",
+            "ssim": "per image: 11x11 Gaussian window, sigma 1.5, RGB channels averaged (skimage convention)",
+            "lpips": None if perceptual is None else perceptual.provenance,
+            "rfid": {k: v for k, v in fid.items() if k != "fid"},
+        },
+        "reconstruction_grid": str(grid),
+        "config": asdict(cfg), "environment": environment(),
+    }
+    write_json_atomic(out_path, result)
+    return result
