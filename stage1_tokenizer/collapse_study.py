@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from simvq_common.console import console, progress
 from simvq_common.errors import NonFiniteLoss
 from simvq_common.io import write_json_atomic
+from simvq_common.markdown import write_section
 from simvq_common.metrics import RunDir
 from simvq_common.provenance import environment
 
@@ -152,13 +153,11 @@ def results_table(results: list[RunResult]) -> str:
 def write_results_section(path: Path, cfg: CollapseStudyConfig, results: list[RunResult], env: dict,
                           tokens_per_image: int, n_train: int, n_val: int) -> None:
     """Rewrite the collapse-study section of a markdown file, leaving the rest of it alone."""
-    begin, end = "<!-- collapse-study:begin -->", "<!-- collapse-study:end -->"
     val_tokens, train_tokens = n_val * tokens_per_image, n_train * tokens_per_image
     ceilings = ", ".join(f"K={k:,}: {uniform_ceiling(k, val_tokens):.1%} (val) / {uniform_ceiling(k, train_tokens):.1%} (train)"
                          for k in cfg.codebook_sizes)
     ae = cfg.autoencoder
-    section = f"""{begin}
-Command: `{cfg.command or 'simvq collapse-study'}`
+    section = f"""Command: `{cfg.command or 'simvq collapse-study'}`
 
 Setup: bundled Noto emoji at {cfg.resolution}px ({n_train:,} train / {n_val:,} val images),
 autoencoder ch {ae.ch}, ch_mult {ae.ch_mult}, {ae.num_res_blocks} res block(s) per level, code dim {ae.z_channels},
@@ -171,14 +170,9 @@ torch {env['torch']}, {env['cpu_count']} CPU cores.
 {results_table(results)}
 
 A finite evaluation set caps the utilisation it can show: uniform draws of that many tokens would reach
-{ceilings}.
-{end}"""
-    text = path.read_text() if path.exists() else "# Results\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n## Codebook collapse: plain VQ vs EMA VQ vs SimVQ\n\n" + section + "\n"
-    path.write_text(text)
+{ceilings}."""
+    write_section(path, "collapse-study", section, heading="## Codebook collapse: plain VQ vs EMA VQ vs SimVQ",
+                  intro="# Results\n")
 
 
 def run_collapse_study(cfg: CollapseStudyConfig) -> list[RunResult]:
