@@ -46,6 +46,15 @@ def _eval_tokenizer(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _compare_tokenizers(args: argparse.Namespace) -> None:
+    from stage1_tokenizer.comparison import TokenizerComparisonConfig, run_comparison
+
+    cfg = load_config(TokenizerComparisonConfig, args.config, args.overrides)
+    cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])
+    run_comparison(cfg)
+    console.print(f"[green]done[/]: {cfg.out_dir}/results.json" + (f" and {cfg.results_md}" if cfg.results_md else ""))
+
+
 def _dataset_info(args: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -75,6 +84,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
                        "rFID, PSNR, SSIM, LPIPS, codebook utilisation and perplexity of a tokenizer over a "
                        "validation split, written to eval.json with their provenance (e.g. tokenizer=DIR resolution=32)",
                        True),
+    "compare-tokenizers": (_compare_tokenizers,
+                           "train and evaluate one tokenizer per (quantizer kind, codebook size) under the same "
+                           "budget and tabulate rFID, PSNR, SSIM, LPIPS and utilisation", True),
     "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes", False),
 }
 

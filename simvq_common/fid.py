@@ -14,23 +14,29 @@ code; 2048-d pool3 features):
 
 `resolve_inception("auto")` takes torch-fidelity's weights when they are cached, or downloadable (a quick
 HEAD probe with a short timeout decides; no retries), and otherwise the offline TorchScript. The choice, the
-weight file and its sha256 go into every result: numbers from the two sources are comparable only because
-the test suite shows the two networks agree (tests/test_fid.py); record the source beside every FID anyway.
+weight file and its sha256 go into every result. What tests/test_fid.py establishes: torch-fidelity's own
+InceptionV3 code and preprocessing, loaded with default_1.pt's tensors, reproduces the TorchScript path to
+~1e-6 (same graph, TF pooling quirks included, same resize). That torch-fidelity's downloaded tensors equal
+default_1.pt's is checked by a test that runs only where that file is already cached; it could not run on
+the offline machines this was written on. Until it has, record the source beside every FID.
 
 Preprocessing (identical for both sources): uint8 RGB (N, 3, H, W) -> float32 in [0, 255] -> bilinear
 resize to 299x299 as TensorFlow 1.x does it (align_corners=False, no half-pixel offset, no antialiasing;
 torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`, method "slow") -> (x - 128) / 128, i.e.
 [-1, 0.9921875]. torch-fidelity's extractor does this inside its forward; the TorchScript does NOT resize
-(it is fully convolutional: 64x64 inputs fail inside the graph, and anything of 299 px or more runs silently
-on the wrong geometry, e.g. 600x600 gives four 2048-d rows per image), so `TorchScriptInceptionV3.forward`
-applies the same resize before calling it. A 299x299 input passes through the resize unchanged.
+(it is fully convolutional with a fixed 8x8 final pool: 64x64 inputs fail inside the graph, while larger
+ones run silently on the wrong geometry, e.g. 320x320 gives one row and 598x598 four 2048-d rows per image),
+so `TorchScriptInceptionV3.forward` applies the same resize before calling it. A 299x299 input passes
+through the resize unchanged. On CUDA, convolutions run in TF32 unless torch.backends.cudnn.allow_tf32 is
+off (PyTorch's default is on), for both sources alike: small feature differences from a CPU run.
 
 FID = |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2)), computed by torch-fidelity's own
 functions (`fid_features_to_statistics`: float32 mean, float64 `np.cov` with 1/(N-1); and
 `fid_statistics_to_metric`: the trace term as sum(sqrt(eigvals(S_g S_r))).real). With fewer than 2049
 images the 2048x2048 covariance is singular (rank <= N - 1); the formula still evaluates (the product's
 eigenvalues are >= 0 up to rounding), but FID from small N is biased upward and only comparable between runs
-with the same N: the results say so in "note".
+with the same N: the results say so in "note". The eigenvalues of a 2048x2048 non-symmetric product cost
+~10-30 s on 2 CPU cores whatever N is; feature extraction (~0.3 s per image there) dominates at real N.
 
 Reference statistics (mu, sigma) are cached on disk (atomically) under a key made of the reference's content
 hash (pixels for tensors, file names and bytes for folders), the extractor name, the weight file's sha256 and

@@ -1,0 +1,76 @@
+"""Tokenizers compared under one budget: train each (quantizer kind, codebook size), evaluate, tabulate.
+
+Every run is an ordinary train-tokenizer run directory (resumable: rerunning the command continues
+unfinished runs and re-evaluates finished ones) built from one base config with the quantizer swapped.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from simvq_common.config import load_config
+from simvq_common.io import write_json_atomic
+from simvq_common.markdown import write_section
+from simvq_common.provenance import environment
+
+from .config import TokenizerTrainConfig
+from .evaluate import TokenizerEvalConfig, evaluate_tokenizer
+from .train import train_tokenizer
+
+
+@dataclass
+class TokenizerComparisonConfig:
+    base_config: str = "configs/tokenizer/emoji32_simvq_8k_cpu.yaml"
+    overrides: list[str] = field(default_factory=list)  # applied to the base config of every run
+    kinds: list[str] = field(default_factory=lambda: ["vq", "simvq"])
+    codebook_sizes: list[int] = field(default_factory=lambda: [1024, 8192, 65536])
+    out_dir: str = "runs/tokenizer_comparison"
+    eval_perceptual: str = "auto"
+    eval_fid_source: str = "auto"
+    results_md: str = ""
+    command: str = ""
+
+
+def run_comparison(cfg: TokenizerComparisonConfig) -> list[dict]:
+    results = []
+    for codebook_size in cfg.codebook_sizes:
+        for kind in cfg.kinds:
+            run_dir = Path(cfg.out_dir) / f"{kind}_K{codebook_size}"
+            train_cfg = load_config(TokenizerTrainConfig, cfg.base_config, [
+                *cfg.overrides, f"tokenizer.quantizer.kind={kind}", f"tokenizer.quantizer.codebook_size={codebook_size}",
+                f"run.out_dir={run_dir}"])
+            tokenizer_dir = train_tokenizer(train_cfg)
+            result = evaluate_tokenizer(TokenizerEvalConfig(
+                tokenizer=str(tokenizer_dir), data=train_cfg.data.source, split="val",
+                resolution=train_cfg.data.resolution, perceptual=cfg.eval_perceptual, fid_source=cfg.eval_fid_source))
+            results.append({"kind": kind, "codebook_size": codebook_size, "steps": train_cfg.run.steps, **result})
+    write_json_atomic(Path(cfg.out_dir) / "results.json", {"config": asdict(cfg), "results": results})
+    if cfg.results_md:
+        write_section(cfg.results_md, "tokenizer-comparison", comparison_section(cfg, results),
+                      heading="## Tokenizers on the bundled emoji: plain VQ vs SimVQ", intro="# Results\n")
+    return results
+
+
+def comparison_section(cfg: TokenizerComparisonConfig, results: list[dict]) -> str:
+    names = {"vq": "plain VQ", "ema_vq": "EMA VQ", "simvq": "SimVQ"}
+    rows = ["| quantizer | K | rFID | PSNR (dB) | SSIM | LPIPS | util | perplexity |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lpips = f"{r['lpips']:.3f}" if r["lpips"] is not None else "-"
+        rows.append(f"| {names.get(r['kind'], r['kind'])} | {r['codebook_size']:,} | {r['rfid']:.1f} | {r['psnr']:.2f} | "
+                    f"{r['ssim']:.3f} | {lpips} | {r['utilisation']:.1%} | {r['perplexity']:,.0f} |")
+    first = results[0]
+    fid, lpips = first["conventions"]["rfid"], first["conventions"]["lpips"]
+    env = environment()
+    return f"""Command: `{cfg.command or 'simvq compare-tokenizers'}`
+
+Each tokenizer: `{cfg.base_config}` {' '.join(cfg.overrides)} with the quantizer swapped, {first['steps']} steps, the
+same seed and data order. Evaluated on the emoji val split ({first['num_images']} images at {first['resolution']} px,
+center crop): rFID of the reconstructions against the originals ({fid['suite']}, Inception source
+{fid['inception_source']}, weights sha256 {fid['weights_sha256'][:12]}..., {fid['num_generated']} images: at this N the
+FID is biased upward and comparable only within this table); PSNR and SSIM per image then averaged; LPIPS
+backend {lpips['backend'] if lpips else 'none'}{'' if not lpips or lpips.get('comparable_to_standard_lpips', True) else ' (shift-tolerant: not comparable with standard LPIPS numbers)'};
+utilisation over all val tokens. simvq-gen {env['git']}, torch {env['torch']}, {env['cpu_count']} CPU cores.
+
+{chr(10).join(rows)}
+"""
