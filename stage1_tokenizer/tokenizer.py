@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from simvq_common.config import load_config, to_yaml
@@ -60,7 +58,3 @@ class Tokenizer(VQAutoencoder):
             raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE}: "
                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
         return tokenizer.eval()
-
-
-def config_from_dict(values: dict) -> TokenizerConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TokenizerConfig), values))
