@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import math
 import os
 import shlex
@@ -82,9 +83,9 @@ def make_views(image: torch.Tensor, aug: str, resolution: int) -> torch.Tensor:
     if aug == "flip":
         return torch.stack([image, image.flip(-1)])
     far = image.shape[-1] - resolution
-    left, top = center_crop_offset(image.shape[-1], image.shape[-2], resolution)
-    corners = [(0, 0), (0, far), (far, 0), (far, far), (top, left)]  # (top, left)
-    crops = torch.stack([image[:, t:t + resolution, l:l + resolution] for t, l in corners])
+    centre_left, centre_top = center_crop_offset(image.shape[-1], image.shape[-2], resolution)
+    corners = [(0, 0), (0, far), (far, 0), (far, far), (centre_top, centre_left)]  # (top, left)
+    crops = torch.stack([image[:, top:top + resolution, left:left + resolution] for top, left in corners])
     return torch.cat([crops, crops.flip(-1)])
 
 
@@ -272,15 +273,18 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         written_now = set(missing)
         done = [r for r in manifest["shards"] if r["index"] in written_now]
         seconds = time.perf_counter() - start
-        write_json_atomic(out / PROVENANCE_FILE, {
-            "command": "simvq " + shlex.join(sys.argv[1:]), "world_size": world,
-            "started": started.isoformat(timespec="seconds"),
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": seconds, "shards_written": len(done), "shards_already_complete": len(records) - len(done),
-            "images_per_s": sum(r["images"] + len(r["skipped"]) for r in done) / seconds,
-            "config": asdict(cfg), "environment": environment()})
+        run = {"command": "simvq " + shlex.join(sys.argv[1:]), "world_size": world,
+               "started": started.isoformat(timespec="seconds"),
+               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "seconds": seconds, "shards_written": len(done), "shards_already_complete": len(records) - len(done),
+               "images_per_s": sum(r["images"] + len(r["skipped"]) for r in done) / seconds,
+               "config": asdict(cfg), "environment": environment()}
+        # every run that finished, oldest first (a killed run leaves none: the next counts its shards as complete)
+        earlier = json.loads((out / PROVENANCE_FILE).read_text())["runs"] if (out / PROVENANCE_FILE).is_file() else []
+        write_json_atomic(out / PROVENANCE_FILE, {"runs": [*earlier, run]})
         return manifest["totals"]
 
+    distributed.barrier()  # every rank's shards are on disk before rank 0 lists them
     totals = _rank0_decides(finish)
     if rank == 0:
         console.print(f"cache {out}: {totals['sequences']:,} sequences ({totals['tokens']:,} tokens) from "

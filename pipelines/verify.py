@@ -16,7 +16,7 @@ import torch
 from simvq_common.errors import UserError
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.visualize import save_image_grid
-from stage2_generator.cache import CacheError, CodeCache, check_cache
+from stage2_generator.cache import VERIFY_GRID_FILE, CacheError, CodeCache, check_cache
 
 
 @dataclass
@@ -58,5 +58,5 @@ def _decode_grid(cache: CodeCache, cfg: VerifyCacheConfig) -> Path:
     indices = np.unique(np.linspace(0, len(cache) - 1, min(cfg.decode, len(cache))).round().astype(np.int64))
     codes = torch.from_numpy(cache.codes(indices).astype(np.int64)).view(len(indices), *cache.grid)
     images = tokenizer.decode(codes).clamp(-1, 1)
-    path = Path(cfg.grid) if cfg.grid else cache.path / "verify.png"
+    path = Path(cfg.grid) if cfg.grid else cache.path / VERIFY_GRID_FILE
     return save_image_grid(images, path, rows=math.isqrt(len(indices) - 1) + 1)

@@ -6,7 +6,8 @@ A cache is a directory (format documented in docs/CACHE_FORMAT.md):
                               grid, dtype, augmentation, dataset, and every shard with its counts and sha256.
                               A pure function of the inputs (no times, no machine), so its sha256 is the
                               cache's fingerprint and a resumed or multi-process run writes the same bytes.
-    provenance.json           how and when it was made (command, processes, environment, times): not hashed.
+    provenance.json           how and when it was made (each finished run: command, processes, environment,
+                              times): not hashed.
     shards/00000.safetensors  the code sequences of a fixed range of image indices (safetensors, uncompressed,
                               memory-mapped by the reader).
     shards/00000.json         the shard's record (counts, bytes, sha256), written after the shard itself:
@@ -37,6 +38,7 @@ from simvq_common.io import atomic_write, write_json_atomic
 FORMAT_NAME = "simvq-code-cache"
 FORMAT_VERSION = 1
 MANIFEST_FILE, PROVENANCE_FILE, SHARD_DIR = "manifest.json", "provenance.json", "shards"
+VERIFY_GRID_FILE = "verify.png"  # the decoded grid `simvq verify-cache` writes by default
 # Keys of the manifest filled in as the cache is written; everything else is the cache's identity, which a
 # resumed run must match.
 PROGRESS_KEYS = ("complete", "shards", "totals")
@@ -168,7 +170,7 @@ def prepare_cache_dir(cache_dir: str | Path, header: dict, overwrite: bool) -> N
     run are removed. Call it in one process only (rank 0), before any shard is written.
     """
     cache_dir = Path(cache_dir)
-    ours = [cache_dir / MANIFEST_FILE, cache_dir / PROVENANCE_FILE, cache_dir / SHARD_DIR]
+    ours = [cache_dir / name for name in (MANIFEST_FILE, PROVENANCE_FILE, SHARD_DIR, VERIFY_GRID_FILE)]
     if cache_dir.exists() and not cache_dir.is_dir():
         raise CacheError(f"output {cache_dir} exists and is not a directory")
     problem = None

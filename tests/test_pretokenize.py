@@ -75,7 +75,8 @@ def test_cache_holds_the_tokenizers_codes_of_each_view(tmp_path, tokenizer_dir, 
     elif aug == "flip":
         viewed = torch.stack([images, images.flip(-1)], 1)
     else:  # 35 px -> 32 px crops: corners at 0 and 3, centre at round(1.5) = 2; then the mirrors
-        crops = torch.stack([images[..., t:t + 32, l:l + 32] for t, l in [(0, 0), (0, 3), (3, 0), (3, 3), (2, 2)]], 1)
+        corners = [(0, 0), (0, 3), (3, 0), (3, 3), (2, 2)]  # (top, left)
+        crops = torch.stack([images[..., y:y + 32, x:x + 32] for y, x in corners], 1)
         viewed = torch.cat([crops, crops.flip(-1)], 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where pretokenize runs
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
@@ -114,10 +115,11 @@ def test_crashed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, toke
     monkeypatch.setattr(pretokenize_module, "write_shard", real_write_shard)
     pretokenize(config(tokenizer_dir, tmp_path / "resumed", *args))
     assert cache_bytes(tmp_path / "resumed") == cache_bytes(tmp_path / "straight")
-    provenance = json.loads((tmp_path / "resumed" / "provenance.json").read_text())
-    assert (provenance["shards_written"], provenance["shards_already_complete"]) == (3, 2)
+    runs = json.loads((tmp_path / "resumed" / "provenance.json").read_text())["runs"]
+    assert [(r["shards_written"], r["shards_already_complete"]) for r in runs] == [(3, 2)]
     pretokenize(config(tokenizer_dir, tmp_path / "resumed", *args))  # a finished cache: nothing left to do
-    assert json.loads((tmp_path / "resumed" / "provenance.json").read_text())["shards_written"] == 0
+    runs = json.loads((tmp_path / "resumed" / "provenance.json").read_text())["runs"]
+    assert [(r["shards_written"], r["shards_already_complete"]) for r in runs] == [(3, 2), (0, 5)]
     assert cache_bytes(tmp_path / "resumed") == cache_bytes(tmp_path / "straight")
 
 
@@ -140,7 +142,8 @@ def test_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, token
     assert subprocess.run(command, cwd=REPO, env=env, capture_output=True).returncode == 0
     pretokenize(config(tokenizer_dir, tmp_path / "straight", "aug=flip", "images_per_shard=100", "batch_size=16"))
     assert cache_bytes(tmp_path / "killed") == cache_bytes(tmp_path / "straight")
-    assert json.loads((tmp_path / "killed" / "provenance.json").read_text())["shards_already_complete"] == done
+    runs = json.loads((tmp_path / "killed" / "provenance.json").read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["shards_already_complete"] == done  # the killed run left no entry
 
 
 # ---------------------------------------------------------------- distributed ------------------
@@ -148,6 +151,14 @@ def _worker(rank, world, port, tokenizer_dir, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if rank == 1:  # a slower rank: rank 0 must wait for its shards before writing the manifest
+        write_shard = pretokenize_module.write_shard
+
+        def slow_write_shard(*args):
+            time.sleep(0.3)
+            return write_shard(*args)
+
+        pretokenize_module.write_shard = slow_write_shard
     try:
         pretokenize(config(tokenizer_dir, out, "max_images=70", "images_per_shard=10", "batch_size=4", "aug=flip"))
     finally:
@@ -165,7 +176,7 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, tokenizer_dir, one_
                        "aug=flip"))
     assert cache_bytes(tmp_path / "two") == cache_bytes(tmp_path / "one")
     assert len(cache_bytes(tmp_path / "one")) == 1 + 2 * 7  # manifest + 7 shards with their records
-    assert json.loads((tmp_path / "two" / "provenance.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "provenance.json").read_text())["runs"][0]["world_size"] == 2
 
 
 # ---------------------------------------------------------------- bad input --------------------
