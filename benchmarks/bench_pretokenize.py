@@ -1,12 +1,15 @@
 """Pre-tokenization throughput against the tokenizer's pure encode throughput, measured in the same run.
 
     python benchmarks/bench_pretokenize.py [--data folder|emoji] [--aug none|flip|tencrop] [--max-images N]
-                                           [--repeats 3] [--threads 1] [--workers W] [--quick]
+                                           [--images-per-shard 512] [--repeats 3] [--threads 1] [--workers W]
+                                           [--quick]
 
 The tokenizer is the CPU demo model (configs/tokenizer/emoji32_simvq_8k_cpu.yaml: ch 32, ch_mult [1,2,2],
 K = 8,192, 8x8 codes at 32 px) with random weights (speed does not depend on them). Data: "folder" = the
 bundled emoji's train split written out as 64 px PNG files in class folders, so the pipeline opens, decodes,
-resizes and crops real files as it would ImageNet's; "emoji" = the in-memory arrays.
+resizes and crops real files as it would ImageNet's; "emoji" = the in-memory arrays. 512 images per shard
+(the default is 8,192, which would make the 3,404 images one shard, written after the last batch): several
+shards, so shard writes overlap encoding as they do on a large dataset.
 
 - pure encode: `tokenizer.encode` over the same views, already in memory as tensors, in the same batches;
 - pre-tokenization: the whole `pipelines.pretokenize.pretokenize` call into a fresh cache folder (dataset scan,
@@ -85,6 +88,7 @@ def main() -> None:
                         help="torch threads for the model (both measurements); see the doc section on why 1 here")
     parser.add_argument("--workers", type=int, default=PretokenizeConfig.num_workers, help="DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=PretokenizeConfig.batch_size)
+    parser.add_argument("--images-per-shard", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="256 images, one repeat, print only, write nothing")
     args = parser.parse_args()
     max_images, repeats = (256, 1) if args.quick else (args.max_images, args.repeats)
@@ -101,11 +105,13 @@ def main() -> None:
             source = str(tmp / "images")
         n = len(build_image_dataset(source, "train", RESOLUTION))
         n = min(n, max_images) if max_images else n
-        batches = encode_batches(source, args.aug, n, args.batch_size)
+        cpu_start = time.process_time()
+        batches = encode_batches(source, args.aug, n, args.batch_size)  # the decoding the workers do, in-process
+        decode_cpu_s = time.process_time() - cpu_start
         cfg = load_config(PretokenizeConfig, None, [
             f"tokenizer={tmp / 'tokenizer'}", f"data={source}", f"resolution={RESOLUTION}", f"aug={args.aug}",
             f"max_images={max_images}", f"batch_size={args.batch_size}", f"num_workers={args.workers}",
-            f"out={tmp / 'cache'}"])
+            f"images_per_shard={args.images_per_shard}", f"out={tmp / 'cache'}"])
         time_encode(tokenizer, batches[:2])  # warm-up: thread pool, allocator
         load_start = cpu_times()
         encode_s, pretokenize_s = [], []
@@ -132,6 +138,8 @@ def main() -> None:
         "times_s": {"encode": encode_s, "pretokenize": pretokenize_s},
         **rates,
         "encode_all_cores_images_per_s": n / encode_all_cores_s,
+        "decode_cpu_ms_per_image": decode_cpu_s / n * 1e3,
+        "encode_ms_per_image": statistics.median(encode_s) / n * 1e3,
         "ratio": rates["pretokenize_images_per_s"] / rates["encode_images_per_s"],
         "target": TARGET,
         "other_cpu_share": other,
@@ -149,21 +157,23 @@ def main() -> None:
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s = results["provenance"], results["settings"]
-    data = {"folder": "the emoji train split as 64 px PNG files in class folders (decoded, resized, cropped by "
-                      "the pipeline)", "emoji": "the bundled emoji arrays, in memory"}[args.data]
+    data = {"folder": "the emoji train split written as 64 px PNG files in class folders, which the pipeline\n"
+                      "decodes, resizes and crops",
+            "emoji": "the bundled emoji arrays, in memory"}[args.data]
+    decode, encode = results["decode_cpu_ms_per_image"], results["encode_ms_per_image"]
     all_cores = results["encode_all_cores_images_per_s"]
     threads_note = f"With {os.cpu_count()} torch threads the same pure encode ran at {all_cores:.1f} images/s" + (
-        ": slower than with one, since on this shared machine each parallel region waits for a core that another "
-        "job holds. Hence one thread for the model, leaving the other core to the DataLoader workers and the "
+        ":\nslower than with one, since on this shared machine each parallel region waits for a core that another\n"
+        "job holds. Hence one thread for the model, leaving the other core to the DataLoader workers and the\n"
         "shard writer." if all_cores < rates["encode_images_per_s"] else ".")
     section = f"""## Pre-tokenization vs pure encode (`simvq pretokenize`)
 
 Command: `{p['command']}` ({p['date']}, git {p['git_revision']}, {p['cpu_model']}, {p['cpu_count']} cores,
 torch {p['torch']}). Raw numbers: `benchmarks/results/pretokenize.json`.
 
-{s['images']:,} images ({data}), aug `{s['aug']}` ({s['views']} view(s) per image), {RESOLUTION} px,
-the CPU demo tokenizer (`{s['tokenizer']}`, K = {s['codebook_size']:,}, {s['grid'][0]}x{s['grid'][1]} codes),
-batch {s['batch_size']}, {s['workers']} DataLoader worker(s), {s['threads']} torch thread(s), {s['shards']} shard(s);
+{s['images']:,} images: {data}. Aug `{s['aug']}` ({s['views']} sequence(s) per image), {RESOLUTION} px, the CPU demo
+tokenizer (`{s['tokenizer']}`, K = {s['codebook_size']:,}, {s['grid'][0]}x{s['grid'][1]} codes), batch
+{s['batch_size']}, {s['workers']} DataLoader worker(s), {s['threads']} torch thread(s), {s['shards']} shards;
 median of {repeats} alternating runs. Pure encode = `tokenizer.encode` on the same views held in memory, same
 batches; pre-tokenization = the whole `pretokenize` call (dataset scan, tokenizer load, image decoding,
 encoding, shard writing and hashing, manifest). Other processes used {other:.0%} of the machine's CPU time
@@ -172,6 +182,9 @@ during the run.
 {markdown_table(header, rows)}
 
 Target: pre-tokenization >= {TARGET:.0%} of pure encode: **{verdict}**.
+Reading, decoding, resizing and cropping cost {decode:.2f} ms of CPU per image (measured in-process while
+preparing the pure-encode batches), the encode {encode:.2f} ms: when no core is idle, the DataLoader workers'
+CPU comes out of the model's, and pre-tokenization cannot exceed {encode / (encode + decode):.0%} of pure encode.
 {threads_note}
 """
     write_section(DOC_PATH, "pretokenize", section, intro=DOC_INTRO)
