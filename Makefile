@@ -31,6 +31,9 @@ test-fast: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bench_quantizer.py
+	$(BIN)/python benchmarks/bench_tokenizer.py
+	$(BIN)/python benchmarks/bench_pretokenize.py
+	$(BIN)/python benchmarks/bench_cache_loader.py
 
 results: $(INSTALLED)
 	$(BIN)/simvq collapse-study -c configs/study/collapse.yaml
