@@ -91,7 +91,7 @@ def provenance(script: str, argv: list[str], watched: str, packages: tuple[str, 
     if git("status", "--porcelain", "--", watched):
         revision += "+modified"  # the measured code is not exactly the commit's
     return {
-        "command": f"python benchmarks/{script} " + " ".join(argv),
+        "command": " ".join(["python", f"benchmarks/{script}", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": revision,
         "cpu_model": cpu,
