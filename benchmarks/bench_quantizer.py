@@ -24,33 +24,24 @@ to the quantizer section of docs/BENCHMARKS.md, between the markers below.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from stage1_tokenizer.quantizers.search import DEFAULT_MAX_BYTES
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (DOC_INTRO, DOC_PATH, GEMM_SIZE, MIB, REPO, cpu_times, gemm_rate,  # noqa: E402
+                               markdown_table, other_cpu_share, proc_status_kib, provenance, reset_peak_rss)
+from simvq_common.markdown import write_section  # noqa: E402
+from stage1_tokenizer.quantizers.search import DEFAULT_MAX_BYTES  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS_PATH = REPO / "benchmarks" / "results" / "quantizer.json"
-DOC_PATH = REPO / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- quantizer:begin -->", "<!-- quantizer:end -->"
-DOC_INTRO = """# Benchmarks
-
-Benchmarks are scripts in `benchmarks/`; each section gives the command, the machine and the numbers;
-ratios matter more than absolute times on these noisy shared 2-core machines.
-"""
-
-MIB = 2**20
 IMPLS = ("ours", "ref", "ref_flat")
 CASES = [(1024, 128), (65536, 128), (262144, 8), (262144, 128)]  # (K, dim)
 BATCH, SIDE = 16, 16
@@ -58,8 +49,6 @@ TOKENS = BATCH * SIDE * SIDE  # 4,096 tokens per call
 SWEEP_CASE = (65536, 128)
 SWEEP_MIB = [2, 8, 32, 128]
 DEFAULT_SEARCH_MIB = DEFAULT_MAX_BYTES // MIB
-GEMM_SIZE = 2048
-GEMM_REPEATS = 10
 DEFAULT_REPEATS, QUICK_REPEATS = 5, 2
 
 # Targets: at K >= BIG_K ours must be MIN_SPEEDUP times faster and need at most 1/MIN_MEMORY_RATIO of
@@ -72,25 +61,6 @@ MIN_GEMM_FRACTION = 0.5
 
 
 # ----------------------------------------------------------------------------------------- worker
-
-def proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux >= 4.0).
-
-    Not ru_maxrss: after fork + exec it starts at the *parent's* peak (the kernel carries the old
-    address space's high-water mark across exec), and it cannot be reset, so it would hide a
-    forward that needs less than the module's construction or than the parent process.
-    """
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def build(impl: str, codebook_size: int, dim: int, search_max_bytes: int) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)  # the reference draws its frozen codebook from the global generator
@@ -135,17 +105,6 @@ def worker(impl: str, codebook_size: int, dim: int, search_max_bytes: int, repea
 
 # ------------------------------------------------------------------------------------- driver side
 
-def gemm_rate(repeats: int = GEMM_REPEATS) -> dict:
-    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
-    torch.mm(a, b)  # warm-up: thread pool start, page faults
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return {"times_s": times, "gflops": 2 * GEMM_SIZE**3 / statistics.median(times) / 1e9}
-
-
 def run_worker(impl: str, codebook_size: int, dim: int, repeats: int, search_mib: int = DEFAULT_SEARCH_MIB) -> dict:
     command = [sys.executable, __file__, "--worker", impl, str(codebook_size), str(dim),
                "--repeats", str(repeats), "--search-mib", str(search_mib)]
@@ -187,43 +146,6 @@ def judge(codebook_size: int, dim: int, pair: dict, gemm_gflops: float) -> dict:
 def verdict(targets: dict) -> str:
     failed = [name for name, ok in targets.items() if not ok]
     return "FAIL: " + ", ".join(failed) if failed else "pass"
-
-
-def cpu_times() -> tuple[float, float, float]:
-    """(machine busy CPU-seconds, this process's and its finished workers' CPU-seconds, wall time)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # fields past steal double-count guest time
-    own = sum(os.times()[:4])
-    return busy, own, time.monotonic()
-
-
-def other_cpu_share(start: tuple[float, float, float]) -> float:
-    """Share of the machine's CPU time that other processes used since `start`: on a shared machine
-    every number here is skewed by other work, so the run records how much there was."""
-    busy, own, wall = (end - begin for end, begin in zip(cpu_times(), start))
-    return max(0.0, (busy - own) / (wall * os.cpu_count()))
-
-
-def provenance(argv: list[str]) -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    revision = git("rev-parse", "--short", "HEAD")
-    if git("status", "--porcelain", "--", "stage1_tokenizer/quantizers"):
-        revision += "+modified"  # the measured quantizer code is not exactly the commit's
-    return {
-        "command": "python benchmarks/bench_quantizer.py " + " ".join(argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": revision,
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "vector_quantize_pytorch": importlib.metadata.version("vector-quantize-pytorch"),
-        "python": sys.version.split()[0],
-    }
 
 
 def mib(n_bytes: float) -> str:
@@ -293,19 +215,13 @@ def print_tables(console: Console, results: dict) -> None:
     console.print(sweep)
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def markdown_section(results: dict) -> str:
     p, s, gemm = results["provenance"], results["settings"], results["gemm"]
     return f"""## SimVQ quantizer: forward throughput and peak memory
 
 Command: `{p['command'].strip()}`; raw numbers in `benchmarks/results/quantizer.json`.
 Machine: {p['cpu_model']}, {p['cpu_count']} CPUs ({s['threads']} torch threads), torch {p['torch']},
-vector-quantize-pytorch {p['vector_quantize_pytorch']}; revision {p['git_revision']}, {p['date']}; other processes
+vector-quantize-pytorch {p['vector-quantize-pytorch']}; revision {p['git_revision']}, {p['date']}; other processes
 used {100 * p['other_cpu_share']:.0f}% of the machine's CPU time during the run.
 
 One forward of ours (`stage1_tokenizer.quantizers.SimVQ`, default `search_max_bytes` = {DEFAULT_SEARCH_MIB} MiB) and of
@@ -338,24 +254,13 @@ Our search's memory budget at K = {SWEEP_CASE[0]:,}, dim {SWEEP_CASE[1]} (the di
 {markdown_table(SWEEP_HEADER, sweep_rows(results))}"""
 
 
-def write_doc(section: str) -> None:
-    """Replace the quantizer section between its markers, leaving the rest of the file alone."""
-    text = DOC_PATH.read_text() if DOC_PATH.exists() else DOC_INTRO
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
-    DOC_PATH.write_text(text)
-
-
 def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
     console = Console()
     if not console.is_terminal:  # piped to a log: do not squeeze the 13-column table into 80 columns
         console = Console(width=200)
     torch.set_num_threads(os.cpu_count())
-    results = {"provenance": provenance(argv),
+    results = {"provenance": provenance("bench_quantizer.py", argv, "stage1_tokenizer/quantizers",
+                                        ("vector-quantize-pytorch",)),
                "settings": {"tokens_per_call": TOKENS, "batch": BATCH, "height": SIDE, "width": SIDE,
                             "repeats": repeats, "threads": torch.get_num_threads(),
                             "mode": "train mode, requires_grad on the input, forward only",
@@ -396,7 +301,7 @@ def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
     if write:
         RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
-        write_doc(markdown_section(results))
+        write_section(DOC_PATH, "quantizer", markdown_section(results), intro=DOC_INTRO)
         console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
 
 
