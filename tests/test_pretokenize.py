@@ -41,15 +41,6 @@ def tokenizer_dir(tmp_path_factory):
     return tiny_tokenizer().save_pretrained(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: the same kernels, hence the same codes, in every run compared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def config(tokenizer_dir, out, *extra) -> PretokenizeConfig:
     return load_config(PretokenizeConfig, None, [f"tokenizer={tokenizer_dir}", f"out={out}", "resolution=16",
                                                  "num_workers=0", *extra])

@@ -39,15 +39,6 @@ def assert_bitwise_equal(a: dict, b: dict):
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: the same kernels and summation order in every run."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_resume_is_bitwise_exact(tmp_path, one_thread):
     train_tokenizer(tiny_config(tmp_path / "straight", "run.steps=6"))
     train_tokenizer(tiny_config(tmp_path / "resumed", "run.steps=3", "run.checkpoint_every=3"))
