@@ -54,9 +54,13 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, max_bytes: int = DEFAU
             best_index = torch.zeros(rows.shape[0], dtype=torch.long, device=z.device)
             for c0 in range(0, num_codes, code_block):
                 dist = torch.addmm(code_sq[c0:c0 + code_block], rows, codebook_t[:, c0:c0 + code_block], alpha=-2.0)
-                value, index = dist.min(1)
+                # amin is ~20x cheaper than min-with-indices on CPU, and after the first blocks few rows
+                # still improve: take the argmin of those rows only
+                value = dist.amin(1)
                 better = value < best  # strict: on a tie the earlier (lower) index wins
-                best = torch.where(better, value, best)
-                best_index = torch.where(better, index + c0, best_index)
+                if better.any():
+                    rows_better = better.nonzero().squeeze(1)
+                    best_index[rows_better] = dist[rows_better].argmin(1) + c0
+                    best = torch.where(better, value, best)
             indices[t0:t0 + token_block] = best_index
     return indices
