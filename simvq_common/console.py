@@ -7,7 +7,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
-def progress() -> Progress:
+def progress(disable: bool = False) -> Progress:
+    """disable=True (e.g. on ranks other than 0) keeps the same calls but draws nothing."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=disable)

@@ -7,16 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from simvq_common.config import load_config, to_yaml
-from simvq_common.fingerprint import tensors_fingerprint
-from simvq_common.io import atomic_write, write_text_atomic
+from simvq_common.pretrained import load_pretrained, load_state_strict, model_fingerprint, save_pretrained
 
 from .autoencoder import VQAutoencoder
 from .config import TokenizerConfig
-
-CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 
 
 class Tokenizer(VQAutoencoder):
@@ -34,27 +28,15 @@ class Tokenizer(VQAutoencoder):
         return resolution // self.downsample_factor
 
     def fingerprint(self) -> str:
-        return tensors_fingerprint(to_yaml(self.config), self.state_dict())
+        return model_fingerprint(self.config, self.state_dict())
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
-        write_text_atomic(directory / CONFIG_FILE, to_yaml(self.config))
-        write_text_atomic(directory / "fingerprint.txt", self.fingerprint() + "\n")
-        return directory
+        return save_pretrained(directory, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "Tokenizer":
-        directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory} is not a tokenizer directory: {name} is missing "
-                                        f"(expected the output of save_pretrained / `simvq train-tokenizer`)")
-        tokenizer = cls(load_config(TokenizerConfig, directory / CONFIG_FILE))
-        state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
-        missing, unexpected = tokenizer.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / CONFIG_FILE}: "
-                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        config, state = load_pretrained(directory, TokenizerConfig, "tokenizer (`simvq train-tokenizer` output)",
+                                        map_location)
+        tokenizer = cls(config)
+        load_state_strict(tokenizer, state, Path(directory))
         return tokenizer.eval()

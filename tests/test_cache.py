@@ -5,53 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from stage2_generator.cache import (CacheError, CacheLoader, CodeCache, ShardContent, caption_table, check_cache,
-                                    code_dtype, finish_manifest, manifest_header, num_shards, prepare_cache_dir,
-                                    shard_image_range, write_manifest, write_shard)
-
-FINGERPRINT = "0123456789abcdef"
-CLASSES = ["cat", "dog", "owl"]
-EMBED_DIM = 4
-
-
-def header_for(num_images, images_per_shard, codebook_size=1000, grid=(2, 3), aug="none", text=False):
-    return manifest_header(
-        tokenizer_fingerprint=FINGERPRINT, tokenizer_path="/nowhere", downsample_factor=8,
-        codebook_size=codebook_size, grid=grid, resolution=24, augmentation=aug, base_resolution=24,
-        dataset={"source": "synthetic", "split": "train", "max_images": 0, "num_images": num_images,
-                 "class_names": CLASSES, "caption_source": "test"},
-        text_encoder={"name": "test", "dim": EMBED_DIM} if text else None, images_per_shard=images_per_shard,
-        batch_size=2)
-
-
-def make_cache(path, num_images=10, images_per_shard=4, skipped=(), seed=0, **kwargs) -> dict:
-    """A complete cache of random codes written through the format's own writer; returns what went in."""
-    header = header_for(num_images, images_per_shard, **kwargs)
-    views, k, grid = header["augmentation"]["views"], header["codebook_size"], tuple(header["grid"])
-    rng = np.random.default_rng(seed)
-    prepare_cache_dir(path, header, overwrite=False)
-    truth = {"codes": [], "labels": [], "image_index": [], "view": [], "captions": [], "embeddings": []}
-    records = []
-    for s in range(num_shards(num_images, images_per_shard)):
-        begin, end = shard_image_range(s, num_images, images_per_shard)
-        images = np.repeat([i for i in range(begin, end) if i not in skipped], views).astype(np.int64)
-        captions = [f"image {i} of class {CLASSES[i % 3]}" for i in images]
-        ids, table = caption_table(captions)
-        embeddings = rng.standard_normal((len(table), EMBED_DIM)).astype(np.float32)
-        content = ShardContent(
-            codes=rng.integers(0, k, (len(images), *grid)), labels=images % 3, image_index=images,
-            view=np.tile(np.arange(views), len(images) // views), caption_ids=ids, captions=table,
-            text_embeddings=embeddings if header["text_encoder"] else None, image_range=(begin, end),
-            skipped=[i for i in skipped if begin <= i < end])
-        records.append(write_shard(path, s, content, k))
-        for name, values in (("codes", content.codes.reshape(len(images), grid[0] * grid[1])),
-                             ("labels", content.labels), ("image_index", images), ("view", content.view),
-                             ("captions", captions),
-                             ("embeddings", embeddings[ids])):
-            truth[name].extend(values)
-    write_manifest(path, finish_manifest(header, records))
-    return {name: np.array(values) for name, values in truth.items()}
-
+from stage2_generator.cache import (CacheError, CacheLoader, CodeCache, ShardContent, check_cache, code_dtype,
+                                    prepare_cache_dir, write_manifest, write_shard)
+from synthetic_cache import FINGERPRINT, header_for, make_cache
 
 # ---------------------------------------------------------------- format round trip ------------
 def test_shards_read_back_exactly_by_random_access(tmp_path):

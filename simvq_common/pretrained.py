@@ -1,0 +1,50 @@
+"""Model directories: config.yaml + model.safetensors (+ fingerprint.txt), rebuilt from the directory alone.
+
+Both stages save their models this way (the tokenizer and the generator); the fingerprint is the sha256
+of the config text and the weights, and a later stage records it to refuse a mismatch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import load_config, to_yaml
+from .fingerprint import tensors_fingerprint
+from .io import atomic_write, write_text_atomic
+
+CONFIG_FILE, WEIGHTS_FILE, FINGERPRINT_FILE = "config.yaml", "model.safetensors", "fingerprint.txt"
+T = TypeVar("T")
+
+
+def model_fingerprint(config, state: dict[str, torch.Tensor]) -> str:
+    return tensors_fingerprint(to_yaml(config), state)
+
+
+def save_pretrained(directory: str | Path, config, state: dict[str, torch.Tensor]) -> Path:
+    """Write the weights, then the config, then the fingerprint, each atomically."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    write_text_atomic(directory / CONFIG_FILE, to_yaml(config))
+    write_text_atomic(directory / FINGERPRINT_FILE, model_fingerprint(config, state) + "\n")
+    return directory
+
+
+def load_pretrained(directory: str | Path, schema: type[T], what: str, map_location: str = "cpu"
+                    ) -> tuple[T, dict[str, torch.Tensor]]:
+    """(config, state dict) of a model directory; `what` names the artifact and its maker in errors."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a {what} directory: {name} is missing")
+    return load_config(schema, directory / CONFIG_FILE), load_file(str(directory / WEIGHTS_FILE), device=map_location)
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the weights in {source} do not match its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")

@@ -1,0 +1,126 @@
+"""Config schemas of stage 2 (typed dataclasses; loaded with simvq_common.config.load_config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Named decoder sizes: (width, depth, heads). B / L / XL are LlamaGen's GPT-B / L / XL; the small ones
+# train on a CPU. The SwiGLU hidden width follows Llama: 8/3 of the width, rounded up to a multiple of 256.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "nano": (64, 2, 4),
+    "tiny": (128, 4, 4),
+    "small": (256, 6, 8),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1280, 36, 20),
+}
+CONDITIONINGS = ("class", "text", "none")
+
+
+def swiglu_hidden(dim: int) -> int:
+    return 256 * -(-int(8 * dim / 3) // 256)
+
+
+@dataclass
+class GeneratorConfig:
+    """Everything needed to rebuild a generator: saved as config.yaml beside its weights.
+
+    `codebook_size`, `grid`, `num_classes`, `text_dim` and `tokenizer_fingerprint` come from the code
+    cache the generator is trained on (0 / empty = fill in from the cache); the rest is the experiment's.
+    """
+
+    size: str = "tiny"  # a key of SIZES
+    conditioning: str = "class"  # class | text | none
+    rope: str = "2d"  # 2d: half of each head rotates by the code's row, half by its column | 1d: by sequence position
+    rope_base: float = 10000.0
+    text_tokens: int = 4  # prefix tokens a text embedding is projected to (conditioning=text)
+    condition_dropout: float = 0.1  # training: the condition is replaced by the null condition with this p
+    codebook_size: int = 0
+    grid: list[int] = field(default_factory=lambda: [0, 0])
+    num_classes: int = 0
+    text_dim: int = 0
+    tokenizer_fingerprint: str = ""
+
+    @property
+    def dim(self) -> int:
+        return SIZES[self.size][0]
+
+    @property
+    def depth(self) -> int:
+        return SIZES[self.size][1]
+
+    @property
+    def heads(self) -> int:
+        return SIZES[self.size][2]
+
+    @property
+    def sequence_length(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def prefix_length(self) -> int:
+        return self.text_tokens if self.conditioning == "text" else 1
+
+    def check(self) -> None:
+        """Refuse an unbuildable config, naming the key and the fix."""
+        if self.size not in SIZES:
+            raise ValueError(f"model.size={self.size!r} is not a registered size: choose one of {sorted(SIZES)}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"model.conditioning={self.conditioning!r}: choose one of {CONDITIONINGS}")
+        if self.rope not in ("1d", "2d"):
+            raise ValueError(f"model.rope={self.rope!r}: choose 1d or 2d")
+        if self.codebook_size < 2 or len(self.grid) != 2 or min(self.grid) < 1:
+            raise ValueError(f"model.codebook_size={self.codebook_size} / model.grid={self.grid} are unset: they "
+                             f"come from the code cache the generator is trained on")
+        if self.conditioning == "class" and self.num_classes < 1:
+            raise ValueError("model.conditioning=class needs model.num_classes >= 1 (from the cache's class names)")
+        if self.conditioning == "text" and (self.text_dim < 1 or self.text_tokens < 1):
+            raise ValueError(f"model.conditioning=text needs text_dim >= 1 (the cache's text encoder) and "
+                             f"text_tokens >= 1; got {self.text_dim} and {self.text_tokens}")
+        if self.rope == "2d" and (self.dim // self.heads) % 4:
+            raise ValueError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"model.condition_dropout={self.condition_dropout} must lie in [0, 1)")
+
+
+@dataclass
+class GeneratorDataConfig:
+    cache: str = ""  # the training split's code cache (`simvq pretokenize`)
+    val_cache: str = ""  # a held-out split's code cache: validation loss and perplexity ("" = none)
+    batch_size: int = 32  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step; global batch = batch_size x grad_accum x processes
+    val_sequences: int = 0  # validation sequences per evaluation (0 = the whole val cache)
+
+
+@dataclass
+class GeneratorOptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05  # on >= 2-D weights only
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio x lr at run.steps)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class GeneratorRunConfig:
+    out_dir: str = "runs/generator"
+    steps: int = 1000  # optimizer steps
+    seed: int = 0  # initial weights, data order, condition dropout
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    deepspeed: str = "configs/deepspeed/zero2.yaml"  # the ZeRO part of the DeepSpeed config
+    loss_chunk_mb: float = 256.0  # fp32 logits held at once by the chunked loss
+    log_every: int = 10
+    val_every: int = 200
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """One file describes a whole stage-2 experiment (configs/generator/*.yaml)."""
+
+    model: GeneratorConfig = field(default_factory=GeneratorConfig)
+    data: GeneratorDataConfig = field(default_factory=GeneratorDataConfig)
+    optim: GeneratorOptimConfig = field(default_factory=GeneratorOptimConfig)
+    run: GeneratorRunConfig = field(default_factory=GeneratorRunConfig)

@@ -1,0 +1,182 @@
+"""The stage-2 generator: a Llama-style decoder (x-transformers) over the tokenizer's codes.
+
+A sequence is [condition prefix, code_0, ..., code_{L-2}]; the hidden state at position P - 1 + j
+predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix is one class token
+(row `num_classes` of the class table is the null class used for guidance), `text_tokens` tokens
+projected from a sentence embedding (a learned null embedding for guidance), or one learned start
+token. Positions are rotary: 2d rotates half of each head by the code's row and half by its column
+(prefix tokens are not rotated); 1d by sequence position. The output head is zero-initialised, so
+training starts at the uniform loss ln K, and it scores only the K image codes: nothing outside the
+image vocabulary can be sampled.
+
+Generation is prefill (the prefix, building the KV cache) then one decode step per code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from x_transformers import Decoder
+from x_transformers.x_transformers import LayerIntermediates
+
+from simvq_common.pretrained import load_pretrained, load_state_strict, model_fingerprint, save_pretrained
+
+from .config import GeneratorConfig, swiglu_hidden
+from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
+
+
+class Condition(nn.Module):
+    """Maps a batch's conditions to prefix embeddings (B, P, d); `drop` (B,) bool swaps in the null one."""
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.kind = cfg.conditioning
+        d = cfg.dim
+        if self.kind == "class":
+            self.classes = nn.Embedding(cfg.num_classes + 1, d)  # the last row is the null class
+            self.null_class = cfg.num_classes
+        elif self.kind == "text":
+            self.null_text = nn.Parameter(torch.zeros(cfg.text_dim))
+            self.project = nn.Linear(cfg.text_dim, cfg.text_tokens * d, bias=False)
+            self.tokens = cfg.text_tokens
+        else:
+            self.start = nn.Parameter(torch.zeros(1, 1, d))
+        self.dim = d
+
+    def forward(self, condition: torch.Tensor | None, drop: torch.Tensor | None = None,
+                batch_size: int | None = None) -> torch.Tensor:
+        if self.kind == "class":
+            labels = condition if drop is None else torch.where(drop, self.null_class, condition)
+            return self.classes(labels)[:, None, :]
+        if self.kind == "text":
+            text = condition if drop is None else torch.where(drop[:, None], self.null_text.to(condition), condition)
+            return self.project(text).view(len(text), self.tokens, self.dim)
+        return self.start.expand(batch_size if condition is None else len(condition), 1, self.dim)
+
+    def null(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """The null condition for a batch: what `drop=True` would use (None when unconditional)."""
+        if self.kind == "class":
+            return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
+        if self.kind == "text":
+            return self.null_text.detach().expand(batch_size, -1)
+        return None
+
+
+def rotary_frequencies(cfg: GeneratorConfig) -> torch.Tensor:
+    """(1, P + L - 1, head_dim) rotation angles of every input position, laid out as x-transformers applies
+    them (consecutive pairs of features share a frequency)."""
+    head_dim = cfg.dim // cfg.heads
+    h, w = cfg.grid
+    n_prefix, n_codes = cfg.prefix_length, cfg.sequence_length - 1  # the last code is never an input
+
+    def angles(position: torch.Tensor, dim: int) -> torch.Tensor:
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        return (position[:, None].double() * inv_freq).repeat_interleave(2, dim=1)
+
+    if cfg.rope == "1d":
+        freqs = angles(torch.arange(n_prefix + n_codes), head_dim)
+    else:
+        j = torch.arange(n_codes)
+        codes = torch.cat([angles(j // w, head_dim // 2), angles(j % w, head_dim // 2)], dim=1)
+        freqs = torch.cat([torch.zeros(n_prefix, head_dim, dtype=torch.float64), codes])
+    return freqs.float()[None]
+
+
+class OutputHead(nn.Linear):
+    """Scores the K codes. Called as a module for the loss too, so ZeRO-3 gathers its weight either way."""
+
+    def __init__(self, dim: int, codebook_size: int, loss_chunk_mb: float) -> None:
+        super().__init__(dim, codebook_size, bias=False)
+        nn.init.zeros_(self.weight)
+        self.loss_rows = chunk_rows(codebook_size, loss_chunk_mb)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits (..., K), or with targets the mean cross-entropy over K in chunks."""
+        if targets is None:
+            return super().forward(hidden).float()
+        return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
+                                     self.loss_rows)
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: GeneratorConfig, loss_chunk_mb: float = DEFAULT_CHUNK_MB) -> None:
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        d, k = cfg.dim, cfg.codebook_size
+        self.condition = Condition(cfg)
+        self.token_embed = nn.Embedding(k, d)
+        self.decoder = Decoder(dim=d, depth=cfg.depth, heads=cfg.heads, attn_dim_head=d // cfg.heads,
+                               use_rmsnorm=True, ff_glu=True, ff_swish=True, ff_mult=swiglu_hidden(d) / d,
+                               ff_no_bias=True, attn_flash=True)
+        self.head = OutputHead(d, k, loss_chunk_mb)
+        self.register_buffer("rope", rotary_frequencies(cfg), persistent=False)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.cfg.prefix_length
+
+    def _decode(self, x: torch.Tensor, cache: LayerIntermediates | None = None):
+        """Run the decoder over x (B, n, d), the new positions after those in `cache`."""
+        end = (cache.cache_length if cache is not None else 0) + x.shape[1]
+        if end > self.rope.shape[1]:
+            raise ValueError(f"sequence of {end} positions; the model's grid {self.cfg.grid} with a prefix of "
+                             f"{self.prefix_length} allows {self.rope.shape[1]}")
+        return self.decoder(x, cache=cache, cache_age=x.shape[1], rotary_pos_emb=(self.rope[:, :end], 1.0),
+                            return_hiddens=True)
+
+    def _inputs(self, codes: torch.Tensor, condition, drop) -> torch.Tensor:
+        prefix = self.condition(condition, drop, batch_size=len(codes))
+        return torch.cat([prefix, self.token_embed(codes[:, :-1])], dim=1)
+
+    def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-code cross-entropy of codes (B, L) given the conditions; `drop` (B,) bool nulls some."""
+        hidden, _ = self._decode(self._inputs(codes, condition, drop))
+        return self.head(hidden[:, self.prefix_length - 1:], codes)  # positions predicting code_0 .. code_{L-1}
+
+    def logits(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Uncached fp32 logits (B, L, K) of every code given the ones before it (for tests and scoring)."""
+        hidden, _ = self._decode(self._inputs(codes, condition, None))
+        return self.head(hidden[:, self.prefix_length - 1:])
+
+    @torch.no_grad()
+    def prefill(self, condition: torch.Tensor | None, batch_size: int | None = None,
+                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerIntermediates]:
+        """Encode the prefix (and any given leading codes (B, t)): the logits (B, K) of the next code and the cache."""
+        x = self.condition(condition, None, batch_size=batch_size)
+        if codes is not None and codes.shape[1]:
+            x = torch.cat([x, self.token_embed(codes)], dim=1)
+        hidden, cache = self._decode(x)
+        return self.head(hidden[:, -1]), cache
+
+    @torch.no_grad()
+    def decode_step(self, code: torch.Tensor, cache: LayerIntermediates) -> tuple[torch.Tensor, LayerIntermediates]:
+        """Append code (B,) to the cached sequence: the logits (B, K) of the code after it and the new cache."""
+        hidden, cache = self._decode(self.token_embed(code)[:, None], cache)
+        return self.head(hidden[:, -1]), cache
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.cfg, self.state_dict())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_pretrained(directory, self.cfg, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "Generator":
+        cfg, state = load_pretrained(directory, GeneratorConfig, "generator (`simvq train-generator` output)",
+                                     map_location)
+        model = cls(cfg)
+        load_state_strict(model, state, Path(directory))
+        return model.eval()
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (>= 2-D: linear and embedding weights), none on norms and vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,330 @@
+"""Stage-2 training: the generator on a code cache, through a DeepSpeed engine (ZeRO 0-3).
+
+One process (`simvq train-generator`), or many under the `deepspeed` launcher or torchrun (gloo on CPU,
+nccl on GPU). Exact resume: a DeepSpeed checkpoint holds the weights, optimizer and LR schedule; its client
+state holds the step and the data position; condition dropout draws from (seed, step, rank) and the model
+has no other randomness, so there is no RNG state to restore. N steps + resume + N steps = 2N steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from simvq_common.console import console, progress
+from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
+from simvq_common.errors import NonFiniteLoss, UserError
+from simvq_common.io import write_json_atomic
+from simvq_common.metrics import RunDir
+
+from .cache import CacheLoader, CodeCache
+from .config import GeneratorConfig, GeneratorTrainConfig
+from .model import Generator, parameter_groups
+
+# DeepSpeed keys this trainer sets from the experiment config; a DeepSpeed file may not set them
+OWNED_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
+              "gradient_accumulation_steps": "data.grad_accum", "gradient_clipping": "optim.grad_clip",
+              "optimizer": "optim.*", "scheduler": "optim.*", "bf16": "run.precision", "fp16": "run.precision"}
+TAG = re.compile(r"^step_(\d+)$")
+IDENTITY_FILE = "identity.json"
+
+
+class DeepSpeedConfigError(UserError, ValueError):
+    pass
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+def init_distributed() -> torch.device:
+    """Join (or, for a lone process, create) the process group DeepSpeed uses; returns this rank's device."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `simvq train-generator`: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"run.precision must be auto, bf16 or fp32, got '{precision}'")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg: GeneratorTrainConfig, bf16: bool) -> dict:
+    """The ZeRO file (configs/deepspeed/) plus the batch, clipping and precision from the experiment config."""
+    path = Path(cfg.run.deepspeed)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"run.deepspeed={cfg.run.deepspeed}: no such file (see configs/deepspeed/)")
+    ds = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    clashes = sorted(set(ds) & set(OWNED_KEYS))
+    if clashes:
+        raise DeepSpeedConfigError(f"{path} sets {clashes}; these come from the experiment config "
+                                   f"({', '.join(OWNED_KEYS[k] for k in clashes)}): remove them from {path}")
+    ds.update(train_micro_batch_size_per_gpu=cfg.data.batch_size, gradient_accumulation_steps=cfg.data.grad_accum,
+              gradient_clipping=cfg.optim.grad_clip, bf16={"enabled": bf16}, steps_per_print=10**9)
+    ds.setdefault("zero_optimization", {"stage": 0})
+    return ds
+
+
+def lr_lambda(cfg: GeneratorTrainConfig):
+    """LR multiplier per optimizer step: linear warm-up, then constant or cosine down to min_lr_ratio."""
+    o, total = cfg.optim, cfg.run.steps
+    if o.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule={o.schedule!r}: choose constant or cosine")
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress_ = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+    return factor
+
+
+def model_config_for(cfg: GeneratorConfig, cache: CodeCache) -> GeneratorConfig:
+    """The model config with the cache's vocabulary, grid, classes and text width filled in; a value the
+    config already sets must agree with the cache (both are named otherwise)."""
+    m = cache.manifest
+    from_cache = {"codebook_size": m["codebook_size"], "grid": list(m["grid"]),
+                  "num_classes": len(cache.class_names),
+                  "text_dim": m["text_encoder"]["dim"] if m["text_encoder"] else 0,
+                  "tokenizer_fingerprint": m["tokenizer"]["fingerprint"]}
+    unset = {"codebook_size": 0, "grid": [0, 0], "num_classes": 0, "text_dim": 0, "tokenizer_fingerprint": ""}
+    for key, value in from_cache.items():
+        mine = getattr(cfg, key)
+        if mine != unset[key] and mine != value:
+            raise UserError(f"model.{key}={mine} but the cache {cache.path} has {key} {value}: the cache was made "
+                            f"by another tokenizer or dataset; use a matching cache or leave model.{key} unset")
+    if cfg.conditioning == "text" and not cache.has_text:
+        raise UserError(f"model.conditioning=text but cache {cache.path} holds no text embeddings: pretokenize "
+                        f"with text_embeddings=true")
+    return replace(cfg, **from_cache)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def checkpoint_tags(directory: Path) -> list[tuple[int, str]]:
+    found = [(int(m.group(1)), p.name) for p in directory.glob("step_*") if (m := TAG.match(p.name))]
+    return sorted(found)
+
+
+def latest_tag(directory: Path) -> str | None:
+    """The tag DeepSpeed's `latest` file names: written after a save completes, so never a torn one."""
+    latest = directory / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+class GeneratorTrainer:
+    def __init__(self, cfg: GeneratorTrainConfig) -> None:
+        import deepspeed
+
+        self.device = init_distributed()
+        self.bf16 = use_bf16(cfg.run.precision, self.device)
+        # data: the cache fixes the vocabulary; a val cache must come from the same tokenizer
+        if not cfg.data.cache:
+            raise UserError("data.cache is empty: give the code cache to train on (`simvq pretokenize` output)")
+        self.cache = CodeCache(cfg.data.cache, expect_codebook_size=cfg.model.codebook_size or None,
+                               expect_tokenizer=cfg.model.tokenizer_fingerprint or None)
+        cfg = replace(cfg, model=model_config_for(cfg.model, self.cache))
+        self.cfg = cfg
+        text = cfg.model.conditioning == "text"
+        self.loader = CacheLoader(self.cache, cfg.data.batch_size, seed=cfg.run.seed, drop_last=True, text=text)
+        self.val_cache = (CodeCache(cfg.data.val_cache, expect_codebook_size=cfg.model.codebook_size,
+                                    expect_tokenizer=cfg.model.tokenizer_fingerprint) if cfg.data.val_cache else None)
+        # model and engine; the seed makes every rank build the same initial weights
+        torch.manual_seed(cfg.run.seed)
+        self.model = Generator(cfg.model, cfg.run.loss_chunk_mb)
+        betas = tuple(cfg.optim.betas)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ds_config = deepspeed_config(cfg, self.bf16)
+        self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                                 lr_scheduler=scheduler, config=self.ds_config)
+        self.step = 0
+        self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
+        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True) if rank() == 0 else None
+        self._resume()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What a checkpoint must share with the run that resumes it."""
+        return {"model": asdict(self.cfg.model), "cache": self.cache.fingerprint, "world_size": world_size(),
+                "zero_stage": self.zero_stage, "batch_size": self.cfg.data.batch_size,
+                "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
+
+    def _resume(self) -> None:
+        tag = latest_tag(self.checkpoints)
+        if tag is None:
+            return
+        saved = json.loads((self.checkpoints / tag / IDENTITY_FILE).read_text())
+        mine = self.identity()
+        differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if differences:
+            raise UserError(f"cannot resume {self.checkpoints / tag}: " + "; ".join(differences) +
+                            ". Use the original config and process count, or a new run.out_dir")
+        _, client = self.engine.load_checkpoint(str(self.checkpoints), tag)
+        self.step = client["step"]
+        self.loader.load_state_dict(client["loader"])
+        if rank() == 0:
+            console.print(f"resumed from {self.checkpoints / tag} (step {self.step})")
+
+    def save(self) -> None:
+        tag = f"step_{self.step:08d}"
+        if rank() == 0:
+            write_json_atomic(self.checkpoints / tag / IDENTITY_FILE, self.identity())
+        barrier()  # the identity exists before `latest` can name the tag
+        self.engine.save_checkpoint(str(self.checkpoints), tag,
+                                    client_state={"step": self.step, "loader": self.loader.state_dict()})
+        barrier()
+        if rank() == 0:  # prune: keep the newest keep_checkpoints complete tags
+            steps = [s for s, _ in checkpoint_tags(self.checkpoints) if s <= self.step]
+            for step in steps[:-self.cfg.run.keep_checkpoints]:
+                shutil.rmtree(self.checkpoints / f"step_{step:08d}", ignore_errors=True)
+        barrier()
+
+    def export(self) -> Path:
+        """Consolidated fp32 weights + config as a generator directory (rebuilds without DeepSpeed)."""
+        out = Path(self.cfg.run.out_dir) / "generator"
+        if self.zero_stage == 3 or self.bf16:  # the fp32 master weights live in the optimizer's partitions
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            barrier()
+            if rank() == 0:
+                state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints),
+                                                                 tag=latest_tag(self.checkpoints))
+        else:
+            state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        if rank() == 0:
+            model = Generator(self.cfg.model)
+            model.load_state_dict(state)
+            model.save_pretrained(out)
+        barrier()
+        return out
+
+    # -- data ---------------------------------------------------------------------------------
+    def batches(self):
+        """Endless batches; the loader's epoch and position move with them (and are checkpointed)."""
+        while True:
+            for batch in self.loader:
+                yield batch
+            self.loader.set_epoch(self.loader.epoch + 1)
+
+    def condition_of(self, batch):
+        if self.cfg.model.conditioning == "class":
+            return batch.labels.to(self.device)
+        if self.cfg.model.conditioning == "text":
+            return batch.text_embeddings.to(self.device)
+        return None
+
+    def dropout_mask(self, n: int, micro_step: int) -> torch.Tensor | None:
+        """Which conditions to null for guidance: a pure function of (seed, step, micro-step, rank)."""
+        if self.cfg.model.conditioning == "none" or self.cfg.model.condition_dropout == 0:
+            return None
+        u = np.random.default_rng([self.cfg.run.seed, self.step, micro_step, rank()]).random(n)
+        return torch.from_numpy(u < self.cfg.model.condition_dropout).to(self.device)
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self, batches) -> float:
+        self.engine.train()
+        total = torch.zeros((), dtype=torch.float64)
+        for micro in range(self.cfg.data.grad_accum):
+            batch = next(batches)
+            codes = batch.codes.to(self.device)
+            loss = self.engine(codes, self.condition_of(batch), self.dropout_mask(len(codes), micro))
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss at step {self.step}; training stopped, the last good "
+                                    f"checkpoint is in {self.checkpoints}. Lower optim.lr or set optim.grad_clip")
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach().double().cpu()
+        self.step += 1
+        return float(all_reduce_sum(total / self.cfg.data.grad_accum)) / world_size()
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean next-code cross-entropy and perplexity on the val cache (every rank the same batch count)."""
+        n = len(self.val_cache)
+        if self.cfg.data.val_sequences:
+            n = min(n, self.cfg.data.val_sequences)
+        loader = CacheLoader(self.val_cache, self.cfg.data.batch_size, shuffle=False, drop_last=True,
+                             text=self.cfg.model.conditioning == "text")
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        remaining = n // world_size()  # equal on every rank: ZeRO-3 gathers weights in lockstep
+        for batch in loader:
+            if remaining <= 0:
+                break
+            take = min(remaining, len(batch.codes))
+            remaining -= take
+            condition = self.condition_of(batch)
+            loss = self.engine(batch.codes[:take].to(self.device), None if condition is None else condition[:take])
+            sums += torch.tensor([float(loss) * take, take], dtype=torch.float64)
+        all_reduce_sum(sums)
+        if sums[1] == 0:
+            return {}
+        val = float(sums[0] / sums[1])
+        return {"val_loss": val, "val_perplexity": math.exp(val), "val_sequences": int(sums[1])}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> Path:
+        run, cfg = self.cfg.run, self.cfg
+        global_batch = cfg.data.batch_size * cfg.data.grad_accum * world_size()
+        tokens_per_step = global_batch * cfg.model.sequence_length
+        if rank() == 0:
+            console.print(f"generator {cfg.model.size}: {self.model.num_parameters():,} parameters, K="
+                          f"{cfg.model.codebook_size:,}, ZeRO-{self.zero_stage}, {world_size()} process(es), "
+                          f"global batch {global_batch} ({tokens_per_step:,} tokens/step), "
+                          f"{'bf16' if self.bf16 else 'fp32'}")
+        batches = self.batches()
+        tic, steps_timed = time.perf_counter(), 0
+        with progress(disable=rank() != 0) as bar:
+            task = bar.add_task("generator", total=run.steps, completed=self.step, status="")
+            while self.step < run.steps:
+                loss = self.train_step(batches)
+                steps_timed += 1
+                record = {}
+                if self.step % run.log_every == 0 or self.step == run.steps:
+                    elapsed = time.perf_counter() - tic
+                    record.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), lr=self.scheduler.get_last_lr()[0],
+                                  grad_norm=float(self.engine.get_global_grad_norm() or float("nan")),
+                                  global_batch=global_batch, tokens_per_step=tokens_per_step,
+                                  tokens_per_s=steps_timed * tokens_per_step / elapsed, epoch=self.loader.epoch)
+                    tic, steps_timed = time.perf_counter(), 0
+                if self.val_cache is not None and (self.step % run.val_every == 0 or self.step == run.steps):
+                    record.update(self.validate())
+                if record and rank() == 0:
+                    self.run_dir.log(step=self.step, **record)
+                    bar.update(task, status=f"loss {loss:.3f}" + (f" val {record['val_loss']:.3f}"
+                                                                    if "val_loss" in record else ""))
+                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                    self.save()
+                bar.update(task, completed=self.step)
+        return self.export()
+
+
+def train_generator(cfg: GeneratorTrainConfig) -> Path:
+    """Train (or resume) the run in cfg.run.out_dir; returns the exported generator directory."""
+    return GeneratorTrainer(cfg).train()
