@@ -64,6 +64,16 @@ def _pretokenize(args: argparse.Namespace) -> None:
         console.print(f"[green]done[/]: check it with `simvq verify-cache {out}`")
 
 
+def _train_generator(args: argparse.Namespace) -> None:
+    from simvq_common.distributed import rank
+    from stage2_generator.config import GeneratorTrainConfig
+    from stage2_generator.train import train_generator
+
+    out = train_generator(load_config(GeneratorTrainConfig, args.config, args.overrides))
+    if rank() == 0:
+        console.print(f"[green]done[/]: generator (consolidated fp32 weights + config) in {out}")
+
+
 def _verify_cache(args: argparse.Namespace) -> None:
     from pipelines.verify import VerifyCacheConfig, verify_cache
 
@@ -109,6 +119,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
                     "encode a dataset with a tokenizer into a code cache (shards + manifest.json) for stage 2; "
                     "resumes an interrupted run; run under torchrun for several processes "
                     "(e.g. --tokenizer DIR --data emoji --out CACHE --aug flip resolution=32)", True),
+    "train-generator": (_train_generator,
+                        "train an autoregressive generator (stage 2) on a code cache with DeepSpeed (ZeRO stage from "
+                        "run.deepspeed); resumes from the run's latest checkpoint; run under the deepspeed launcher "
+                        "or torchrun for several processes or nodes", True),
     "verify-cache": (_verify_cache,
                      "check a code cache (checksums, counts, codes < K) and decode a few sequences into a PNG grid "
                      "with the tokenizer it records", True),

@@ -21,11 +21,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
         n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits, fp64 kept for fp64 inputs
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
         target_logit = torch.empty_like(lse)
         w = weight.to(hidden.dtype)
         for s in range(0, n, rows):
-            logits = (hidden[s:s + rows] @ w.T).float()
+            logits = (hidden[s:s + rows] @ w.T).to(acc)
             lse[s:s + rows] = torch.logsumexp(logits, dim=1)
             target_logit[s:s + rows] = logits.gather(1, targets[s:s + rows, None])[:, 0]
         ctx.save_for_backward(hidden, weight, targets, lse)
@@ -38,16 +39,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         n, rows = hidden.shape[0], ctx.rows
         w = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        scale = grad_out.float() / n
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        scale = grad_out.to(lse.dtype) / n
         for s in range(0, n, rows):
             h = hidden[s:s + rows]
             # d loss / d logits = (softmax - onehot) / n, built in place in the chunk's logits
-            p = (h @ w.T).float().sub_(lse[s:s + rows, None]).exp_()
+            p = (h @ w.T).to(lse.dtype).sub_(lse[s:s + rows, None]).exp_()
             p[torch.arange(len(h), device=p.device), targets[s:s + rows]] -= 1.0
             p.mul_(scale)
             grad_hidden[s:s + rows] = (p.to(h.dtype) @ w).to(hidden.dtype)
-            grad_weight.addmm_(p.T, h.float())
+            grad_weight.addmm_(p.T, h.to(p.dtype))
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 

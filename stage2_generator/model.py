@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from x_transformers import Decoder
-from x_transformers.x_transformers import LayerIntermediates
+from x_transformers.x_transformers import GLU, LayerIntermediates
 
 from simvq_common.pretrained import load_pretrained, load_state_strict, model_fingerprint, save_pretrained
 
@@ -83,6 +83,13 @@ def rotary_frequencies(cfg: GeneratorConfig) -> torch.Tensor:
     return freqs.float()[None]
 
 
+def drop_glu_biases(decoder: nn.Module) -> None:
+    """x-transformers' GLU input projection keeps a bias even with ff_no_bias; Llama has none."""
+    for module in decoder.modules():
+        if isinstance(module, GLU) and module.proj.bias is not None:
+            module.proj = nn.Linear(module.proj.in_features, module.proj.out_features, bias=False)
+
+
 class OutputHead(nn.Linear):
     """Scores the K codes. Called as a module for the loss too, so ZeRO-3 gathers its weight either way."""
 
@@ -110,6 +117,7 @@ class Generator(nn.Module):
         self.decoder = Decoder(dim=d, depth=cfg.depth, heads=cfg.heads, attn_dim_head=d // cfg.heads,
                                use_rmsnorm=True, ff_glu=True, ff_swish=True, ff_mult=swiglu_hidden(d) / d,
                                ff_no_bias=True, attn_flash=True)
+        drop_glu_biases(self.decoder)
         self.head = OutputHead(d, k, loss_chunk_mb)
         self.register_buffer("rope", rotary_frequencies(cfg), persistent=False)
 

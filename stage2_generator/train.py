@@ -35,6 +35,7 @@ from .model import Generator, parameter_groups
 OWNED_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
               "gradient_accumulation_steps": "data.grad_accum", "gradient_clipping": "optim.grad_clip",
               "optimizer": "optim.*", "scheduler": "optim.*", "bf16": "run.precision", "fp16": "run.precision"}
+REPO = Path(__file__).resolve().parents[1]
 TAG = re.compile(r"^step_(\d+)$")
 IDENTITY_FILE = "identity.json"
 
@@ -73,6 +74,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def deepspeed_config(cfg: GeneratorTrainConfig, bf16: bool) -> dict:
     """The ZeRO file (configs/deepspeed/) plus the batch, clipping and precision from the experiment config."""
     path = Path(cfg.run.deepspeed)
+    if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
+        path = REPO / path  # the shipped configs/deepspeed/ files, from any working directory
     if not path.is_file():
         raise DeepSpeedConfigError(f"run.deepspeed={cfg.run.deepspeed}: no such file (see configs/deepspeed/)")
     ds = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}

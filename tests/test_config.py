@@ -1,10 +1,10 @@
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import pytest
 
 from simvq_common.config import ConfigError, load_config, to_yaml
+from stage2_generator.config import SIZES
 
 
 @dataclass
@@ -61,17 +61,36 @@ def _schema_for(path):
     from stage1_tokenizer.collapse_study import CollapseStudyConfig
     from stage1_tokenizer.comparison import TokenizerComparisonConfig
     from stage1_tokenizer.config import TokenizerTrainConfig
+    from stage2_generator.config import GeneratorTrainConfig
 
     schemas = {"study/collapse": CollapseStudyConfig, "study/tokenizers": TokenizerComparisonConfig,
-               "tokenizer/": TokenizerTrainConfig}
+               "tokenizer/": TokenizerTrainConfig, "generator/": GeneratorTrainConfig}
     matches = [schema for prefix, schema in schemas.items() if f"configs/{prefix}" in path.as_posix()]
     assert len(matches) == 1, f"{path}: no schema known for this config; add it to this test"
     return matches[0]
 
 
-SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
+SHIPPED = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/*/*.yaml")
+                 if p.parent.name != "deepspeed")  # DeepSpeed's own format: checked below
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_configs_validate(path):
-    load_config(_schema_for(path), path)
+    cfg = load_config(_schema_for(path), path)
+    if path.parent.name == "generator":
+        assert Path(cfg.run.deepspeed).name in {p.name for p in DEEPSPEED}, cfg.run.deepspeed
+        assert cfg.model.size in SIZES
+
+
+DEEPSPEED = sorted(Path(__file__).resolve().parents[1].glob("configs/deepspeed/*.yaml"))
+
+
+@pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
+def test_shipped_deepspeed_files_set_their_stage_and_nothing_the_experiment_owns(path):
+    from stage2_generator.config import GeneratorTrainConfig
+    from stage2_generator.train import deepspeed_config
+
+    cfg = load_config(GeneratorTrainConfig, None, [f"run.deepspeed={path}", "data.batch_size=3", "data.grad_accum=2"])
+    ds = deepspeed_config(cfg, bf16=False)
+    assert ds["zero_optimization"]["stage"] == int(path.stem.removeprefix("zero"))
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 2)

@@ -1,0 +1,197 @@
+"""The stage-2 model: sizes, the chunked loss against the plain one (values and gradients), KV-cached against
+uncached logits, rotary layout, condition dropout, and the generator directory round trip."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stage2_generator.config import SIZES, GeneratorConfig, swiglu_hidden
+from stage2_generator.loss import chunk_rows, chunked_cross_entropy
+from stage2_generator.model import Generator, parameter_groups, rotary_frequencies
+
+LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6}  # LlamaGen's GPT sizes (K = 16,384, 1,000 classes)
+
+
+def config(conditioning="class", rope="2d", size="nano", k=97, grid=(3, 4), **kw) -> GeneratorConfig:
+    return GeneratorConfig(size=size, conditioning=conditioning, rope=rope, codebook_size=k, grid=list(grid),
+                           num_classes=5, text_dim=6, text_tokens=2, **kw)
+
+
+def condition_for(cfg: GeneratorConfig, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if cfg.conditioning == "class":
+        return torch.randint(0, cfg.num_classes, (n,), generator=g)
+    if cfg.conditioning == "text":
+        return torch.randn(n, cfg.text_dim, generator=g)
+    return None
+
+
+def random_model(cfg: GeneratorConfig, seed: int = 0) -> Generator:
+    """A generator with every weight random (the zero-initialised head included), in eval mode."""
+    torch.manual_seed(seed)
+    model = Generator(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_parameter_count_matches_the_architecture(size):
+    cfg = GeneratorConfig(size=size, codebook_size=16384, grid=[16, 16], num_classes=1000)
+    with torch.device("meta"):
+        model = Generator(cfg)
+    d, depth, hidden, k = cfg.dim, cfg.depth, swiglu_hidden(cfg.dim), cfg.codebook_size
+    # per layer: q, k, v, o (4 d^2), SwiGLU (3 d hidden), two RMSNorm gains; + final norm, embeddings, head
+    expected = depth * (4 * d * d + 3 * d * hidden + 2 * d) + d + 2 * k * d + (1000 + 1) * d
+    assert model.num_parameters() == expected
+    if size in LLAMAGEN_PARAMS:
+        assert model.num_parameters() == pytest.approx(LLAMAGEN_PARAMS[size], rel=0.005)
+
+
+def test_weight_decay_goes_to_matrices_only():
+    model = Generator(config())
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert any(p is model.head.weight for p in decay["params"])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 7, 64])
+def test_chunked_loss_equals_plain_cross_entropy_in_value_and_gradients(rows):
+    g = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(23, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(31, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 31, (23,), generator=g)
+    loss = chunked_cross_entropy(hidden, weight, targets, rows)
+    grads = torch.autograd.grad(loss * 3.0, (hidden, weight))  # an upstream gradient other than 1
+    reference = F.cross_entropy(hidden @ weight.T, targets)
+    expected = torch.autograd.grad(reference * 3.0, (hidden, weight))
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-12)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_chunk_rows_respects_the_memory_budget():
+    assert chunk_rows(262144, 256.0) == 256  # 256 rows x 262,144 x 4 bytes = 256 MiB
+    assert chunk_rows(262144, 0.001) == 1
+    assert chunk_rows(1000, 1.0) * 1000 * 4 <= 2**20 < (chunk_rows(1000, 1.0) + 1) * 1000 * 4
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+def test_training_starts_at_the_uniform_loss_because_the_head_is_zero(conditioning):
+    cfg = config(conditioning)
+    model = Generator(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (3, cfg.sequence_length))
+    loss = model(codes, condition_for(cfg, 3))
+    assert loss.item() == pytest.approx(math.log(cfg.codebook_size), abs=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+def test_loss_is_the_mean_cross_entropy_of_the_uncached_logits(conditioning):
+    cfg = config(conditioning)
+    model = random_model(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (2, cfg.sequence_length))
+    condition = condition_for(cfg, 2)
+    logits = model.logits(codes, condition)
+    assert logits.shape == (2, cfg.sequence_length, cfg.codebook_size)
+    expected = F.cross_entropy(logits.reshape(-1, cfg.codebook_size), codes.reshape(-1))
+    assert model(codes, condition).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("conditioning,rope", [("class", "2d"), ("class", "1d"), ("text", "2d"), ("none", "2d")])
+def test_kv_cached_logits_equal_the_uncached_ones(conditioning, rope):
+    cfg = config(conditioning, rope)
+    model = random_model(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (3, cfg.sequence_length))
+    condition = condition_for(cfg, 3)
+    uncached = model.logits(codes, condition)
+    step_logits, cache = model.prefill(condition, batch_size=3)
+    cached = [step_logits]
+    for j in range(cfg.sequence_length - 1):
+        step_logits, cache = model.decode_step(codes[:, j], cache)
+        cached.append(step_logits)
+    torch.testing.assert_close(torch.stack(cached, dim=1), uncached, rtol=1e-4, atol=1e-4)
+    # a prefill that already holds the first codes continues identically
+    logits, _ = model.prefill(condition, batch_size=3, codes=codes[:, :5])
+    torch.testing.assert_close(logits, uncached[:, 5], rtol=1e-4, atol=1e-4)
+
+
+def test_2d_rotary_angles_follow_the_code_grid():
+    cfg = config("text", "2d", size="tiny", grid=(3, 4))  # head width 32, 2 prefix tokens
+    freqs = rotary_frequencies(cfg)[0]
+    head = cfg.dim // cfg.heads
+    assert freqs.shape == (cfg.prefix_length + cfg.sequence_length - 1, head)
+    assert torch.all(freqs[:cfg.prefix_length] == 0)  # prefix tokens are not rotated
+    inv = 1.0 / 10000 ** (torch.arange(0, head // 2, 2, dtype=torch.float64) / (head // 2))
+    for j in range(cfg.sequence_length - 1):  # input code j sits at row j // 4, column j % 4
+        row, col = divmod(j, 4)
+        got = freqs[cfg.prefix_length + j].double()
+        torch.testing.assert_close(got[:head // 2], (row * inv).repeat_interleave(2), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[head // 2:], (col * inv).repeat_interleave(2), rtol=1e-6, atol=1e-6)
+
+
+def test_2d_rope_makes_attention_depend_on_grid_position_not_sequence_index():
+    # the same codes placed in a grid of another width land in other rows/columns: different logits
+    a, b = random_model(config("class", "2d", grid=(2, 6))), random_model(config("class", "2d", grid=(3, 4)))
+    b.load_state_dict(a.state_dict())
+    codes, labels = torch.randint(0, 97, (2, 12)), torch.tensor([0, 1])
+    la, lb = a.logits(codes, labels), b.logits(codes, labels)
+    torch.testing.assert_close(la[:, :5], lb[:, :5])  # codes 0..3 share rows/columns in both grids
+    assert (la[:, 6:] - lb[:, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_dropped_conditions_become_the_null_condition(conditioning):
+    cfg = config(conditioning)
+    model = random_model(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (4, cfg.sequence_length))
+    condition = condition_for(cfg, 4)
+    drop = torch.tensor([True, False, True, False])
+    mixed = model(codes, condition, drop)
+    null = model.condition.null(4, torch.device("cpu"))
+    by_hand = torch.where(drop[:, None], null, condition) if conditioning == "text" else torch.where(drop, null,
+                                                                                                     condition)
+    assert mixed.item() == pytest.approx(model(codes, by_hand).item(), rel=1e-6)
+    assert abs(mixed.item() - model(codes, condition).item()) > 1e-4
+
+
+def test_generator_directory_rebuilds_the_same_model(tmp_path):
+    cfg = config("text", tokenizer_fingerprint="0123456789abcdef")
+    model = random_model(cfg)
+    model.save_pretrained(tmp_path / "gen")
+    again = Generator.from_pretrained(tmp_path / "gen")
+    assert again.cfg == cfg and again.fingerprint() == model.fingerprint()
+    assert (tmp_path / "gen" / "fingerprint.txt").read_text().strip() == model.fingerprint()
+    codes, text = torch.randint(0, 97, (2, 12)), condition_for(cfg, 2)
+    torch.testing.assert_close(again.logits(codes, text), model.logits(codes, text), rtol=0, atol=0)
+
+
+def test_a_262144_code_vocabulary_trains():
+    cfg = config("class", k=262144, grid=(2, 2))
+    model = Generator(cfg, loss_chunk_mb=4.0)  # 4 rows of logits per chunk
+    assert model.head.loss_rows == 4
+    codes = torch.tensor([[0, 262143, 5, 131072], [7, 7, 262000, 1]])
+    loss = model(codes, torch.tensor([1, 2]))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(262144), abs=1e-5)
+    # at the uniform start d loss / d head row c = mean_i (1/K - [t_i = c]) h_i: equal for every code that is no
+    # target, different for targets; and no gradient reaches the body through a zero head
+    grad = model.head.weight.grad
+    assert torch.equal(grad[100], grad[200]) and grad[100].abs().sum() > 0
+    assert (grad[262143] - grad[100]).abs().sum() > 1e-3
+    assert model.token_embed.weight.grad.abs().sum() == 0
+
+
+def test_bad_configs_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match="model.size"):
+        Generator(config(size="huge"))
+    with pytest.raises(ValueError, match="codebook_size"):
+        Generator(config(k=0))
+    with pytest.raises(ValueError, match="num_classes"):
+        Generator(GeneratorConfig(codebook_size=10, grid=[2, 2], num_classes=0))
+    with pytest.raises(ValueError, match="allows"):
+        model = random_model(config())
+        model.logits(torch.zeros(1, 13, dtype=torch.long), torch.tensor([0]))
