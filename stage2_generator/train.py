@@ -109,14 +109,16 @@ def model_config_for(cfg: GeneratorConfig, cache: CodeCache) -> GeneratorConfig:
     """The model config with the cache's vocabulary, grid, classes and text width filled in; a value the
     config already sets must agree with the cache (both are named otherwise)."""
     m = cache.manifest
+    text = m["text_encoder"] or {}
     from_cache = {"codebook_size": m["codebook_size"], "grid": list(m["grid"]),
-                  "num_classes": len(cache.class_names),
-                  "text_dim": m["text_encoder"]["dim"] if m["text_encoder"] else 0,
-                  "tokenizer_fingerprint": m["tokenizer"]["fingerprint"]}
+                  "num_classes": len(cache.class_names), "class_names": list(cache.class_names),
+                  "text_dim": text.get("dim", 0), "text_encoder": text.get("name", ""),
+                  "tokenizer_fingerprint": m["tokenizer"]["fingerprint"], "tokenizer_path": m["tokenizer"]["path"]}
+    # keys an experiment may pin (refused when the cache disagrees); the others are always the cache's
     unset = {"codebook_size": 0, "grid": [0, 0], "num_classes": 0, "text_dim": 0, "tokenizer_fingerprint": ""}
-    for key, value in from_cache.items():
-        mine = getattr(cfg, key)
-        if mine != unset[key] and mine != value:
+    for key, default in unset.items():
+        mine, value = getattr(cfg, key), from_cache[key]
+        if mine != default and mine != value:
             raise UserError(f"model.{key}={mine} but the cache {cache.path} has {key} {value}: the cache was made "
                             f"by another tokenizer or dataset; use a matching cache or leave model.{key} unset")
     if cfg.conditioning == "text" and not cache.has_text:
