@@ -74,6 +74,21 @@ def _train_generator(args: argparse.Namespace) -> None:
         console.print(f"[green]done[/]: generator (consolidated fp32 weights + config) in {out}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from pipelines.evaluate import EvaluateConfig, evaluate
+
+    result = evaluate(load_config(EvaluateConfig, args.config, command_overrides(args)))
+    names = [k for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in result]
+    table = Table(title=f"{result['samples']['num']} samples vs {result['reference']['num_images']} reference images "
+                        f"({result['inception_source']} Inception, {result['suite']})")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{result[k]:.4g}" for k in names))
+    console.print(table)
+
+
 def _verify_cache(args: argparse.Namespace) -> None:
     from pipelines.verify import VerifyCacheConfig, verify_cache
 
@@ -123,6 +138,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
                         "train an autoregressive generator (stage 2) on a code cache with DeepSpeed (ZeRO stage from "
                         "run.deepspeed); resumes from the run's latest checkpoint; run under the deepspeed launcher "
                         "or torchrun for several processes or nodes", True),
+    "evaluate": (_evaluate,
+                 "FID, IS, KID and precision/recall of samples (a `simvq sample` directory) against a reference "
+                 "(reference=emoji, an image folder, or saved statistics .npz), written to metrics.json with "
+                 "the suite, Inception weights hash, resize, counts and reference", True),
     "verify-cache": (_verify_cache,
                      "check a code cache (checksums, counts, codes < K) and decode a few sequences into a PNG grid "
                      "with the tokenizer it records", True),
@@ -131,8 +150,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
 # them win), and the key its positional argument sets.
 FLAG_KEYS: dict[str, tuple[str, ...]] = {"pretokenize": ("tokenizer", "data", "out", "aug"),
-                                         "verify-cache": ("tokenizer",)}
-POSITIONAL_KEY: dict[str, str] = {"verify-cache": "cache"}
+                                         "verify-cache": ("tokenizer",), "evaluate": ("reference",)}
+POSITIONAL_KEY: dict[str, str] = {"verify-cache": "cache", "evaluate": "samples"}
 
 
 def command_overrides(args: argparse.Namespace) -> list[str]:

@@ -449,7 +449,8 @@ def compute_metrics(generated: ImagesLike, reference: ImagesLike, *, fid: bool =
                     isc_splits: int = 10, seed: int = 2020) -> dict:
     """FID (and optionally IS, KID, precision/recall) of `generated` against `reference`, torch-fidelity's formulas.
 
-    generated/reference: uint8 (N, 3, H, W) tensors or arrays, or folders of same-size images. All metrics
+    generated/reference: uint8 (N, 3, H, W) tensors or arrays, or folders of same-size images; reference may
+    also be saved statistics (`load_reference_stats`), for FID only. All metrics
     use Inception pool3 features (torch-fidelity's default for PR is VGG16, which needs a download; we keep
     one network). IS needs logits: source "torch-fidelity" only. KID subsets default to
     min(1000, N_gen, N_ref) images. Reference statistics/features come from the cache in `cache_dir`
@@ -469,22 +470,34 @@ def compute_metrics(generated: ImagesLike, reference: ImagesLike, *, fid: bool =
     gen = extract_features(generated, name, weights, layers, batch_size, device)
     num_generated = gen[FEATURE_LAYER].shape[0]
 
-    reference_hash = content_hash(reference)
-    key = reference_cache_key(reference_hash, provenance)
-    cache = ReferenceCache(cache_dir) if use_cache else None
     need_ref_features = kid or prc
-    ref_stats = cache.load_stats(key) if (cache and fid) else None
-    ref_features = cache.load_features(key) if (cache and need_ref_features) else None
-    cache_status = "disabled" if cache is None else "hit"
-    if (fid and ref_stats is None) or (need_ref_features and ref_features is None):
-        cache_status = "disabled" if cache is None else "miss"
-        ref_features = extract_features(reference, name, weights, (FEATURE_LAYER,), batch_size, device)[FEATURE_LAYER]
-        stats = fid_features_to_statistics(ref_features)
-        ref_stats = {**stats, "num": ref_features.shape[0]}
-        if cache is not None:
-            cache.save_stats(key, stats, ref_features.shape[0])
-            if need_ref_features:
-                cache.save_features(key, ref_features)
+    if isinstance(reference, dict):  # saved statistics (load_reference_stats): FID only
+        if need_ref_features:
+            raise ValueError("KID and precision/recall need the reference images; saved statistics hold only "
+                             "the FID mean and covariance: give an image folder or split as the reference")
+        if reference["weights_sha256"] != provenance["weights_sha256"]:
+            raise ValueError(f"the reference statistics were computed with Inception weights "
+                             f"{reference['weights_sha256'][:16]}, this run uses {provenance['weights_sha256'][:16]} "
+                             f"({provenance['source']}): recompute them with the same weights")
+        ref_stats, ref_features = reference, None
+        reference_hash, key, cache_status = reference["reference_hash"], "", "statistics file"
+    else:
+        reference_hash = content_hash(reference)
+        key = reference_cache_key(reference_hash, provenance)
+        cache = ReferenceCache(cache_dir) if use_cache else None
+        ref_stats = cache.load_stats(key) if (cache and fid) else None
+        ref_features = cache.load_features(key) if (cache and need_ref_features) else None
+        cache_status = "disabled" if cache is None else "hit"
+        if (fid and ref_stats is None) or (need_ref_features and ref_features is None):
+            cache_status = "disabled" if cache is None else "miss"
+            ref_features = extract_features(reference, name, weights, (FEATURE_LAYER,), batch_size,
+                                            device)[FEATURE_LAYER]
+            stats = fid_features_to_statistics(ref_features)
+            ref_stats = {**stats, "num": ref_features.shape[0]}
+            if cache is not None:
+                cache.save_stats(key, stats, ref_features.shape[0])
+                if need_ref_features:
+                    cache.save_features(key, ref_features)
     num_reference = ref_stats["num"] if ref_stats is not None else ref_features.shape[0]
 
     out: dict = {}
@@ -527,6 +540,46 @@ def compute_metrics(generated: ImagesLike, reference: ImagesLike, *, fid: bool =
         out["note"] = (f"N={min(num_generated, num_reference)} <= 2048: singular covariance; FID is biased upward "
                        "at small N and only comparable at equal N and reference")
     return out
+
+
+def reference_stats(reference: ImagesLike, source: str | None = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
+                    cache_dir: str | Path | None = None, device: str | torch.device | None = None) -> dict:
+    """FID statistics of a reference set, as `save_reference_stats` writes them (through the reference cache)."""
+    name, provenance = resolve_inception(source)
+    reference_hash = content_hash(reference)
+    key = reference_cache_key(reference_hash, provenance)
+    cache = ReferenceCache(cache_dir)
+    stats = cache.load_stats(key)
+    if stats is None:
+        features = extract_features(reference, name, provenance["weights_path"], (FEATURE_LAYER,), batch_size,
+                                    device)[FEATURE_LAYER]
+        stats = {**fid_features_to_statistics(features), "num": features.shape[0]}
+        cache.save_stats(key, stats, stats["num"])
+    return {**stats, "weights_sha256": provenance["weights_sha256"], "reference_hash": reference_hash,
+            "inception_source": provenance["source"], "suite": SUITE}
+
+
+STATS_KEYS = ("mu", "sigma", "num", "weights_sha256", "reference_hash", "inception_source", "suite", "description")
+
+
+def save_reference_stats(path: str | Path, stats: dict, description: str) -> Path:
+    """A portable .npz of reference FID statistics: mu, sigma, count, the Inception weights' hash, what it is."""
+    path = Path(path)
+    _save_npz(path, **{k: np.asarray(stats[k]) for k in STATS_KEYS if k != "description"},
+              description=np.asarray(description))
+    return path
+
+
+def load_reference_stats(path: str | Path) -> dict:
+    """The statistics `save_reference_stats` wrote, to pass as `reference` to compute_metrics (FID only)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in STATS_KEYS}
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a reference statistics file written by `simvq evaluate "
+                         f"save_reference_stats=...` ({err})") from None
+    return {**{k: str(out[k]) for k in STATS_KEYS if out[k].dtype.kind == "U"}, "mu": out["mu"],
+            "sigma": out["sigma"], "num": int(out["num"])}
 
 
 def compute_fid(generated: ImagesLike, reference: ImagesLike, source: str | None = "auto",

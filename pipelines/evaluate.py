@@ -1,0 +1,114 @@
+"""`simvq evaluate`: FID, IS, KID and precision/recall of generated samples against a reference.
+
+The samples are a `simvq sample` directory (its samples.npz: uint8 NHWC). The reference is the bundled
+emoji or an image folder (a split of it, centre-cropped to the samples' resolution, as stage 1 evaluates),
+or reference statistics saved earlier (FID only). Features come from the standard FID Inception through
+torch-fidelity (simvq_common.fid: online weights or the offline TorchScript copy); reference statistics are
+cached on disk by content. metrics.json records the suite and its version, the extractor and its weights'
+hash, the resizing, the sample counts, the reference and the fingerprints of the models that made the samples.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from simvq_common.console import console
+from simvq_common.errors import UserError
+from simvq_common.fid import compute_metrics, load_reference_stats, reference_stats, save_reference_stats
+from simvq_common.io import write_json_atomic
+from simvq_common.provenance import environment
+from stage1_tokenizer.data import build_image_dataset, collate_skip_none, load_emoji, to_uint8
+
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+@dataclass
+class EvaluateConfig:
+    samples: str = ""  # a `simvq sample` directory, or its samples.npz
+    reference: str = "emoji"  # "emoji" (bundled), an image folder (ImageNet layout), or a statistics .npz (FID only)
+    reference_split: str = "val"
+    max_reference: int = 0  # the first N reference images (0 = all)
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])  # isc needs torch-fidelity's Inception
+    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    batch_size: int = 64
+    out: str = ""  # metrics.json path ("" = beside samples.npz)
+    save_reference_stats: str = ""  # also write the reference's FID statistics to this .npz
+
+
+def load_samples(path: str | Path) -> tuple[torch.Tensor, Path, dict]:
+    """(uint8 (N, 3, H, W), the samples.npz path, its sampling.json or {})."""
+    path = Path(path)
+    npz = path / "samples.npz" if path.is_dir() else path
+    if not npz.is_file():
+        raise UserError(f"no samples at {path}: give a `simvq sample` output directory or its samples.npz")
+    with np.load(npz, allow_pickle=False) as data:
+        if "images" not in data.files:
+            raise UserError(f"{npz} has no 'images' array (uint8 N x H x W x 3)")
+        images = data["images"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{npz}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    sampling = npz.with_name("sampling.json")
+    meta = json.loads(sampling.read_text()) if sampling.is_file() else {}
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), npz, meta
+
+
+def reference_images(source: str, split: str, resolution: int, max_images: int) -> tuple[torch.Tensor, dict]:
+    """uint8 (N, 3, r, r) reference images at the samples' resolution, and their description."""
+    if source == "emoji":
+        images = load_emoji(split, resolution).images
+    else:
+        dataset = build_image_dataset(source, split, resolution, random_crop=False)
+        count = min(len(dataset), max_images) if max_images else len(dataset)
+        loader = DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=64,
+                            collate_fn=collate_skip_none)
+        images = torch.cat([to_uint8(batch.images) for batch in loader if len(batch.images)])
+    if max_images:
+        images = images[:max_images]
+    return images, {"kind": "images", "source": source, "split": split, "resolution": resolution,
+                    "num_images": len(images), "preprocessing": "bundled area-downsampling" if source == "emoji"
+                    else "shorter side resized (bicubic) and centre-cropped, as stage 1 evaluates"}
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    unknown = sorted(set(cfg.metrics) - set(METRICS))
+    if unknown or not cfg.metrics:
+        raise UserError(f"metrics={cfg.metrics}: choose from {list(METRICS)}")
+    if not cfg.samples:
+        raise UserError("set samples=DIR (a `simvq sample` output directory)")
+    tic = time.time()
+    generated, npz, sampling = load_samples(cfg.samples)
+    resolution = generated.shape[-1]
+    if cfg.reference.endswith(".npz"):
+        reference = load_reference_stats(cfg.reference)
+        described = {"kind": "statistics", "path": str(Path(cfg.reference).resolve()),
+                     "description": reference.get("description", ""), "num_images": reference["num"]}
+    else:
+        reference, described = reference_images(cfg.reference, cfg.reference_split, resolution, cfg.max_reference)
+    wanted = set(cfg.metrics)
+    result = compute_metrics(generated, reference, fid="fid" in wanted, isc="isc" in wanted, kid="kid" in wanted,
+                             prc="prc" in wanted, source=cfg.fid_source, batch_size=cfg.batch_size)
+    if cfg.save_reference_stats:
+        if described["kind"] != "images":
+            raise UserError("save_reference_stats needs reference images, not a statistics file")
+        stats = reference_stats(reference, cfg.fid_source, cfg.batch_size)
+        save_reference_stats(cfg.save_reference_stats, stats, json.dumps(described))
+        described["saved_statistics"] = str(Path(cfg.save_reference_stats).resolve())
+    out = Path(cfg.out) if cfg.out else npz.with_name("metrics.json")
+    report = {
+        **{k: v for k, v in result.items() if k != "provenance"},
+        "samples": {"path": str(npz.resolve()), "num": len(generated), "resolution": resolution,
+                    "generator_fingerprint": sampling.get("generator", {}).get("fingerprint"),
+                    "tokenizer_fingerprint": sampling.get("tokenizer", {}).get("fingerprint")},
+        "reference": {**described, "hash": result["reference_hash"]},
+        "inception": result["provenance"],
+        "config": asdict(cfg), "environment": environment(), "seconds": round(time.time() - tic, 1),
+    }
+    write_json_atomic(out, report)
+    console.print(f"metrics written to {out}")
+    return report
