@@ -1,0 +1,406 @@
+"""`simvq sample`: draw images from a generator (stage 2) and decode them with its tokenizer (stage 1).
+
+Sample i of a run has the global index g = first_index + i, and g alone fixes it: its code draws are the
+uniforms of numpy's default_rng([seed, g]) and its condition is conditions[g mod C] (the requested classes or
+prompts, C of them, round-robin, so any run of consecutive indices is balanced to within one sample). So a
+sample does not depend on the batch size, on the number of processes, or on how a large run is split into
+several calls (first_index=0 num_samples=25000, then first_index=25000 num_samples=25000).
+
+Under torchrun rank r draws the positions r, r + world, ... and rank 0 gathers and writes everything. The
+tokenizer must be the one whose codes the generator learned: its fingerprint is checked against the one the
+generator records. With prefix_image, the top prefix_rows rows of the image's codes are kept and the rest
+generated (image completion).
+
+Writes into `out`: samples.npz (images uint8 NHWC, labels, indices, prompts, codes), grid.png, png/ when
+save_pngs, and sampling.json (every parameter, the seeds rule, fingerprints, counts, environment, time).
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from pipelines.text import TEXT_ENCODER, TextEncoder
+from simvq_common import distributed
+from simvq_common.console import console, progress
+from simvq_common.errors import UserError
+from simvq_common.io import atomic_write, write_json_atomic
+from simvq_common.provenance import environment
+from stage1_tokenizer.data import center_crop_offset, image_to_rgb, resize_shorter_side, to_model_range, to_uint8
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage2_generator.config import GeneratorConfig
+from stage2_generator.model import Generator
+from stage2_generator.sampling import SamplingConfig, generate
+
+SEEDS_RULE = ("sample with global index g: its code draws are uniforms from numpy default_rng([seed, g]), one per "
+              "code position; its condition is conditions[g mod len(conditions)]")
+GRID_MAX_ROWS, GRID_MAX_COLS = 16, 8  # grid.png with several conditions: this many conditions x samples each
+GRID_MAX_SQUARE = 64  # grid.png with one condition (or none): the first this many samples
+NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
+
+
+@dataclass
+class SampleConfig:
+    generator: str = ""  # a generator directory (`simvq train-generator` output)
+    tokenizer: str = ""  # "" = the tokenizer directory the generator records; its fingerprint must match either way
+    out: str = ""  # the output directory
+    classes: list[str] = field(default_factory=list)  # class ids or names; empty = all (class-conditional only)
+    num_samples: int = 0  # total over the conditions, round-robin; 0 = per_class (per_prompt) x their number
+    per_class: int = 8  # class-conditional and unconditional generators (unconditional = one class)
+    prompts: list[str] = field(default_factory=list)  # text-conditional generators: required
+    per_prompt: int = 8
+    prefix_image: str = ""  # an image file whose top prefix_rows rows of codes every sample keeps
+    prefix_rows: int = 0  # in [1, grid rows - 1] when prefix_image is set
+    batch_size: int = 32  # samples per generate call (per process)
+    first_index: int = 0  # the global index of the first sample (sample i has index first_index + i)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    save_pngs: bool = False  # also write png/{index:06d}.png per sample
+    device: str = "auto"  # auto = this process's GPU if there is one, else cpu
+
+
+@dataclass
+class Conditions:
+    """What the samples are conditioned on: sample g gets slot g mod C of each list (C = len(names))."""
+
+    names: list[str]  # the class names, the prompts, or [""] (unconditional)
+    class_ids: list[int]  # the class id of each slot; -1 for text and unconditional
+    prompts: list[str]  # the prompt of each slot; "" for class and unconditional
+    model_input: torch.Tensor | None  # class ids (C,) or prompt embeddings (C, text_dim); None unconditional
+    text_encoder: dict | None = None  # TextEncoder.info when prompts were embedded
+
+    def slots(self, indices: np.ndarray) -> np.ndarray:
+        return indices % len(self.names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and checking what the run needs
+# ------------------------------------------------------------------------------------------------
+
+def _check(cfg: SampleConfig) -> None:
+    if not cfg.generator:
+        raise UserError("set generator=DIR (a directory written by `simvq train-generator`)")
+    if not Path(cfg.generator).is_dir():
+        raise UserError(f"generator directory {cfg.generator} does not exist: pass the output directory of "
+                        f"`simvq train-generator` (the one holding config.yaml and model.safetensors)")
+    if not cfg.out:
+        raise UserError("set out=DIR, the directory to write the samples into")
+    if cfg.num_samples < 0 or cfg.per_class < 0 or cfg.per_prompt < 0 or cfg.first_index < 0 or cfg.batch_size < 1:
+        raise UserError(f"num_samples={cfg.num_samples}, per_class={cfg.per_class}, per_prompt={cfg.per_prompt} and "
+                        f"first_index={cfg.first_index} must be >= 0, batch_size={cfg.batch_size} >= 1")
+    if cfg.prefix_rows and not cfg.prefix_image:
+        raise UserError(f"prefix_rows={cfg.prefix_rows} needs prefix_image=FILE (the image whose top rows are kept)")
+
+
+def _device(name: str) -> torch.device:
+    """Join torchrun's process group if there is one; `auto` = that process's GPU (or cpu)."""
+    device = distributed.init_from_env()
+    if name == "auto":
+        return device
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
+    return device
+
+
+def load_matching_tokenizer(directory: str, generator_dir: str, model_cfg: GeneratorConfig,
+                            device: torch.device) -> tuple[Tokenizer, str]:
+    """The tokenizer (and its directory) whose codes the generator learned; refuses any other."""
+    directory = directory or model_cfg.tokenizer_path
+    if not directory:
+        raise UserError(f"generator {generator_dir} records no tokenizer path: pass tokenizer=DIR (the tokenizer "
+                        f"with fingerprint {model_cfg.tokenizer_fingerprint or '(unrecorded)'})")
+    if not Path(directory).is_dir():
+        raise UserError(f"tokenizer directory {directory} does not exist: pass tokenizer=DIR, a copy of the "
+                        f"tokenizer with fingerprint {model_cfg.tokenizer_fingerprint}")
+    tokenizer = Tokenizer.from_pretrained(directory)
+    found = tokenizer.fingerprint()
+    if found != model_cfg.tokenizer_fingerprint:
+        raise UserError(f"tokenizer {directory} has fingerprint {found}, but generator {generator_dir} learned the "
+                        f"codes of tokenizer {model_cfg.tokenizer_fingerprint or '(unrecorded)'} (recorded path "
+                        f"{model_cfg.tokenizer_path or '(none)'}): pass tokenizer=DIR with that fingerprint")
+    return tokenizer.to(device), directory
+
+
+def resolve_classes(requested: list[str], model_cfg: GeneratorConfig) -> list[int]:
+    """Class ids for `requested` (names, or ids written as numbers); all classes when empty."""
+    if not requested:
+        return list(range(model_cfg.num_classes))
+    by_name = {name: i for i, name in enumerate(model_cfg.class_names)}
+    ids, unknown = [], []
+    for item in requested:
+        if item in by_name:  # a name wins over an id, in case names are numbers
+            ids.append(by_name[item])
+        elif item.isdigit() and int(item) < model_cfg.num_classes:
+            ids.append(int(item))
+        else:
+            unknown.append(item)
+    if unknown:
+        names = model_cfg.class_names
+        valid = (f"names {names[:NAMES_SHOWN]}{f' ... ({len(names)} in all)' if len(names) > NAMES_SHOWN else ''} "
+                 f"or ids 0..{model_cfg.num_classes - 1}" if names else f"ids 0..{model_cfg.num_classes - 1}")
+        raise UserError(f"unknown class(es) {unknown}: the generator's classes are {valid}")
+    return ids
+
+
+def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torch.device) -> Conditions:
+    kind = model_cfg.conditioning
+    described = "unconditional" if kind == "none" else f"{kind}-conditional"
+    if cfg.classes and kind != "class":
+        raise UserError(f"classes={cfg.classes} but the generator is {described}: "
+                        + ("pass prompts=[...] instead" if kind == "text" else "drop classes"))
+    if cfg.prompts and kind != "text":
+        raise UserError(f"prompts={cfg.prompts} but the generator is {described}: "
+                        + ("pass classes=[...] instead" if kind == "class" else "drop prompts"))
+    if kind == "class":
+        ids = resolve_classes(cfg.classes, model_cfg)
+        names = [model_cfg.class_names[i] if i < len(model_cfg.class_names) else str(i) for i in ids]
+        return Conditions(names, ids, [""] * len(ids), torch.tensor(ids, dtype=torch.long, device=device))
+    if kind == "text":
+        if not cfg.prompts:
+            raise UserError("the generator is text-conditional: pass prompts=['a photo of ...', ...]")
+        if model_cfg.text_encoder != TEXT_ENCODER:
+            # another encoder's embeddings live in another space: the generator would read noise
+            raise UserError(f"the generator learned embeddings of text encoder "
+                            f"{model_cfg.text_encoder or '(unrecorded)'}; sampling embeds prompts with "
+                            f"{TEXT_ENCODER}: retrain on a cache pre-tokenized with {TEXT_ENCODER}")
+        encoder = TextEncoder(device)
+        if encoder.info["dim"] != model_cfg.text_dim:
+            raise UserError(f"text encoder {TEXT_ENCODER} gives {encoder.info['dim']}-d embeddings; the generator "
+                            f"expects text_dim={model_cfg.text_dim}")
+        embeddings = torch.from_numpy(encoder(list(cfg.prompts))).to(device)
+        return Conditions(list(cfg.prompts), [-1] * len(cfg.prompts), list(cfg.prompts), embeddings, encoder.info)
+    return Conditions([""], [-1], [""], None)
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """(1, 3, R, R) in [-1, 1]: the shorter side resized to R, then the centre crop (as the evaluation splits)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = image_to_rgb(img)
+    except (OSError, ValueError) as err:  # missing, unreadable or truncated file
+        raise UserError(f"prefix_image {path} cannot be read ({type(err).__name__}: {err}): "
+                        f"pass an image file") from None
+    rgb = resize_shorter_side(rgb, resolution)
+    left, top = center_crop_offset(rgb.width, rgb.height, resolution)
+    pixels = np.array(rgb.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    return to_model_range(torch.from_numpy(pixels).permute(2, 0, 1))[None]
+
+
+@torch.no_grad()
+def prefix_codes(cfg: SampleConfig, model_cfg: GeneratorConfig, tokenizer: Tokenizer,
+                 device: torch.device) -> torch.Tensor | None:
+    """(1, prefix_rows * w) codes: the top rows of the prefix image's codes, in raster order; None without one."""
+    if not cfg.prefix_image:
+        return None
+    rows, cols = model_cfg.grid
+    if not 1 <= cfg.prefix_rows <= rows - 1:
+        raise UserError(f"prefix_rows={cfg.prefix_rows}: set it in [1, {rows - 1}] (the code grid has {rows} rows; "
+                        f"the rest are generated)")
+    if rows != cols:
+        raise UserError(f"prefix_image needs a square code grid (images are centre-cropped); this one is {rows}x{cols}")
+    image = load_image(cfg.prefix_image, rows * tokenizer.downsample_factor).to(device)
+    codes = tokenizer.encode(image)
+    return codes[:, :cfg.prefix_rows].reshape(1, -1).long()
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def draw(generator: Generator, tokenizer: Tokenizer, conditions: Conditions, indices: np.ndarray,
+         sampling: SamplingConfig, batch_size: int, prefix: torch.Tensor | None = None,
+         on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int32 (n, h*w), images uint8 (n, H, W, 3)) of the samples with global indices `indices`."""
+    h, w = generator.cfg.grid
+    codes_out, images_out = [], []
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
+        condition = None
+        if conditions.model_input is not None:
+            slots = torch.from_numpy(conditions.slots(batch)).to(conditions.model_input.device)
+            condition = conditions.model_input[slots]
+        given = None if prefix is None else prefix.expand(len(batch), -1)
+        codes = generate(generator, condition, batch.tolist(), sampling, prefix_codes=given)
+        images = to_uint8(tokenizer.decode(codes.view(len(batch), h, w)).float())
+        codes_out.append(codes.int().cpu().numpy())
+        images_out.append(images.permute(0, 2, 3, 1).cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(batch))
+    if not codes_out:  # this rank got no positions (more processes than samples)
+        size = (h * tokenizer.downsample_factor, w * tokenizer.downsample_factor)
+        return np.zeros((0, h * w), np.int32), np.zeros((0, *size, 3), np.uint8)
+    return np.concatenate(codes_out), np.concatenate(images_out)
+
+
+def merge_rank_parts(parts: list[np.ndarray]) -> np.ndarray:
+    """Rank r's rows are the positions r, r + world, ...: interleave them back into position order."""
+    world = len(parts)
+    merged = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+    for rank, part in enumerate(parts):
+        merged[rank::world] = part
+    return merged
+
+
+def _gather_to_rank0(codes: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's samples, in position order, on rank 0 (None on the others)."""
+    if not distributed.is_distributed():
+        return codes, images
+    gathered = [None] * distributed.world_size() if distributed.rank() == 0 else None
+    dist.gather_object((codes, images), gathered, dst=0)
+    if distributed.rank() != 0:
+        return None
+    return merge_rank_parts([c for c, _ in gathered]), merge_rank_parts([i for _, i in gathered])
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+def grid_rows(labels: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """Each sample's row in grid.png: its condition (label, prompt), numbered by label, then first appearance."""
+    first_seen: dict[tuple[int, str], int] = {}
+    keys = list(zip(labels.tolist(), prompts))
+    for key in keys:
+        first_seen.setdefault(key, len(first_seen))
+    number = {key: i for i, key in enumerate(sorted(first_seen, key=lambda k: (k[0], first_seen[k])))}
+    return np.array([number[key] for key in keys], np.int64)
+
+
+def grid_layout(rows: np.ndarray) -> list[list[int]]:
+    """Positions shown in grid.png, row by row: a row per condition when there are a few, else a square."""
+    num_rows = int(rows.max()) + 1 if len(rows) else 0
+    if 1 < num_rows <= GRID_MAX_ROWS:
+        return [np.flatnonzero(rows == r)[:GRID_MAX_COLS].tolist() for r in range(num_rows)]
+    shown = min(len(rows), GRID_MAX_SQUARE)
+    cols = math.ceil(math.sqrt(shown))
+    return [list(range(start, min(start + cols, shown))) for start in range(0, shown, cols)]
+
+
+def grid_image(images: np.ndarray, layout: list[list[int]]) -> np.ndarray:
+    """The images (N, H, W, 3) at `layout`'s positions on a white canvas."""
+    h, w = images.shape[1:3]
+    canvas = np.full((len(layout) * h, max(map(len, layout)) * w, 3), 255, np.uint8)
+    for r, row in enumerate(layout):
+        for c, position in enumerate(row):
+            canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = images[position]
+    return canvas
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    # format given explicitly: the atomic temporary file's name does not end in .png
+    atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # to a buffer: given a file name, savez would append ".npz" to it
+        tmp.write_bytes(buffer.getvalue())
+
+    atomic_write(path, write)
+
+
+def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels, indices, codes, prompts: list[str],
+                  meta: dict, save_pngs: bool = False) -> Path:
+    """Write samples.npz, grid.png, png/ (save_pngs) and, last, sampling.json (= meta) into `out`.
+
+    images: uint8, numpy (N, H, W, 3) or torch (N, 3, H, W) (to_uint8's layout); labels: class ids (-1 = none);
+    indices: global sample indices; codes: (N, h*w); prompts: N strings ("" = none). sampling.json comes last,
+    so a directory holding it is complete.
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.permute(0, 2, 3, 1).cpu().numpy()
+    labels, indices = np.asarray(labels, np.int64), np.asarray(indices, np.int64)
+    codes, prompts = np.asarray(codes).astype(np.int32), list(prompts)
+    if images.dtype != np.uint8 or not len(images) == len(labels) == len(indices) == len(codes) == len(prompts):
+        raise ValueError(f"write_samples needs uint8 images and one label, index, code row and prompt per image; "
+                         f"got {images.dtype} x {len(images)}, {len(labels)}, {len(indices)}, {len(codes)}, "
+                         f"{len(prompts)}")
+    out = Path(out)
+    write_npz(out / "samples.npz", images=images, labels=labels, indices=indices, prompts=np.array(prompts, str),
+              codes=codes)
+    if len(images):
+        write_png(out / "grid.png", grid_image(images, grid_layout(grid_rows(labels, prompts))))
+    if save_pngs:
+        for index, pixels in zip(indices.tolist(), images):
+            write_png(out / "png" / f"{index:06d}.png", pixels)
+    write_json_atomic(out / "sampling.json", meta)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def sample(cfg: SampleConfig) -> dict:
+    """Draw, decode and write the samples `cfg` describes; returns a summary (out, num_samples, fingerprints)."""
+    started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    _check(cfg)
+    device = _device(cfg.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    generator = Generator.from_pretrained(cfg.generator).to(device)
+    model_cfg = generator.cfg
+    try:
+        cfg.sampling.check(model_cfg.conditioning != "none")
+    except ValueError as err:
+        raise UserError(f"sampling: {err}") from None
+    tokenizer, tokenizer_dir = load_matching_tokenizer(cfg.tokenizer, cfg.generator, model_cfg, device)
+    conditions = build_conditions(cfg, model_cfg, device)
+    prefix = prefix_codes(cfg, model_cfg, tokenizer, device)
+
+    per_condition = cfg.per_prompt if model_cfg.conditioning == "text" else cfg.per_class
+    num_samples = cfg.num_samples or per_condition * len(conditions.names)
+    if num_samples < 1:
+        raise UserError("nothing to sample: set num_samples (or per_class / per_prompt) >= 1")
+    indices = cfg.first_index + np.arange(num_samples, dtype=np.int64)
+    mine = indices[rank::world]  # any split gives the same samples: each depends on its index alone
+    with progress(disable=rank != 0) as bar, \
+            torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
+        codes, images = draw(generator, tokenizer, conditions, mine, cfg.sampling, cfg.batch_size, prefix,
+                             on_batch=lambda n: bar.advance(task, n))
+    gathered = _gather_to_rank0(codes, images)
+    summary = {"out": str(cfg.out), "num_samples": num_samples, "generator_fingerprint": generator.fingerprint(),
+               "tokenizer_fingerprint": model_cfg.tokenizer_fingerprint}
+    if gathered is None:
+        return summary
+    codes, images = gathered
+
+    slots = conditions.slots(indices)
+    is_class = model_cfg.conditioning == "class"
+    meta = {
+        "command": "simvq " + shlex.join(sys.argv[1:]),
+        "config": asdict(cfg),
+        "seeds": SEEDS_RULE,
+        "generator": {"path": str(Path(cfg.generator).resolve()), "fingerprint": summary["generator_fingerprint"],
+                      "size": model_cfg.size, "conditioning": model_cfg.conditioning, "grid": list(model_cfg.grid),
+                      "codebook_size": model_cfg.codebook_size},
+        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "fingerprint": tokenizer.fingerprint()},
+        "classes": {"ids": conditions.class_ids, "names": conditions.names} if is_class else None,
+        "text_encoder": conditions.text_encoder,  # the prompts are config.prompts
+        "prefix": None if prefix is None else {"image": str(Path(cfg.prefix_image).resolve()),
+                                               "rows": cfg.prefix_rows, "codes": prefix[0].tolist()},
+        "counts": {"num_samples": num_samples, "first_index": int(indices[0]), "last_index": int(indices[-1]),
+                   "per_condition": np.bincount(slots, minlength=len(conditions.names)).tolist(),
+                   "image_size": list(images.shape[1:3]), "world_size": world, "batch_size": cfg.batch_size},
+        "environment": environment(),
+        "started": started_at.isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - start,  # loading, sampling and decoding; writing the files not included
+    }
+    write_samples(cfg.out, images, labels=np.array(conditions.class_ids, np.int64)[slots], indices=indices,
+                  codes=codes, prompts=[conditions.prompts[s] for s in slots], meta=meta, save_pngs=cfg.save_pngs)
+    console.print(f"{num_samples} samples ({len(conditions.names)} condition(s)) in {meta['seconds']:.1f} s -> "
+                  f"{cfg.out}")
+    return summary

@@ -1,0 +1,228 @@
+"""`simvq sample`: the written images are the tokenizer's decoding of `generate`'s codes, bit for bit; classes
+are balanced; a sample depends on its index alone (not the batch size, the split into calls or the process
+count); a prefix image's top code rows are kept; a foreign tokenizer, unknown classes and misplaced conditions
+are refused."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.sample import (SEEDS_RULE, Conditions, SampleConfig, draw, grid_layout, merge_rank_parts, sample,
+                              write_samples)
+from pipelines.text import TEXT_ENCODER, TextEncoder
+from simvq_common.errors import UserError
+from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
+from stage1_tokenizer.data import ImageFolderDataset
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage2_generator.config import GeneratorConfig
+from stage2_generator.model import Generator
+from stage2_generator.sampling import SamplingConfig, generate
+
+K, GRID, PIXELS = 64, [4, 4], 8  # the tiny tokenizer downsamples by 2: 4 x 4 codes <-> 8 x 8 px
+CLASS_NAMES = ["ant", "bee", "cat"]
+
+
+def tiny_tokenizer(seed: int) -> Tokenizer:
+    torch.manual_seed(seed)
+    return Tokenizer(TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
+                                                       norm_groups=4),
+                                     QuantizerConfig(kind="simvq", codebook_size=K))).eval()
+
+
+def random_generator(conditioning: str, tokenizer: Tokenizer, tokenizer_dir, **kw) -> Generator:
+    torch.manual_seed(1)
+    cfg = GeneratorConfig(size="nano", conditioning=conditioning, codebook_size=K, grid=list(GRID),
+                          num_classes=len(CLASS_NAMES) if conditioning == "class" else 0,
+                          class_names=CLASS_NAMES if conditioning == "class" else [],
+                          tokenizer_path=str(tokenizer_dir), tokenizer_fingerprint=tokenizer.fingerprint(), **kw)
+    model = Generator(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # every weight random: the head is zero-initialised otherwise
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = tiny_tokenizer(0)
+    tokenizer.save_pretrained(root / "tokenizer")
+    tiny_tokenizer(1).save_pretrained(root / "other_tokenizer")
+    made = {"root": root, "tokenizer": root / "tokenizer", "other_tokenizer": root / "other_tokenizer"}
+    for name, conditioning, kw in [("class", "class", {}), ("none", "none", {}),
+                                   ("text", "text", {"text_dim": 384, "text_encoder": TEXT_ENCODER}),
+                                   ("text_other", "text", {"text_dim": 384, "text_encoder": "someone/else"})]:
+        random_generator(conditioning, tokenizer, root / "tokenizer", **kw).save_pretrained(root / name)
+        made[name] = root / name
+    return made
+
+
+def run(dirs, out, generator="class", **kw) -> tuple[dict, dict]:
+    summary = sample(SampleConfig(generator=str(dirs[generator]), out=str(out), **kw))
+    with np.load(out / "samples.npz") as data:
+        return summary, {key: data[key] for key in data.files}
+
+
+def by_hand(dirs, generator, condition, indices, sampling, prefix=None):
+    """The definition: generate's codes, decoded, round((x + 1) * 127.5) clamped, NHWC."""
+    model = Generator.from_pretrained(dirs[generator])
+    tokenizer = Tokenizer.from_pretrained(dirs["tokenizer"])
+    codes = generate(model, condition, list(indices), sampling, prefix_codes=prefix)
+    x = tokenizer.decode(codes.view(len(indices), *GRID))
+    images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return codes.numpy(), images
+
+
+def test_images_are_the_decoded_codes_of_generate(dirs, tmp_path, one_thread):
+    sampling = SamplingConfig(guidance_scale=2.0, temperature=0.9, top_k=40, seed=7)
+    summary, got = run(dirs, tmp_path, num_samples=7, batch_size=3, first_index=2, sampling=sampling, save_pngs=True)
+    indices = np.arange(2, 9)
+    labels = indices % 3  # all classes, round-robin by global index
+    codes, images = by_hand(dirs, "class", torch.from_numpy(labels), indices, sampling)
+    assert got["images"].dtype == np.uint8 and got["images"].shape == (7, PIXELS, PIXELS, 3)
+    np.testing.assert_array_equal(got["images"], images)
+    np.testing.assert_array_equal(got["codes"], codes)
+    assert got["codes"].dtype == np.int32
+    np.testing.assert_array_equal(got["labels"], labels)
+    np.testing.assert_array_equal(got["indices"], indices)
+    assert got["labels"].dtype == got["indices"].dtype == np.int64
+    assert got["prompts"].tolist() == [""] * 7
+    assert len(np.unique(got["images"].reshape(7, -1), axis=0)) == 7  # the samples do differ
+
+    # one PNG per sample, the same pixels; the grid has a row per class (indices 3, 6 | 4, 7 | 2, 5, 8)
+    for i, index in enumerate(indices):
+        np.testing.assert_array_equal(np.array(Image.open(tmp_path / "png" / f"{index:06d}.png")), images[i])
+    grid = np.array(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (3 * PIXELS, 3 * PIXELS, 3)
+    np.testing.assert_array_equal(grid[2 * PIXELS:, 2 * PIXELS:], images[6])  # row "cat" (2): indices 2, 5, 8
+    np.testing.assert_array_equal(grid[:PIXELS, 2 * PIXELS:], 255)  # row "ant" has 2 samples: white padding
+
+    record = json.loads((tmp_path / "sampling.json").read_text())
+    tokenizer_fp = Tokenizer.from_pretrained(dirs["tokenizer"]).fingerprint()
+    generator_fp = Generator.from_pretrained(dirs["class"]).fingerprint()
+    assert summary == {"out": str(tmp_path), "num_samples": 7, "generator_fingerprint": generator_fp,
+                       "tokenizer_fingerprint": tokenizer_fp}
+    assert record["seeds"] == SEEDS_RULE and "default_rng([seed, g])" in record["seeds"]
+    assert record["config"]["sampling"] == {"guidance_scale": 2.0, "guidance_schedule": "constant",
+                                            "temperature": 0.9, "top_k": 40, "top_p": 1.0, "seed": 7}
+    assert record["tokenizer"] == {"path": str(dirs["tokenizer"].resolve()), "fingerprint": tokenizer_fp}
+    assert record["generator"]["fingerprint"] == generator_fp
+    assert record["classes"] == {"ids": [0, 1, 2], "names": CLASS_NAMES}
+    assert record["counts"]["per_condition"] == [2, 2, 3] and record["counts"]["num_samples"] == 7
+    assert record["environment"]["torch"] == torch.__version__ and record["seconds"] > 0
+
+
+def test_classes_by_name_or_id_are_balanced(dirs, tmp_path, one_thread):
+    _, got = run(dirs, tmp_path / "a", classes=["cat", "0"], num_samples=9, first_index=5, batch_size=9)
+    # index g gets classes[g mod 2]: 5 -> 0 (ant), 6 -> 2 (cat), ...
+    assert got["labels"].tolist() == [0, 2, 0, 2, 0, 2, 0, 2, 0]
+    _, got = run(dirs, tmp_path / "b", num_samples=10, batch_size=10)
+    assert np.bincount(got["labels"]).tolist() == [4, 3, 3]
+    _, got = run(dirs, tmp_path / "c", per_class=2, batch_size=10)  # num_samples=0: per_class x all classes
+    assert np.bincount(got["labels"]).tolist() == [2, 2, 2]
+
+
+def test_a_sample_depends_on_its_index_only(dirs, tmp_path, one_thread):
+    sampling = SamplingConfig(temperature=1.2, seed=3)
+    _, whole = run(dirs, tmp_path / "whole", num_samples=6, batch_size=4, sampling=sampling)
+    _, head = run(dirs, tmp_path / "head", num_samples=4, batch_size=3, sampling=sampling)
+    _, tail = run(dirs, tmp_path / "tail", num_samples=2, first_index=4, batch_size=1, sampling=sampling)
+    for key in ("images", "codes", "labels", "indices"):
+        np.testing.assert_array_equal(whole[key], np.concatenate([head[key], tail[key]]))
+
+    # two processes: rank r draws positions r, r + 2, ...; rank 0 interleaves them back
+    model = Generator.from_pretrained(dirs["class"])
+    tokenizer = Tokenizer.from_pretrained(dirs["tokenizer"])
+    conditions = Conditions(CLASS_NAMES, [0, 1, 2], [""] * 3, torch.arange(3))
+    indices = np.arange(6)
+    parts = [draw(model, tokenizer, conditions, indices[r::2], sampling, batch_size=2) for r in range(2)]
+    np.testing.assert_array_equal(merge_rank_parts([codes for codes, _ in parts]), whole["codes"])
+    np.testing.assert_array_equal(merge_rank_parts([images for _, images in parts]), whole["images"])
+    assert "".join(merge_rank_parts([np.array(["a", "d"]), np.array(["b", "e"]), np.array(["c"])])) == "abcde"
+
+
+def test_a_tokenizer_with_another_fingerprint_is_refused(dirs, tmp_path):
+    want = Tokenizer.from_pretrained(dirs["tokenizer"]).fingerprint()
+    other = Tokenizer.from_pretrained(dirs["other_tokenizer"]).fingerprint()
+    assert want != other
+    with pytest.raises(UserError, match=f"{other}.*{want}"):
+        sample(SampleConfig(generator=str(dirs["class"]), tokenizer=str(dirs["other_tokenizer"]), out=str(tmp_path)))
+    assert not (tmp_path / "samples.npz").exists()
+
+
+def test_prefix_rows_are_the_prefix_images_codes(dirs, tmp_path, one_thread):
+    # a 12 x 10 image: the shorter side resized to 8 px (9 x 8), then the centre 8 x 8 crop
+    folder = tmp_path / "prefix"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "image.png")
+    tokenizer = Tokenizer.from_pretrained(dirs["tokenizer"])
+    image, _ = ImageFolderDataset(folder, PIXELS, train=False).load(0)  # the evaluation splits' convention
+    top_rows = tokenizer.encode(image[None])[:, :2].reshape(1, -1)  # 2 rows x 4 codes
+
+    sampling = SamplingConfig(seed=4)
+    _, got = run(dirs, tmp_path / "out", num_samples=5, batch_size=2, prefix_image=str(folder / "image.png"),
+                 prefix_rows=2, sampling=sampling)
+    np.testing.assert_array_equal(got["codes"][:, :8], top_rows.expand(5, -1).numpy())
+    assert len(np.unique(got["codes"][:, 8:], axis=0)) > 1  # the rest is generated
+    codes, images = by_hand(dirs, "class", torch.arange(5) % 3, range(5), sampling, prefix=top_rows.expand(5, -1))
+    np.testing.assert_array_equal(got["codes"], codes)
+    np.testing.assert_array_equal(got["images"], images)
+    record = json.loads((tmp_path / "out" / "sampling.json").read_text())
+    assert record["prefix"]["rows"] == 2 and record["prefix"]["codes"] == top_rows[0].tolist()
+
+    for rows in (0, 4):
+        with pytest.raises(UserError, match=r"prefix_rows=.*\[1, 3\]"):
+            run(dirs, tmp_path / "bad", prefix_image=str(folder / "image.png"), prefix_rows=rows)
+
+
+@pytest.mark.parametrize("generator, kw, message", [
+    ("class", {"classes": ["zebra", "1"]}, r"\['zebra'\].*\['ant', 'bee', 'cat'\]"),
+    ("class", {"prompts": ["a cat"]}, "class-conditional: pass classes"),
+    ("none", {"classes": ["0"]}, "unconditional: drop classes"),
+    ("text", {"classes": ["0"]}, "text-conditional: pass prompts"),
+    ("text", {}, "pass prompts="),
+    ("text_other", {"prompts": ["a cat"]}, f"someone/else.*{TEXT_ENCODER}"),
+    ("none", {"sampling": SamplingConfig(guidance_scale=2.0)}, "guidance needs a conditional generator"),
+    ("missing", {}, "generator directory .*missing does not exist"),
+])
+def test_misplaced_requests_are_refused(dirs, tmp_path, generator, kw, message):
+    directory = dirs.get(generator, dirs["root"] / generator)
+    with pytest.raises(UserError, match=message):
+        sample(SampleConfig(generator=str(directory), out=str(tmp_path), **kw))
+
+
+def test_unconditional_samples_form_a_square_grid(dirs, tmp_path, one_thread):
+    _, got = run(dirs, tmp_path, generator="none", num_samples=5)
+    assert got["labels"].tolist() == [-1] * 5
+    assert np.array(Image.open(tmp_path / "grid.png")).shape == (2 * PIXELS, 3 * PIXELS, 3)  # 3 + 2 (+ 1 white)
+    assert grid_layout(np.zeros(5, np.int64)) == [[0, 1, 2], [3, 4]]
+
+
+def test_write_samples_takes_the_tokenizers_nchw_tensors(tmp_path):
+    """The baseline writes its samples through write_samples with to_uint8's (N, 3, H, W) tensors."""
+    images = torch.randint(0, 256, (4, 3, PIXELS, PIXELS), dtype=torch.uint8)
+    write_samples(tmp_path, images, labels=[2, 0, 2, 1], indices=range(4), codes=torch.zeros(4, 16, dtype=torch.long),
+                  prompts=[""] * 4, meta={"kind": "test"})
+    with np.load(tmp_path / "samples.npz") as got:
+        np.testing.assert_array_equal(got["images"], images.permute(0, 2, 3, 1).numpy())
+        assert got["codes"].dtype == np.int32 and got["labels"].tolist() == [2, 0, 2, 1]
+    assert json.loads((tmp_path / "sampling.json").read_text()) == {"kind": "test"}
+    grid = np.array(Image.open(tmp_path / "grid.png"))  # rows by class: [1], [3], [0, 2]
+    np.testing.assert_array_equal(grid[2 * PIXELS:, PIXELS:], images[2].permute(1, 2, 0).numpy())
+    np.testing.assert_array_equal(grid[:PIXELS, PIXELS:], 255)
+
+
+def test_prompts_condition_a_text_generator(dirs, tmp_path, one_thread):
+    prompts = ["a red circle", "a blue square"]
+    sampling = SamplingConfig(guidance_scale=1.5, seed=2)
+    _, got = run(dirs, tmp_path, generator="text", prompts=prompts, per_prompt=2, batch_size=3, sampling=sampling)
+    assert got["prompts"].tolist() == prompts * 2 and got["labels"].tolist() == [-1] * 4
+    embeddings = torch.from_numpy(TextEncoder(torch.device("cpu"))(prompts))
+    codes, images = by_hand(dirs, "text", embeddings[torch.arange(4) % 2], range(4), sampling)
+    np.testing.assert_array_equal(got["codes"], codes)
+    np.testing.assert_array_equal(got["images"], images)
+    record = json.loads((tmp_path / "sampling.json").read_text())
+    assert record["text_encoder"]["name"] == TEXT_ENCODER and record["config"]["prompts"] == prompts
