@@ -34,6 +34,9 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(BIN)/python benchmarks/bench_pretokenize.py
 	$(BIN)/python benchmarks/bench_cache_loader.py
+	$(BIN)/python benchmarks/bench_generator_loss.py
+	$(BIN)/python benchmarks/bench_sampling.py
+	$(BIN)/python benchmarks/bench_generator_train.py
 
 results: $(INSTALLED)
 	$(BIN)/simvq collapse-study -c configs/study/collapse.yaml
