@@ -74,6 +74,16 @@ def _train_generator(args: argparse.Namespace) -> None:
         console.print(f"[green]done[/]: generator (consolidated fp32 weights + config) in {out}")
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from pipelines.sample import SampleConfig, sample
+    from simvq_common.distributed import rank
+
+    s = sample(load_config(SampleConfig, args.config, command_overrides(args)))
+    if rank() == 0:
+        console.print(f"[green]done[/]: {s['num_samples']} samples in {s['out']} (generator "
+                      f"{s['generator_fingerprint']}, tokenizer {s['tokenizer_fingerprint']})")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from rich.table import Table
 
@@ -87,6 +97,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         table.add_column(name, justify="right")
     table.add_row(*(f"{result[k]:.4g}" for k in names))
     console.print(table)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pipelines.run import PipelineConfig, run_pipeline
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])
+    run_pipeline(cfg)
 
 
 def _verify_cache(args: argparse.Namespace) -> None:
@@ -138,10 +156,20 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
                         "train an autoregressive generator (stage 2) on a code cache with DeepSpeed (ZeRO stage from "
                         "run.deepspeed); resumes from the run's latest checkpoint; run under the deepspeed launcher "
                         "or torchrun for several processes or nodes", True),
+    "sample": (_sample,
+               "draw samples from a generator (class ids or names, text prompts, or an image prefix) and decode "
+               "them with its tokenizer into samples.npz, grid.png and sampling.json; seeds follow each sample's "
+               "global index; run under torchrun for several processes (e.g. --generator DIR --out DIR "
+               "num_samples=64 sampling.guidance_scale=2)", True),
     "evaluate": (_evaluate,
                  "FID, IS, KID and precision/recall of samples (a `simvq sample` directory) against a reference "
                  "(reference=emoji, an image folder, or saved statistics .npz), written to metrics.json with "
                  "the suite, Inception weights hash, resize, counts and reference", True),
+    "run": (_run,
+            "the whole system from one config: tokenizer, pre-tokenization, generators, samples, FID against "
+            "the val split beside a unigram baseline and the tokenizer's rFID, and report.md; a stage whose "
+            "inputs are unchanged is skipped, an interrupted one resumed (e.g. -c configs/pipeline/emoji32_demo.yaml)",
+            True),
     "verify-cache": (_verify_cache,
                      "check a code cache (checksums, counts, codes < K) and decode a few sequences into a PNG grid "
                      "with the tokenizer it records", True),
@@ -150,7 +178,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
 # them win), and the key its positional argument sets.
 FLAG_KEYS: dict[str, tuple[str, ...]] = {"pretokenize": ("tokenizer", "data", "out", "aug"),
-                                         "verify-cache": ("tokenizer",), "evaluate": ("reference",)}
+                                         "verify-cache": ("tokenizer",), "evaluate": ("reference",),
+                                         "sample": ("generator", "tokenizer", "out")}
 POSITIONAL_KEY: dict[str, str] = {"verify-cache": "cache", "evaluate": "samples"}
 
 

@@ -318,6 +318,7 @@ class GeneratorTrainer:
                                   global_batch=global_batch, tokens_per_step=tokens_per_step,
                                   tokens_per_s=steps_timed * tokens_per_step / elapsed, epoch=self.loader.epoch)
                     tic, steps_timed = time.perf_counter(), 0
+                paused = time.perf_counter()  # validation and checkpoints stay out of tokens/s
                 if self.val_cache is not None and (self.step % run.val_every == 0 or self.step == run.steps):
                     record.update(self.validate())
                 if record and rank() == 0:
@@ -326,6 +327,7 @@ class GeneratorTrainer:
                                                                     if "val_loss" in record else ""))
                 if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                     self.save()
+                tic += time.perf_counter() - paused
                 bar.update(task, completed=self.step)
         return self.export()
 

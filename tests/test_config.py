@@ -61,10 +61,12 @@ def _schema_for(path):
     from stage1_tokenizer.collapse_study import CollapseStudyConfig
     from stage1_tokenizer.comparison import TokenizerComparisonConfig
     from stage1_tokenizer.config import TokenizerTrainConfig
+    from pipelines.run import PipelineConfig
     from stage2_generator.config import GeneratorTrainConfig
 
     schemas = {"study/collapse": CollapseStudyConfig, "study/tokenizers": TokenizerComparisonConfig,
-               "tokenizer/": TokenizerTrainConfig, "generator/": GeneratorTrainConfig}
+               "tokenizer/": TokenizerTrainConfig, "generator/": GeneratorTrainConfig,
+               "pipeline/": PipelineConfig}
     matches = [schema for prefix, schema in schemas.items() if f"configs/{prefix}" in path.as_posix()]
     assert len(matches) == 1, f"{path}: no schema known for this config; add it to this test"
     return matches[0]

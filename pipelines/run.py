@@ -1,0 +1,263 @@
+"""`simvq run`: the whole system from one config, each stage skipped when its inputs are unchanged.
+
+Stages, in order (each an ordinary run of the stage's own job, in a folder of `out_dir`):
+
+    tokenizer        train the SimVQ tokenizer                          tokenizer/ (run dir; tokenizer/tokenizer)
+    tokenizer-eval   rFID, PSNR, SSIM, LPIPS, usage on the val split    tokenizer/tokenizer/eval.json
+    cache-train      pre-tokenize the train split (with its views)      cache_train/
+    cache-val        pre-tokenize the val split (no views)              cache_val/
+    generator-NAME   train each generator on the caches                 generator_NAME/ (run dir; .../generator)
+    samples-NAME     class-balanced (or caption-conditioned) samples    samples_NAME/
+    eval-NAME        FID / KID / precision-recall against val           samples_NAME/metrics.json
+    baseline         unigram codes decoded by the tokenizer, evaluated  baseline/
+    report           report.md, report.json, grids, curves (always rebuilt)
+
+A stage's identity is a hash of what determines its output: its config and the fingerprints of the
+artifacts it reads. `stages/NAME.json` records the identity when the stage starts and its result when it
+ends. A finished stage with the same identity is skipped; an unfinished one is resumed (the trainers and
+pre-tokenization resume from their own checkpoints); a stage whose identity changed is started afresh
+(its folder removed), and so is everything downstream, because their identities hold its fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from simvq_common.config import load_config, to_yaml
+from simvq_common.console import console
+from simvq_common.io import write_json_atomic
+from stage1_tokenizer.config import TokenizerTrainConfig
+from stage1_tokenizer.data import load_emoji, to_uint8
+from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.train import train_tokenizer
+from stage2_generator.cache import CodeCache
+from stage2_generator.config import GeneratorTrainConfig
+from stage2_generator.model import Generator
+from stage2_generator.sampling import SamplingConfig
+from stage2_generator.train import train_generator
+
+from .baseline import code_frequencies, unigram_codes
+from .evaluate import EvaluateConfig, evaluate
+from .pretokenize import PretokenizeConfig, pretokenize
+from .report import write_report
+from .sample import SampleConfig, sample, write_samples
+
+
+@dataclass
+class GeneratorStage:
+    name: str = "class"
+    config: str = "configs/generator/emoji32_class_tiny_cpu.yaml"
+    overrides: list[str] = field(default_factory=list)  # data.cache / val_cache / run.out_dir are set by the run
+    prompts: list[str] = field(default_factory=list)  # text generators: prompts shown in the report's grid
+
+
+@dataclass
+class PipelineConfig:
+    """One file describes the whole experiment (configs/pipeline/*.yaml)."""
+
+    out_dir: str = "runs/pipeline"
+    data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
+    resolution: int = 32
+    tokenizer: str = "configs/tokenizer/emoji32_simvq_8k_cpu.yaml"  # a stage-1 training config
+    tokenizer_overrides: list[str] = field(default_factory=list)
+    aug: str = "flip"  # pre-tokenization views of the train split: none | flip | tencrop
+    max_images: int = 0  # the first N train images (0 = all): for quick runs
+    pretokenize_batch_size: int = 64
+    generators: list[GeneratorStage] = field(default_factory=lambda: [GeneratorStage()])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sample_batch_size: int = 64
+    fid_samples: int = 0  # samples per generator for FID (0 = as many as the val split has images)
+    grid_per_class: int = 8  # samples per class / per prompt in the report's grids
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
+    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    max_reference: int = 0  # val images used as the reference (0 = all)
+    eval_perceptual: str = "auto"  # LPIPS backend of the tokenizer evaluation
+    baseline: bool = True  # the unigram-codes baseline
+    command: str = ""
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Runs stages in `out_dir`, skipping finished ones whose identity is unchanged (see the module doc)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir, self.records = out_dir, out_dir / "stages"
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, identity: dict, folder: Path | None, work: Callable[[], dict]) -> dict:
+        path, key = self.records / f"{name}.json", identity_hash(identity)
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record and record["identity"] == key and "result" in record:
+            console.print(f"[dim]{name}: unchanged, skipped (identity {key})[/]")
+            self.timings[name] = record.get("seconds", 0.0)
+            return record["result"]
+        if record and record["identity"] != key and folder is not None and folder.exists():
+            console.print(f"[yellow]{name}[/]: inputs changed ({record['identity']} -> {key}): starting it afresh")
+            shutil.rmtree(folder)
+        elif record and folder is not None and folder.exists():
+            console.print(f"[bold]{name}[/]: resuming")
+        else:
+            console.print(f"[bold]{name}[/]: running")
+        write_json_atomic(path, {"identity": key, "inputs": identity, "started": time.time()})
+        tic = time.time()
+        result = work()
+        self.timings[name] = round(time.time() - tic, 1)
+        write_json_atomic(path, {"identity": key, "inputs": identity, "seconds": self.timings[name], "result": result})
+        return result
+
+
+def tokenizer_config(cfg: PipelineConfig) -> TokenizerTrainConfig:
+    out = Path(cfg.out_dir) / "tokenizer"
+    tok = load_config(TokenizerTrainConfig, cfg.tokenizer, [*cfg.tokenizer_overrides, f"run.out_dir={out}"])
+    if tok.data.source != cfg.data or tok.data.resolution != cfg.resolution:
+        tok = replace(tok, data=replace(tok.data, source=cfg.data, resolution=cfg.resolution))
+    return tok
+
+
+def generator_config(cfg: PipelineConfig, stage: GeneratorStage, caches: dict[str, Path]) -> GeneratorTrainConfig:
+    return load_config(GeneratorTrainConfig, stage.config, [
+        *stage.overrides, f"data.cache={caches['train']}", f"data.val_cache={caches['val']}",
+        f"run.out_dir={Path(cfg.out_dir) / f'generator_{stage.name}'}"])
+
+
+def samples_hash(npz: Path) -> str:
+    """The samples' identity: their pixels (an .npz file's bytes also hold zip timestamps)."""
+    with np.load(npz, allow_pickle=False) as data:
+        return hashlib.sha256(np.ascontiguousarray(data["images"]).tobytes()).hexdigest()[:16]
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    stages = Stages(out)
+    names = [g.name for g in cfg.generators]
+    if len(set(names)) != len(names):
+        raise ValueError(f"generator names must be unique, got {names}")
+
+    # stage 1: the tokenizer and its reconstruction metrics (the floor under every generator's FID)
+    tok_cfg = tokenizer_config(cfg)
+
+    def train_tok() -> dict:
+        path = train_tokenizer(tok_cfg)
+        return {"path": str(path), "fingerprint": Tokenizer.from_pretrained(path).fingerprint()}
+    tok = stages.run("tokenizer", {"config": to_yaml(tok_cfg)}, out / "tokenizer", train_tok)
+    tok_eval = stages.run(
+        "tokenizer-eval", {"tokenizer": tok["fingerprint"], "fid_source": cfg.fid_source,
+                           "perceptual": cfg.eval_perceptual, "split": "val", "resolution": cfg.resolution}, None,
+        lambda: evaluate_tokenizer(TokenizerEvalConfig(
+            tokenizer=tok["path"], data=cfg.data, split="val", resolution=cfg.resolution,
+            perceptual=cfg.eval_perceptual, fid_source=cfg.fid_source, max_images=cfg.max_reference)))
+
+    # pre-tokenization: text embeddings when any generator is text-conditioned
+    gen_cfgs = {g.name: generator_config(cfg, g, {"train": out / "cache_train", "val": out / "cache_val"})
+                for g in cfg.generators}
+    text = any(c.model.conditioning == "text" for c in gen_cfgs.values())
+    caches = {}
+    for split, aug in (("train", cfg.aug), ("val", "none")):
+        cache_cfg = PretokenizeConfig(tokenizer=tok["path"], data=cfg.data, split=split, resolution=cfg.resolution,
+                                      out=str(out / f"cache_{split}"), aug=aug, text_embeddings=text,
+                                      max_images=cfg.max_images if split == "train" else cfg.max_reference,
+                                      batch_size=cfg.pretokenize_batch_size, num_workers=0)
+        caches[split] = stages.run(
+            f"cache-{split}", {"tokenizer": tok["fingerprint"], **{k: v for k, v in asdict(cache_cfg).items()
+                                                                 if k not in ("tokenizer", "out")}},
+            out / f"cache_{split}",
+            lambda c=cache_cfg: {"path": str(pretokenize(c)), "fingerprint": CodeCache(c.out).fingerprint,
+                                 "sequences": len(CodeCache(c.out))})
+    fid_samples = cfg.fid_samples or caches["val"]["sequences"]  # as many as the reference has images
+    eval_base = dict(reference=cfg.data, reference_split="val", max_reference=cfg.max_reference,
+                     metrics=list(cfg.metrics), fid_source=cfg.fid_source)
+
+    def evaluated(name: str, samples: dict) -> dict:
+        npz = Path(samples["path"]) / "samples.npz"
+        return stages.run(f"eval-{name}", {"samples": samples_hash(npz), **eval_base}, None,
+                          lambda: evaluate(EvaluateConfig(samples=str(npz), **eval_base)))
+
+    # stage 2: each generator, its samples and their metrics
+    generators = {}
+    for stage in cfg.generators:
+        gen_cfg = gen_cfgs[stage.name]
+        gen = stages.run(
+            f"generator-{stage.name}",
+            {"config": to_yaml(gen_cfg), "cache_train": caches["train"]["fingerprint"],
+             "cache_val": caches["val"]["fingerprint"]},
+            Path(gen_cfg.run.out_dir),
+            lambda c=gen_cfg: (lambda path: {"path": str(path),
+                                             "fingerprint": Generator.from_pretrained(path).fingerprint()})(
+                train_generator(c)))
+        samples = stages.run(
+            f"samples-{stage.name}",
+            {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
+             "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts},
+            out / f"samples_{stage.name}",
+            lambda g=gen, s=stage, c=gen_cfg: draw_samples(cfg, g["path"], c, s, fid_samples,
+                                                           out / f"samples_{s.name}"))
+        generators[stage.name] = {"generator": gen, "samples": samples, "metrics": evaluated(stage.name, samples),
+                                  "run_dir": gen_cfg.run.out_dir, "conditioning": gen_cfg.model.conditioning,
+                                  "size": gen_cfg.model.size, "steps": gen_cfg.run.steps}
+
+    baseline = None
+    if cfg.baseline:
+        samples = stages.run(
+            "baseline", {"tokenizer": tok["fingerprint"], "cache": caches["train"]["fingerprint"],
+                         "num": fid_samples, "seed": cfg.sampling.seed}, out / "baseline",
+            lambda: baseline_samples(tok["path"], caches["train"]["path"], fid_samples, cfg.sampling.seed,
+                                     out / "baseline"))
+        baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
+
+    result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
+              "caches": caches, "generators": generators, "baseline": baseline, "timings": stages.timings}
+    write_report(out, result)
+    console.print(f"[green]done[/]: {out / 'report.md'}")
+    return result
+
+
+def draw_samples(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
+                 num: int, folder: Path) -> dict:
+    """FID samples (class-balanced, or conditioned on the val captions for text) plus the report's grid samples."""
+    common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=cfg.sampling, save_pngs=False)
+    if gen_cfg.model.conditioning == "text":
+        captions = load_emoji("val", cfg.resolution).captions if cfg.data == "emoji" else []
+        if not captions:
+            raise ValueError("text generators are evaluated on the val captions: only the bundled emoji has them")
+        captions = [captions[i % len(captions)] for i in range(num)]
+        fid = sample(SampleConfig(out=str(folder), prompts=captions, per_prompt=1, **common))
+        grid = sample(SampleConfig(out=str(folder / "grid"), prompts=stage.prompts or captions[:8],
+                                   per_prompt=cfg.grid_per_class, first_index=num, **common)) if stage.prompts else None
+    elif gen_cfg.model.conditioning == "class":
+        fid = sample(SampleConfig(out=str(folder), num_samples=num, **common))
+        grid = sample(SampleConfig(out=str(folder / "grid"), per_class=cfg.grid_per_class, first_index=num,
+                                   **common))
+    else:
+        fid = sample(SampleConfig(out=str(folder), num_samples=num, **common))
+        grid = None
+    return {"path": str(folder), "num": num, "grid": str(folder / "grid" / "grid.png") if grid else
+            str(folder / "grid.png"), "summary": fid}
+
+
+@torch.no_grad()
+def baseline_samples(tokenizer_dir: str, cache_dir: str, num: int, seed: int, folder: Path) -> dict:
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    cache = CodeCache(cache_dir)
+    codes = unigram_codes(code_frequencies(cache), num, cache.sequence_length, seed)
+    images = torch.cat([to_uint8(tokenizer.decode(chunk.view(-1, *cache.grid)))
+                        for chunk in codes.split(64)])
+    write_samples(folder, images, labels=np.full(num, -1), indices=np.arange(num), codes=codes.numpy(),
+                  prompts=[""] * num, meta={"kind": "unigram baseline: every code drawn independently from the "
+                                            "train cache's code frequencies", "seed": seed,
+                                            "cache": cache.fingerprint,
+                                            "tokenizer": {"path": tokenizer_dir, "fingerprint": tokenizer.fingerprint()}})
+    return {"path": str(folder), "num": num, "grid": str(folder / "grid.png")}
