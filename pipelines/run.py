@@ -33,6 +33,7 @@ import torch
 
 from simvq_common.config import load_config, to_yaml
 from simvq_common.console import console
+from simvq_common.distributed import barrier, broadcast_object, init_from_env, rank
 from simvq_common.io import write_json_atomic
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.data import load_emoji, to_uint8
@@ -90,31 +91,42 @@ def identity_hash(identity: dict) -> str:
 
 
 class Stages:
-    """Runs stages in `out_dir`, skipping finished ones whose identity is unchanged (see the module doc)."""
+    """Runs stages in `out_dir`, skipping finished ones whose identity is unchanged (see the module doc).
+
+    Under torchrun every rank walks the same stages: the distributed jobs (training, pre-tokenization,
+    sampling) run on all ranks, the others (`everywhere=False`: evaluation, the baseline) on rank 0, whose
+    result every rank receives. Rank 0 alone writes the records and removes stale folders.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir, self.records = out_dir, out_dir / "stages"
         self.timings: dict[str, float] = {}
 
-    def run(self, name: str, identity: dict, folder: Path | None, work: Callable[[], dict]) -> dict:
+    def run(self, name: str, identity: dict, folder: Path | None, work: Callable[[], dict],
+            everywhere: bool = True) -> dict:
         path, key = self.records / f"{name}.json", identity_hash(identity)
+        barrier()  # rank 0's last record is on disk before anyone reads it
         record = json.loads(path.read_text()) if path.is_file() else None
         if record and record["identity"] == key and "result" in record:
-            console.print(f"[dim]{name}: unchanged, skipped (identity {key})[/]")
+            if rank() == 0:
+                console.print(f"[dim]{name}: unchanged, skipped (identity {key})[/]")
             self.timings[name] = record.get("seconds", 0.0)
             return record["result"]
-        if record and record["identity"] != key and folder is not None and folder.exists():
-            console.print(f"[yellow]{name}[/]: inputs changed ({record['identity']} -> {key}): starting it afresh")
-            shutil.rmtree(folder)
-        elif record and folder is not None and folder.exists():
-            console.print(f"[bold]{name}[/]: resuming")
-        else:
-            console.print(f"[bold]{name}[/]: running")
-        write_json_atomic(path, {"identity": key, "inputs": identity, "started": time.time()})
+        if rank() == 0:
+            if record and record["identity"] != key and folder is not None and folder.exists():
+                console.print(f"[yellow]{name}[/]: inputs changed ({record['identity']} -> {key}): starting it afresh")
+                shutil.rmtree(folder)
+            else:
+                resuming = record is not None and folder is not None and folder.exists()
+                console.print(f"[bold]{name}[/]: {'resuming' if resuming else 'running'}")
+            write_json_atomic(path, {"identity": key, "inputs": identity, "started": time.time()})
+        barrier()
         tic = time.time()
-        result = work()
+        result = broadcast_object(work() if everywhere or rank() == 0 else None)
         self.timings[name] = round(time.time() - tic, 1)
-        write_json_atomic(path, {"identity": key, "inputs": identity, "seconds": self.timings[name], "result": result})
+        if rank() == 0:
+            write_json_atomic(path, {"identity": key, "inputs": identity, "seconds": self.timings[name],
+                                     "result": result})
         return result
 
 
@@ -139,9 +151,11 @@ def samples_hash(npz: Path) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    init_from_env()  # one process group for every stage when launched by torchrun
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
     stages = Stages(out)
     names = [g.name for g in cfg.generators]
     if len(set(names)) != len(names):
@@ -159,7 +173,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                            "perceptual": cfg.eval_perceptual, "split": "val", "resolution": cfg.resolution}, None,
         lambda: evaluate_tokenizer(TokenizerEvalConfig(
             tokenizer=tok["path"], data=cfg.data, split="val", resolution=cfg.resolution,
-            perceptual=cfg.eval_perceptual, fid_source=cfg.fid_source, max_images=cfg.max_reference)))
+            perceptual=cfg.eval_perceptual, fid_source=cfg.fid_source, max_images=cfg.max_reference)),
+        everywhere=False)
 
     # pre-tokenization: text embeddings when any generator is text-conditioned
     gen_cfgs = {g.name: generator_config(cfg, g, {"train": out / "cache_train", "val": out / "cache_val"})
@@ -184,7 +199,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def evaluated(name: str, samples: dict) -> dict:
         npz = Path(samples["path"]) / "samples.npz"
         return stages.run(f"eval-{name}", {"samples": samples_hash(npz), **eval_base}, None,
-                          lambda: evaluate(EvaluateConfig(samples=str(npz), **eval_base)))
+                          lambda: evaluate(EvaluateConfig(samples=str(npz), **eval_base)), everywhere=False)
 
     # stage 2: each generator, its samples and their metrics
     generators = {}
@@ -215,13 +230,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             "baseline", {"tokenizer": tok["fingerprint"], "cache": caches["train"]["fingerprint"],
                          "num": fid_samples, "seed": cfg.sampling.seed}, out / "baseline",
             lambda: baseline_samples(tok["path"], caches["train"]["path"], fid_samples, cfg.sampling.seed,
-                                     out / "baseline"))
+                                     out / "baseline"), everywhere=False)
         baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
 
     result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
               "caches": caches, "generators": generators, "baseline": baseline, "timings": stages.timings}
-    write_report(out, result)
-    console.print(f"[green]done[/]: {out / 'report.md'}")
+    if rank() == 0:
+        write_report(out, result)
+        console.print(f"[green]done[/]: {out / 'report.md'}")
+    barrier()
     return result
 
 

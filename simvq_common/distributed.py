@@ -30,6 +30,15 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def init_from_env() -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any.
 
