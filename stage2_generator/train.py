@@ -213,14 +213,21 @@ class GeneratorTrainer:
     def export(self) -> Path:
         """Consolidated fp32 weights + config as a generator directory (rebuilds without DeepSpeed)."""
         out = Path(self.cfg.run.out_dir) / "generator"
-        if self.zero_stage == 3 or self.bf16:  # the fp32 master weights live in the optimizer's partitions
+        state = None
+        if self.zero_stage >= 1 and (self.zero_stage == 3 or self.bf16):
+            # the fp32 master weights live in the optimizer's partitions: consolidate the saved checkpoint
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             barrier()
             if rank() == 0:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints),
                                                                  tag=latest_tag(self.checkpoints))
-        else:
+        elif self.bf16:  # ZeRO-0 in bf16: every rank's optimizer holds the whole fp32 master copy
+            names = {id(p): n for n, p in self.engine.module.named_parameters()}
+            optimizer = self.engine.optimizer
+            state = {names[id(p16)]: p32.detach().clone() for g16, g32 in
+                     zip(optimizer.fp16_groups, optimizer.fp32_groups) for p16, p32 in zip(g16, g32)}
+        else:  # fp32 at ZeRO 0-2: the module holds the full fp32 weights on every rank
             state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
         if rank() == 0:
             model = Generator(self.cfg.model)

@@ -211,3 +211,20 @@ def test_cli_trains_and_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert Generator.from_pretrained(tmp_path / "run" / "generator").cfg.codebook_size == 64
     assert main(["train-generator", *base, "model.size=huge"]) == 2
     assert "model.size='huge' is not a registered size" in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_training_exports_the_fp32_master_weights(tmp_path, stage):
+    # the engine's module holds bf16 copies of the fp32 master weights: the export must be those masters
+    cfg = tiny(tmp_path, "run.steps=2", "run.precision=bf16", "optim.lr=1e-2",
+               f"run.deepspeed={REPO / f'configs/deepspeed/zero{stage}.yaml'}")
+    trainer = GeneratorTrainer(cfg)
+    out = trainer.train()
+    exported_state = Generator.from_pretrained(out).state_dict()
+    module = dict(trainer.engine.module.named_parameters())
+    moved = 0
+    for name, value in exported_state.items():
+        assert value.dtype == torch.float32 and module[name].dtype == torch.bfloat16
+        assert torch.equal(value.to(torch.bfloat16), module[name].detach()), name
+        moved += int(not torch.equal(value, value.to(torch.bfloat16).float()))
+    assert moved > 0  # some masters hold more precision than their bf16 copies
