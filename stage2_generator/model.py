@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
 from x_transformers.x_transformers import GLU, LayerIntermediates
@@ -33,15 +34,18 @@ class Condition(nn.Module):
         super().__init__()
         self.kind = cfg.conditioning
         d = cfg.dim
+        # the learned null text and start token begin random (a unit vector like the sentence embeddings; N(0, 1)
+        # like the token embeddings), not zero: a zero token makes the first RMSNorm (x / ||x||) differentiate
+        # at 0, where its gradient is not finite
         if self.kind == "class":
             self.classes = nn.Embedding(cfg.num_classes + 1, d)  # the last row is the null class
             self.null_class = cfg.num_classes
         elif self.kind == "text":
-            self.null_text = nn.Parameter(torch.zeros(cfg.text_dim))
+            self.null_text = nn.Parameter(F.normalize(torch.randn(cfg.text_dim), dim=0))
             self.project = nn.Linear(cfg.text_dim, cfg.text_tokens * d, bias=False)
             self.tokens = cfg.text_tokens
         else:
-            self.start = nn.Parameter(torch.zeros(1, 1, d))
+            self.start = nn.Parameter(torch.randn(1, 1, d))
         self.dim = d
 
     def forward(self, condition: torch.Tensor | None, drop: torch.Tensor | None = None,

@@ -270,7 +270,11 @@ class GeneratorTrainer:
                 raise NonFiniteLoss(f"non-finite loss at step {self.step}; training stopped, the last good "
                                     f"checkpoint is in {self.checkpoints}. Lower optim.lr or set optim.grad_clip")
             self.engine.backward(loss)
+            skipped = self.engine.skipped_steps
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            if self.engine.skipped_steps != skipped:  # no loss scaling here: any overflow is a real fault
+                raise NonFiniteLoss(f"non-finite gradients at step {self.step} (DeepSpeed skipped the update); "
+                                    f"training stopped, the last good checkpoint is in {self.checkpoints}")
             total += loss.detach().double().cpu()
         self.step += 1
         return float(all_reduce_sum(total / self.cfg.data.grad_accum)) / world_size()

@@ -195,3 +195,19 @@ def test_bad_configs_are_refused_naming_the_key():
     with pytest.raises(ValueError, match="allows"):
         model = random_model(config())
         model.logits(torch.zeros(1, 13, dtype=torch.long), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+def test_every_gradient_is_finite_and_reaches_the_condition(conditioning):
+    # a zero null embedding or start token once gave non-finite gradients through the first RMSNorm
+    cfg = config(conditioning)
+    model = Generator(cfg)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.1)  # so that gradients reach the body
+    codes = torch.randint(0, cfg.codebook_size, (4, cfg.sequence_length))
+    drop = torch.tensor([True, True, False, False]) if conditioning != "none" else None
+    model(codes, condition_for(cfg, 4), drop).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    learned = {"class": "classes.weight", "text": "null_text", "none": "start"}[conditioning]
+    assert model.condition.get_parameter(learned).grad.abs().sum() > 0
