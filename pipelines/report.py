@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simvq_common.io import write_json_atomic, write_text_atomic  # noqa: E402
+from simvq_common.markdown import write_section  # noqa: E402
 from simvq_common.metrics import read_metrics  # noqa: E402
 from simvq_common.provenance import environment  # noqa: E402
 from stage2_generator.cache import CodeCache  # noqa: E402
@@ -76,7 +77,69 @@ def _copy(src: str | Path, out: Path, name: str) -> str | None:
     return f"report/{name}"
 
 
-def write_report(out: Path, result: dict) -> None:
+def quality_rows(result: dict) -> list[str]:
+    """Markdown rows: each generator, the baseline, and the tokenizer's reconstructions (the floor)."""
+    tok = result["tokenizer"]["eval"]
+
+    def row(what: str, m: dict) -> str:
+        return (f"| {what} | {_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('kid_mean'), '.4f')} | "
+                f"{_fmt(m.get('precision'), '.3f')} | {_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
+    rows = [row(f"generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps)",
+                g["metrics"]) for name, g in result["generators"].items()]
+    if result["baseline"]:
+        rows.append(row("baseline: unigram codes, same tokenizer", result["baseline"]["metrics"]))
+    rows.append(f"| tokenizer reconstructions (rFID: the floor) | {tok['rfid']:.2f} | - | - | - | {tok['num_images']} |")
+    return rows
+
+
+def verdicts(result: dict) -> list[str]:
+    baseline = result["baseline"]
+    if not baseline or baseline["metrics"].get("fid") is None:
+        return []
+    base = baseline["metrics"]["fid"]
+    return [f"- generator `{name}`: FID {g['metrics']['fid']:.2f} vs baseline {base:.2f}: "
+            + ("**lower: stage 2 learned structure the unigram codes lack**" if g["metrics"]["fid"] < base else
+               "**not lower: this generator did not beat independent codes**")
+            for name, g in result["generators"].items()]
+
+
+def write_results_section(path: str | Path, out: Path, result: dict) -> None:
+    """A section of docs/RESULTS.md: the quality table with its provenance, and the grids copied beside it."""
+    path = Path(path)
+    figures = path.parent / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    grids = []
+    for name, g in result["generators"].items():
+        if Path(g["samples"]["grid"]).is_file():
+            shutil.copyfile(g["samples"]["grid"], figures / f"{out.name}_{name}.png")
+            grids.append(f"![{name}](figures/{out.name}_{name}.png)")
+    tok, env = result["tokenizer"]["eval"], result["environment"]
+    rfid = tok["conventions"]["rfid"]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
+    body = f"""Command: `{result['config']['command'] or 'simvq run'}` ({sum(result['timings'].values()) / 60:.0f} min of
+stage time on this machine: {stages}). simvq-gen {env['git']}, torch {env['torch']}, {env['cpu_count']} CPU
+cores, GPU {env['cuda'] or 'none'}.
+
+| model | FID | KID | precision | recall | N |
+|---|---:|---:|---:|---:|---:|
+{chr(10).join(quality_rows(result))}
+
+{chr(10).join(verdicts(result))}
+
+Against the {result['config']['data']} val split at {result['config']['resolution']} px; {rfid['suite']}, Inception source
+{rfid['inception_source']} (weights sha256 {rfid['weights_sha256'][:16]}...); sampling
+{json.dumps(result['config']['sampling'])}; tokenizer `{result['tokenizer']['fingerprint']}` (PSNR {tok['psnr']:.2f} dB,
+val utilisation {tok['utilisation']:.1%}). At this N the FID is biased upward: compare within the table only.
+Samples (one row per class / prompt):
+
+{chr(10).join(grids)}
+"""
+    write_section(path, f"pipeline-{out.name}", body, heading=f"## The whole system: `{out.name}`",
+                  intro="# Results\n")
+
+
+def write_report(out: Path, result: dict) -> dict:
+    """report.json and report.md (with its PNGs under report/); returns the result as report.json holds it."""
     curves = plot_curves(out, result)
     usage_png, usage = plot_code_usage(out, result)
     result = {**result, "code_usage": usage, "environment": environment()}
@@ -84,27 +147,8 @@ def write_report(out: Path, result: dict) -> None:
 
     tok = result["tokenizer"]["eval"]
     rfid = tok["conventions"]["rfid"]
-    rows = []
-    for name, g in result["generators"].items():
-        m = g["metrics"]
-        rows.append(f"| generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps) | "
-                    f"{_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('kid_mean'), '.4f')} | {_fmt(m.get('precision'), '.3f')} | "
-                    f"{_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
+    rows, verdict_lines = quality_rows(result), verdicts(result)
     baseline = result["baseline"]
-    if baseline:
-        m = baseline["metrics"]
-        rows.append(f"| baseline: unigram codes, same tokenizer | {_fmt(m.get('fid'), '.2f')} | "
-                    f"{_fmt(m.get('kid_mean'), '.4f')} | {_fmt(m.get('precision'), '.3f')} | "
-                    f"{_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
-    rows.append(f"| tokenizer reconstructions (rFID: the floor) | {tok['rfid']:.2f} | - | - | - | {tok['num_images']} |")
-
-    verdicts = []
-    if baseline and baseline["metrics"].get("fid") is not None:
-        for name, g in result["generators"].items():
-            fid, base = g["metrics"].get("fid"), baseline["metrics"]["fid"]
-            verdicts.append(f"- generator `{name}`: FID {fid:.2f} vs baseline {base:.2f}: "
-                            + ("**lower: stage 2 learned structure the unigram codes lack**" if fid < base else
-                               "**not lower: this generator did not beat independent codes**"))
 
     grids = []
     for name, g in result["generators"].items():
@@ -134,7 +178,7 @@ Command: `{result['config']['command']}` (config: `{out / 'config.yaml'}`)
 |---|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-{chr(10).join(verdicts)}
+{chr(10).join(verdict_lines)}
 
 FID, KID and precision/recall: {rfid['suite']}, Inception-v3 pool3 (source {rfid['inception_source']}, weights sha256
 {rfid['weights_sha256'][:16]}...), TF1-style bilinear resize to 299x299, against the {ref.get('source', result['config']['data'])}
@@ -175,3 +219,4 @@ Codes of the train cache: {usage['codes_used']:,} of {usage['codebook_size']:,} 
 Every number above is in `report.json` with its full provenance; each stage's inputs are in `stages/`.
 """
     write_text_atomic(out / "report.md", md)
+    return result

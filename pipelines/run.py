@@ -49,7 +49,7 @@ from stage2_generator.train import train_generator
 from .baseline import code_frequencies, unigram_codes
 from .evaluate import EvaluateConfig, evaluate
 from .pretokenize import PretokenizeConfig, pretokenize
-from .report import write_report
+from .report import write_report, write_results_section
 from .sample import SampleConfig, sample, write_samples
 
 
@@ -83,6 +83,7 @@ class PipelineConfig:
     max_reference: int = 0  # val images used as the reference (0 = all)
     eval_perceptual: str = "auto"  # LPIPS backend of the tokenizer evaluation
     baseline: bool = True  # the unigram-codes baseline
+    results_md: str = ""  # also write the quality table and grids as a section of this file (docs/RESULTS.md)
     command: str = ""
 
 
@@ -236,7 +237,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
               "caches": caches, "generators": generators, "baseline": baseline, "timings": stages.timings}
     if rank() == 0:
-        write_report(out, result)
+        reported = write_report(out, result)
+        if cfg.results_md:
+            write_results_section(cfg.results_md, out, reported)
         console.print(f"[green]done[/]: {out / 'report.md'}")
     barrier()
     return result

@@ -24,7 +24,7 @@ def tiny_pipeline(out_dir, class_steps=3) -> PipelineConfig:
     cfg = load_config(PipelineConfig, None, [
         f"out_dir={out_dir}", "resolution=16", "max_images=64", "max_reference=8", "fid_samples=8",
         "grid_per_class=2", "metrics=[fid]", "fid_source=offline-torchscript", "eval_perceptual=none",
-        "sample_batch_size=8"])
+        "sample_batch_size=8", f"results_md={Path(out_dir).parent / 'RESULTS.md'}"])
     cfg.tokenizer = str(REPO / "configs/tokenizer/emoji32_simvq_8k_cpu.yaml")
     cfg.tokenizer_overrides = TINY_TOKENIZER
     cfg.generators = [
@@ -62,6 +62,9 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     for png in ("loss_curves.png", "code_usage.png", "grid_class.png", "grid_text.png", "grid_baseline.png"):
         assert (out / "report" / png).stat().st_size > 0, png
     assert result["tokenizer"]["fingerprint"] == report["tokenizer"]["fingerprint"]
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- pipeline-run:begin -->" in section and f"{report['baseline']['metrics']['fid']:.2f}" in section
+    assert (tmp_path / "figures" / "run_class.png").is_file()
 
     # unchanged: every stage skipped (its record untouched)
     run_pipeline(tiny_pipeline(out))
