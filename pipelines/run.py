@@ -36,7 +36,7 @@ from simvq_common.console import console
 from simvq_common.distributed import barrier, broadcast_object, init_from_env, rank
 from simvq_common.io import write_json_atomic
 from stage1_tokenizer.config import TokenizerTrainConfig
-from stage1_tokenizer.data import load_emoji, to_uint8
+from stage1_tokenizer.data import to_uint8
 from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
@@ -210,17 +210,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             f"generator-{stage.name}",
             {"config": to_yaml(gen_cfg), "cache_train": caches["train"]["fingerprint"],
              "cache_val": caches["val"]["fingerprint"]},
-            Path(gen_cfg.run.out_dir),
-            lambda c=gen_cfg: (lambda path: {"path": str(path),
-                                             "fingerprint": Generator.from_pretrained(path).fingerprint()})(
-                train_generator(c)))
+            Path(gen_cfg.run.out_dir), lambda c=gen_cfg: trained_generator(c))
         samples = stages.run(
             f"samples-{stage.name}",
             {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
              "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts},
             out / f"samples_{stage.name}",
             lambda g=gen, s=stage, c=gen_cfg: draw_samples(cfg, g["path"], c, s, fid_samples,
-                                                           out / f"samples_{s.name}"))
+                                                           out / f"samples_{s.name}", caches["val"]["path"]))
         generators[stage.name] = {"generator": gen, "samples": samples, "metrics": evaluated(stage.name, samples),
                                   "run_dir": gen_cfg.run.out_dir, "conditioning": gen_cfg.model.conditioning,
                                   "size": gen_cfg.model.size, "steps": gen_cfg.run.steps}
@@ -245,15 +242,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return result
 
 
+def trained_generator(cfg: GeneratorTrainConfig) -> dict:
+    path = train_generator(cfg)
+    return {"path": str(path), "fingerprint": Generator.from_pretrained(path).fingerprint()}
+
+
 def draw_samples(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
-                 num: int, folder: Path) -> dict:
-    """FID samples (class-balanced, or conditioned on the val captions for text) plus the report's grid samples."""
+                 num: int, folder: Path, val_cache: str) -> dict:
+    """FID samples (class-balanced, or one per val caption for text) plus the report's grid samples."""
     common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=cfg.sampling, save_pngs=False)
     if gen_cfg.model.conditioning == "text":
-        captions = load_emoji("val", cfg.resolution).captions if cfg.data == "emoji" else []
-        if not captions:
-            raise ValueError("text generators are evaluated on the val captions: only the bundled emoji has them")
-        captions = [captions[i % len(captions)] for i in range(num)]
+        val = CodeCache(val_cache)  # its captions: the emoji names, or the class names of an image folder
+        captions = [val.caption(i % len(val)) for i in range(num)]
         fid = sample(SampleConfig(out=str(folder), prompts=captions, per_prompt=1, **common))
         grid = sample(SampleConfig(out=str(folder / "grid"), prompts=stage.prompts or captions[:8],
                                    per_prompt=cfg.grid_per_class, first_index=num, **common)) if stage.prompts else None
