@@ -223,7 +223,7 @@ def draw(generator: Generator, tokenizer: Tokenizer, conditions: Conditions, ind
          sampling: SamplingConfig, batch_size: int, prefix: torch.Tensor | None = None,
          on_batch=None) -> tuple[np.ndarray, np.ndarray]:
     """(codes int32 (n, h*w), images uint8 (n, H, W, 3)) of the samples with global indices `indices`."""
-    h, w = generator.cfg.grid
+    h, w = generator.config.grid
     codes_out, images_out = [], []
     for start in range(0, len(indices), batch_size):
         batch = indices[start:start + batch_size]
@@ -351,7 +351,7 @@ def sample(cfg: SampleConfig) -> dict:
     device = _device(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     generator = Generator.from_pretrained(cfg.generator).to(device)
-    model_cfg = generator.cfg
+    model_cfg = generator.config
     try:
         cfg.sampling.check(model_cfg.conditioning != "none")
     except ValueError as err:

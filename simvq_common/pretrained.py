@@ -48,3 +48,27 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     if missing or unexpected:
         raise ValueError(f"the weights in {source} do not match its config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+
+
+class PretrainedModel:
+    """fingerprint / save_pretrained / from_pretrained for a module built from one config dataclass.
+
+    Mixed into an nn.Module whose constructor takes the config and keeps it as `self.config`; the subclass
+    names its `config_schema` and, for error messages, the `artifact` a directory of it is.
+    """
+
+    config_schema: type
+    artifact: str
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.config, self.state_dict())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_pretrained(directory, self.config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
+        config, state = load_pretrained(directory, cls.config_schema, cls.artifact, map_location)
+        model = cls(config)
+        load_state_strict(model, state, Path(directory))
+        return model.eval()

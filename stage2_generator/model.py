@@ -13,15 +13,13 @@ Generation is prefill (the prefix, building the KV cache) then one decode step p
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
 from x_transformers.x_transformers import GLU, LayerIntermediates
 
-from simvq_common.pretrained import load_pretrained, load_state_strict, model_fingerprint, save_pretrained
+from simvq_common.pretrained import PretrainedModel
 
 from .config import GeneratorConfig, swiglu_hidden
 from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
@@ -110,11 +108,13 @@ class OutputHead(nn.Linear):
                                      self.loss_rows)
 
 
-class Generator(nn.Module):
+class Generator(PretrainedModel, nn.Module):
+    config_schema, artifact = GeneratorConfig, "generator (`simvq train-generator` output)"
+
     def __init__(self, cfg: GeneratorConfig, loss_chunk_mb: float = DEFAULT_CHUNK_MB) -> None:
         super().__init__()
         cfg.check()
-        self.cfg = cfg
+        self.config = cfg
         d, k = cfg.dim, cfg.codebook_size
         self.condition = Condition(cfg)
         self.token_embed = nn.Embedding(k, d)
@@ -127,13 +127,13 @@ class Generator(nn.Module):
 
     @property
     def prefix_length(self) -> int:
-        return self.cfg.prefix_length
+        return self.config.prefix_length
 
     def _decode(self, x: torch.Tensor, cache: LayerIntermediates | None = None):
         """Run the decoder over x (B, n, d), the new positions after those in `cache`."""
         end = (cache.cache_length if cache is not None else 0) + x.shape[1]
         if end > self.rope.shape[1]:
-            raise ValueError(f"sequence of {end} positions; the model's grid {self.cfg.grid} with a prefix of "
+            raise ValueError(f"sequence of {end} positions; the model's grid {self.config.grid} with a prefix of "
                              f"{self.prefix_length} allows {self.rope.shape[1]}")
         return self.decoder(x, cache=cache, cache_age=x.shape[1], rotary_pos_emb=(self.rope[:, :end], 1.0),
                             return_hiddens=True)
@@ -171,20 +171,6 @@ class Generator(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def fingerprint(self) -> str:
-        return model_fingerprint(self.cfg, self.state_dict())
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return save_pretrained(directory, self.cfg, self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "Generator":
-        cfg, state = load_pretrained(directory, GeneratorConfig, "generator (`simvq train-generator` output)",
-                                     map_location)
-        model = cls(cfg)
-        load_state_strict(model, state, Path(directory))
-        return model.eval()
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -93,9 +93,9 @@ def generate(model: Generator, condition: torch.Tensor | None, indices, cfg: Sam
     the first t codes are given (an image's top rows) and the rest generated. use_cache=False recomputes
     the whole sequence at every step (the reference the cache is tested and benchmarked against).
     """
-    conditional = model.cfg.conditioning != "none"
+    conditional = model.config.conditioning != "none"
     cfg.check(conditional)
-    batch, length = len(indices), model.cfg.sequence_length
+    batch, length = len(indices), model.config.sequence_length
     device = next(model.parameters()).device
     uniforms = sample_uniforms(cfg.seed, indices, length)
     codes = torch.zeros(batch, length, dtype=torch.long, device=device)

@@ -163,7 +163,7 @@ def test_generator_directory_rebuilds_the_same_model(tmp_path):
     model = random_model(cfg)
     model.save_pretrained(tmp_path / "gen")
     again = Generator.from_pretrained(tmp_path / "gen")
-    assert again.cfg == cfg and again.fingerprint() == model.fingerprint()
+    assert again.config == cfg and again.fingerprint() == model.fingerprint()
     assert (tmp_path / "gen" / "fingerprint.txt").read_text().strip() == model.fingerprint()
     codes, text = torch.randint(0, 97, (2, 12)), condition_for(cfg, 2)
     torch.testing.assert_close(again.logits(codes, text), model.logits(codes, text), rtol=0, atol=0)

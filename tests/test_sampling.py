@@ -11,7 +11,7 @@ from test_generator_model import condition_for, config, random_model
 
 def by_hand(model, condition, indices, cfg: SamplingConfig, scale_of=None):
     """The definition, one full uncached forward per code: l = l_u + s (l_c - l_u), then pick_codes."""
-    n, length = len(indices), model.cfg.sequence_length
+    n, length = len(indices), model.config.sequence_length
     uniforms = sample_uniforms(cfg.seed, indices, length)
     codes = torch.zeros(n, length, dtype=torch.long)
     null = model.condition.null(n, torch.device("cpu"))

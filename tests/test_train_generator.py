@@ -117,7 +117,7 @@ def test_checkpoints_are_pruned_and_the_export_matches_the_engine(tmp_path):
     engine_state = trainer.engine.module.state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, engine_state[key]), key
-    assert model.cfg.codebook_size == 64 and model.cfg.grid == [2, 3] and model.cfg.num_classes == 3
+    assert model.config.codebook_size == 64 and model.config.grid == [2, 3] and model.config.num_classes == 3
 
 
 def test_resume_refuses_another_model_naming_both(tmp_path):
@@ -149,7 +149,7 @@ def test_text_conditioned_training_runs_on_the_cached_embeddings(tmp_path):
     make_cache(tmp_path / "cache", num_images=12, images_per_shard=8, codebook_size=64, grid=(2, 3), text=True)
     out = train_generator(tiny(tmp_path, "model.conditioning=text", "run.steps=2"))
     model = Generator.from_pretrained(out)
-    assert model.cfg.conditioning == "text" and model.cfg.text_dim == 4
+    assert model.config.conditioning == "text" and model.config.text_dim == 4
     assert model.condition.null_text.shape == (4,)
 
 
@@ -208,7 +208,7 @@ def test_cli_trains_and_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     base = [f"data.cache={tmp_path / 'cache'}", "model.size=nano", "data.batch_size=4", "run.steps=2",
             f"run.out_dir={tmp_path / 'run'}"]
     assert main(["train-generator", *base]) == 0
-    assert Generator.from_pretrained(tmp_path / "run" / "generator").cfg.codebook_size == 64
+    assert Generator.from_pretrained(tmp_path / "run" / "generator").config.codebook_size == 64
     assert main(["train-generator", *base, "model.size=huge"]) == 2
     assert "model.size='huge' is not a registered size" in capsys.readouterr().err.replace("\n", "")
 
