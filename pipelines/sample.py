@@ -17,7 +17,6 @@ save_pngs, and sampling.json (every parameter, the seeds rule, fingerprints, cou
 from __future__ import annotations
 
 import datetime
-import io
 import math
 import shlex
 import sys
@@ -34,7 +33,7 @@ from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
-from simvq_common.io import atomic_write, write_json_atomic
+from simvq_common.io import atomic_write, write_json_atomic, write_npz_atomic
 from simvq_common.provenance import environment
 from stage1_tokenizer.data import center_crop_offset, image_to_rgb, resize_shorter_side, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -303,15 +302,6 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
 
 
-def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # to a buffer: given a file name, savez would append ".npz" to it
-        tmp.write_bytes(buffer.getvalue())
-
-    atomic_write(path, write)
-
-
 def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels, indices, codes, prompts: list[str],
                   meta: dict, save_pngs: bool = False) -> Path:
     """Write samples.npz, grid.png, png/ (save_pngs) and, last, sampling.json (= meta) into `out`.
@@ -329,7 +319,7 @@ def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels,
                          f"got {images.dtype} x {len(images)}, {len(labels)}, {len(indices)}, {len(codes)}, "
                          f"{len(prompts)}")
     out = Path(out)
-    write_npz(out / "samples.npz", images=images, labels=labels, indices=indices, prompts=np.array(prompts, str),
+    write_npz_atomic(out / "samples.npz", images=images, labels=labels, indices=indices, prompts=np.array(prompts, str),
               codes=codes)
     if len(images):
         write_png(out / "grid.png", grid_image(images, grid_layout(grid_rows(labels, prompts))))

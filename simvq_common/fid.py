@@ -71,7 +71,7 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        prc_features_to_metric)
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from .io import atomic_write
+from .io import write_npz_atomic
 
 SOURCES = ("auto", "torch-fidelity", "offline-torchscript")
 SOURCE_ENV = "SIMVQ_FID_INCEPTION"  # overrides source=None; e.g. "offline-torchscript" on a firewalled cluster
@@ -390,14 +390,6 @@ def reference_cache_key(images_hash: str, provenance: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-
-
 def _load_npz(path: Path, key: str, names: tuple[str, ...]) -> dict | None:
     """The arrays of a cache file, or None if it is missing, unreadable or written under another key."""
     if not path.is_file():
@@ -428,14 +420,14 @@ class ReferenceCache:
         return None if out is None else {"mu": out["mu"], "sigma": out["sigma"], "num": int(out["num"])}
 
     def save_stats(self, key: str, stats: dict, num: int) -> None:
-        _save_npz(self.stats_path(key), key=np.array(key), mu=stats["mu"], sigma=stats["sigma"], num=np.array(num))
+        write_npz_atomic(self.stats_path(key), key=np.array(key), mu=stats["mu"], sigma=stats["sigma"], num=np.array(num))
 
     def load_features(self, key: str) -> torch.Tensor | None:
         out = _load_npz(self.features_path(key), key, ("features",))
         return None if out is None else torch.from_numpy(out["features"])
 
     def save_features(self, key: str, features: torch.Tensor) -> None:
-        _save_npz(self.features_path(key), key=np.array(key), features=features.numpy())
+        write_npz_atomic(self.features_path(key), key=np.array(key), features=features.numpy())
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -565,7 +557,7 @@ STATS_KEYS = ("mu", "sigma", "num", "weights_sha256", "reference_hash", "incepti
 def save_reference_stats(path: str | Path, stats: dict, description: str) -> Path:
     """A portable .npz of reference FID statistics: mu, sigma, count, the Inception weights' hash, what it is."""
     path = Path(path)
-    _save_npz(path, **{k: np.asarray(stats[k]) for k in STATS_KEYS if k != "description"},
+    write_npz_atomic(path, **{k: np.asarray(stats[k]) for k in STATS_KEYS if k != "description"},
               description=np.asarray(description))
     return path
 
