@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import asdict
@@ -56,6 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_cache_loader import build_cache  # noqa: E402
 from benchmarks.common import (DOC_INTRO, DOC_PATH, MIB, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
                                proc_status_kib, provenance, reset_peak_rss)
+from simvq_common import distributed  # noqa: E402
+from simvq_common.distributed import free_port  # noqa: E402
 from simvq_common.markdown import write_section  # noqa: E402
 from simvq_common.metrics import read_metrics  # noqa: E402
 from stage2_generator.config import (GeneratorConfig, GeneratorDataConfig, GeneratorRunConfig,  # noqa: E402
@@ -118,17 +119,10 @@ def train_worker(rank: int, world: int, port: int, cfg: GeneratorTrainConfig, th
         record["peak_after_export_bytes"] = proc_status_kib("VmHWM") * 1024
         Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 # ------------------------------------------------------------------------------------- driver side
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def throughput(metrics: list[dict]) -> dict:
     """Tokens/s over the logged windows after the first (warm-up): total tokens / total seconds."""

@@ -17,7 +17,6 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.text import TextEncoder
@@ -133,25 +131,6 @@ def image_captions(dataset: Dataset, num_images: int) -> tuple[list[str], str]:
 # The run
 # ------------------------------------------------------------------------------------------------
 
-def _rank0_decides(decide: Callable[[], object]) -> object:
-    """Run `decide` on rank 0 and hand its result, or its error, to every rank.
-
-    Every rank then raises the same error, instead of the others waiting forever for rank 0.
-    """
-    outcome: list = [None]
-    if distributed.rank() == 0:
-        try:
-            outcome[0] = ("ok", decide())
-        except Exception as err:  # noqa: BLE001 - whatever stops rank 0 must stop every rank
-            outcome[0] = ("error", err)
-    if distributed.is_distributed():
-        dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
-    if status == "error":
-        raise value
-    return value
-
-
 def _check(cfg: PretokenizeConfig) -> None:
     if not cfg.tokenizer:
         raise UserError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
@@ -205,7 +184,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
     """Encode every image of `cfg.data` into the cache `cfg.out` (resuming what is there); returns its path."""
     _check(cfg)
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
-    device = distributed.init_from_env()
+    device = distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()
     tokenizer = _load_tokenizer(cfg.tokenizer, device)
     if cfg.resolution % tokenizer.downsample_factor:
@@ -232,7 +211,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         prepare_cache_dir(out, header, cfg.overwrite)
         return [s for s in range(num_shards(n, cfg.images_per_shard)) if read_shard_record(out, s) is None]
 
-    missing = _rank0_decides(missing_shards)
+    missing = distributed.rank0_decides(missing_shards)
     mine = missing[rank::world]  # any rank may write any shard: its bytes do not depend on who writes it
     if rank == 0 and len(missing) < num_shards(n, cfg.images_per_shard):
         console.print(f"resuming {out}: {num_shards(n, cfg.images_per_shard) - len(missing)} of "
@@ -259,7 +238,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         return manifest["totals"]
 
     distributed.barrier()  # every rank's shards are on disk before rank 0 lists them
-    totals = _rank0_decides(finish)
+    totals = distributed.rank0_decides(finish)
     if rank == 0:
         console.print(f"cache {out}: {totals['sequences']:,} sequences ({totals['tokens']:,} tokens) from "
                       f"{totals['images']:,} images" + (f"; {totals['skipped']:,} unreadable images skipped (listed "

@@ -33,7 +33,8 @@ import torch
 
 from simvq_common.config import load_config, to_yaml
 from simvq_common.console import console
-from simvq_common.distributed import barrier, broadcast_object, init_from_env, rank
+from simvq_common import distributed
+from simvq_common.distributed import barrier, broadcast_object, rank
 from simvq_common.io import write_json_atomic
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.data import to_uint8
@@ -95,8 +96,9 @@ class Stages:
     """Runs stages in `out_dir`, skipping finished ones whose identity is unchanged (see the module doc).
 
     Under torchrun every rank walks the same stages: the distributed jobs (training, pre-tokenization,
-    sampling) run on all ranks, the others (`everywhere=False`: evaluation, the baseline) on rank 0, whose
-    result every rank receives. Rank 0 alone writes the records and removes stale folders.
+    sampling) run on all ranks, the others (`everywhere=False`: evaluation, the baseline) on rank 0's GPU
+    while the other ranks wait for its result file, outside any collective that could time out. Rank 0
+    alone writes the records and removes stale folders.
     """
 
     def __init__(self, out_dir: Path) -> None:
@@ -121,14 +123,21 @@ class Stages:
                 resuming = record is not None and folder is not None and folder.exists()
                 console.print(f"[bold]{name}[/]: {'resuming' if resuming else 'running'}")
             write_json_atomic(path, {"identity": key, "inputs": identity, "started": time.time()})
+            self.rank0_record(name).unlink(missing_ok=True)
         barrier()
         tic = time.time()
-        result = broadcast_object(work() if everywhere or rank() == 0 else None)
+        if everywhere:
+            result = broadcast_object(work())
+        else:
+            result = distributed.run_on_rank0(work, self.rank0_record(name))
         self.timings[name] = round(time.time() - tic, 1)
         if rank() == 0:
             write_json_atomic(path, {"identity": key, "inputs": identity, "seconds": self.timings[name],
                                      "result": result})
         return result
+
+    def rank0_record(self, name: str) -> Path:
+        return self.records / f"{name}.rank0.json"
 
 
 def tokenizer_config(cfg: PipelineConfig) -> TokenizerTrainConfig:
@@ -152,7 +161,7 @@ def samples_hash(npz: Path) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    init_from_env()  # one process group for every stage when launched by torchrun
+    device = distributed.setup()  # one process group for every stage when launched by torchrun
     out = Path(cfg.out_dir)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +237,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             "baseline", {"tokenizer": tok["fingerprint"], "cache": caches["train"]["fingerprint"],
                          "num": fid_samples, "seed": cfg.sampling.seed}, out / "baseline",
             lambda: baseline_samples(tok["path"], caches["train"]["path"], fid_samples, cfg.sampling.seed,
-                                     out / "baseline"), everywhere=False)
+                                     out / "baseline", device), everywhere=False)
         baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
 
     result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
@@ -269,11 +278,12 @@ def draw_samples(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainCon
 
 
 @torch.no_grad()
-def baseline_samples(tokenizer_dir: str, cache_dir: str, num: int, seed: int, folder: Path) -> dict:
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+def baseline_samples(tokenizer_dir: str, cache_dir: str, num: int, seed: int, folder: Path,
+                     device: torch.device) -> dict:
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
     cache = CodeCache(cache_dir)
     codes = unigram_codes(code_frequencies(cache), num, cache.sequence_length, seed)
-    images = torch.cat([to_uint8(tokenizer.decode(chunk.view(-1, *cache.grid)))
+    images = torch.cat([to_uint8(tokenizer.decode(chunk.to(device).view(-1, *cache.grid))).cpu()
                         for chunk in codes.split(64)])
     write_samples(folder, images, labels=np.full(num, -1), indices=np.arange(num), codes=codes.numpy(),
                   prompts=[""] * num, meta={"kind": "unigram baseline: every code drawn independently from the "

@@ -6,7 +6,8 @@ prompts, C of them, round-robin, so any run of consecutive indices is balanced t
 sample does not depend on the batch size, on the number of processes, or on how a large run is split into
 several calls (first_index=0 num_samples=25000, then first_index=25000 num_samples=25000).
 
-Under torchrun rank r draws the positions r, r + world, ... and rank 0 gathers and writes everything. The
+Under torchrun rank r draws the positions r, r + world, ..., writes them to disk (and its own PNGs), and rank 0
+streams every part into samples.npz in position order, never holding them all in memory. The
 tokenizer must be the one whose codes the generator learned: its fingerprint is checked against the one the
 generator records. With prefix_image, the top prefix_rows rows of the image's codes are kept and the rest
 generated (image completion).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime
 import math
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
-from simvq_common.io import atomic_write, write_json_atomic, write_npz_atomic
+from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
 from simvq_common.provenance import environment
 from stage1_tokenizer.data import center_crop_offset, image_to_rgb, resize_shorter_side, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -98,17 +99,6 @@ def _check(cfg: SampleConfig) -> None:
                         f"first_index={cfg.first_index} must be >= 0, batch_size={cfg.batch_size} >= 1")
     if cfg.prefix_rows and not cfg.prefix_image:
         raise UserError(f"prefix_rows={cfg.prefix_rows} needs prefix_image=FILE (the image whose top rows are kept)")
-
-
-def _device(name: str) -> torch.device:
-    """Join torchrun's process group if there is one; `auto` = that process's GPU (or cpu)."""
-    device = distributed.init_from_env()
-    if name == "auto":
-        return device
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
-    return device
 
 
 def load_matching_tokenizer(directory: str, generator_dir: str, model_cfg: GeneratorConfig,
@@ -243,24 +233,47 @@ def draw(generator: Generator, tokenizer: Tokenizer, conditions: Conditions, ind
     return np.concatenate(codes_out), np.concatenate(images_out)
 
 
-def merge_rank_parts(parts: list[np.ndarray]) -> np.ndarray:
-    """Rank r's rows are the positions r, r + world, ...: interleave them back into position order."""
-    world = len(parts)
-    merged = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
-    for rank, part in enumerate(parts):
-        merged[rank::world] = part
-    return merged
+class RankParts:
+    """The samples of all ranks in position order, read lazily from their parts (memory-mapped on disk).
+
+    Rank r drew the positions r, r + world, ..., so position p is row p // world of part p % world.
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts, self.world = parts, len(parts)
+        self.shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        return self.parts[position % self.world][position // self.world]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Positions [start, stop) as one array."""
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        for r in range(self.world):
+            first = start + (r - start) % self.world  # the first position >= start that rank r drew
+            out[first - start::self.world] = self.parts[r][first // self.world:(stop - r + self.world - 1) // self.world]
+        return out
 
 
-def _gather_to_rank0(codes: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every rank's samples, in position order, on rank 0 (None on the others)."""
-    if not distributed.is_distributed():
-        return codes, images
-    gathered = [None] * distributed.world_size() if distributed.rank() == 0 else None
-    dist.gather_object((codes, images), gathered, dst=0)
+def _parts_through_disk(out: Path, **arrays: np.ndarray) -> dict[str, RankParts] | None:
+    """Every rank writes its part under out/parts; rank 0 gets all of them back lazily (None on the others).
+
+    Through the disk, not a gather: 50,000 images at 256 px are ~10 GB, which would pass through one
+    process's memory as pickles (and, under nccl, through one GPU's).
+    """
+    parts = out / "parts"
+    for name, array in arrays.items():
+        write_npy_atomic(parts / f"{name}.rank{distributed.rank():05d}.npy", array)
+    distributed.barrier()
     if distributed.rank() != 0:
         return None
-    return merge_rank_parts([c for c, _ in gathered]), merge_rank_parts([i for _, i in gathered])
+    world = distributed.world_size()
+    return {name: RankParts([np.load(parts / f"{name}.rank{r:05d}.npy", mmap_mode="r") for r in range(world)])
+            for name in arrays}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,14 +319,15 @@ def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels,
                   meta: dict, save_pngs: bool = False) -> Path:
     """Write samples.npz, grid.png, png/ (save_pngs) and, last, sampling.json (= meta) into `out`.
 
-    images: uint8, numpy (N, H, W, 3) or torch (N, 3, H, W) (to_uint8's layout); labels: class ids (-1 = none);
+    images: uint8, numpy (N, H, W, 3), torch (N, 3, H, W) (to_uint8's layout) or RankParts; labels: class ids (-1 = none);
     indices: global sample indices; codes: (N, h*w); prompts: N strings ("" = none). sampling.json comes last,
     so a directory holding it is complete.
     """
     if isinstance(images, torch.Tensor):
         images = images.permute(0, 2, 3, 1).cpu().numpy()
     labels, indices = np.asarray(labels, np.int64), np.asarray(indices, np.int64)
-    codes, prompts = np.asarray(codes).astype(np.int32), list(prompts)
+    codes = codes if isinstance(codes, RankParts) else np.asarray(codes).astype(np.int32)
+    prompts = list(prompts)
     if images.dtype != np.uint8 or not len(images) == len(labels) == len(indices) == len(codes) == len(prompts):
         raise ValueError(f"write_samples needs uint8 images and one label, index, code row and prompt per image; "
                          f"got {images.dtype} x {len(images)}, {len(labels)}, {len(indices)}, {len(codes)}, "
@@ -324,10 +338,14 @@ def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels,
     if len(images):
         write_png(out / "grid.png", grid_image(images, grid_layout(grid_rows(labels, prompts))))
     if save_pngs:
-        for index, pixels in zip(indices.tolist(), images):
-            write_png(out / "png" / f"{index:06d}.png", pixels)
+        write_pngs(out, indices, images)
     write_json_atomic(out / "sampling.json", meta)
     return out
+
+
+def write_pngs(out: Path, indices: np.ndarray, images: np.ndarray) -> None:
+    for index, pixels in zip(indices.tolist(), images):
+        write_png(out / "png" / f"{index:06d}.png", pixels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,7 +356,10 @@ def sample(cfg: SampleConfig) -> dict:
     """Draw, decode and write the samples `cfg` describes; returns a summary (out, num_samples, fingerprints)."""
     started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     _check(cfg)
-    device = _device(cfg.device)
+    try:
+        device = distributed.device_for(cfg.device)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     rank, world = distributed.rank(), distributed.world_size()
     generator = Generator.from_pretrained(cfg.generator).to(device)
     model_cfg = generator.config
@@ -361,12 +382,15 @@ def sample(cfg: SampleConfig) -> dict:
         task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
         codes, images = draw(generator, tokenizer, conditions, mine, cfg.sampling, cfg.batch_size, prefix,
                              on_batch=lambda n: bar.advance(task, n))
-    gathered = _gather_to_rank0(codes, images)
+    if cfg.save_pngs:  # each rank its own
+        write_pngs(Path(cfg.out), mine, images)
+    if world > 1:
+        parts = _parts_through_disk(Path(cfg.out), codes=codes, images=images)
+        codes, images = (None, None) if parts is None else (parts["codes"], parts["images"])
     summary = {"out": str(cfg.out), "num_samples": num_samples, "generator_fingerprint": generator.fingerprint(),
                "tokenizer_fingerprint": model_cfg.tokenizer_fingerprint}
-    if gathered is None:
+    if images is None:
         return summary
-    codes, images = gathered
 
     slots = conditions.slots(indices)
     is_class = model_cfg.conditioning == "class"
@@ -390,7 +414,8 @@ def sample(cfg: SampleConfig) -> dict:
         "seconds": time.perf_counter() - start,  # loading, sampling and decoding; writing the files not included
     }
     write_samples(cfg.out, images, labels=np.array(conditions.class_ids, np.int64)[slots], indices=indices,
-                  codes=codes, prompts=[conditions.prompts[s] for s in slots], meta=meta, save_pngs=cfg.save_pngs)
+                  codes=codes, prompts=[conditions.prompts[s] for s in slots], meta=meta)
+    shutil.rmtree(Path(cfg.out) / "parts", ignore_errors=True)
     console.print(f"{num_samples} samples ({len(conditions.names)} condition(s)) in {meta['seconds']:.1f} s -> "
                   f"{cfg.out}")
     return summary

@@ -33,12 +33,42 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def write_npz_atomic(path: str | Path, **arrays) -> Path:
-    """np.savez of `arrays`, atomically (through a file object: given a name, savez would append ".npz")."""
+def write_npy_atomic(path: str | Path, array) -> Path:
     import numpy as np
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
+NPZ_CHUNK_BYTES = 64 * 2**20
+
+
+def write_npz_atomic(path: str | Path, **arrays) -> Path:
+    """What np.savez writes (uncompressed .npy members of a zip), atomically.
+
+    An array may also be any object with `shape`, `dtype` and `rows(start, stop)`: it is read and written
+    in chunks of rows, so it never has to fit in memory whole (the sampler's per-rank parts).
+    """
+    import zipfile
+
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    if isinstance(array, np.ndarray) or not hasattr(array, "rows"):
+                        np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+                        continue
+                    shape, dtype = tuple(array.shape), np.dtype(array.dtype)
+                    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+                    np.lib.format.write_array_header_2_0(member, header)
+                    row_bytes = max(1, dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+                    step = max(1, NPZ_CHUNK_BYTES // row_bytes)
+                    for start in range(0, shape[0], step):
+                        member.write(np.ascontiguousarray(array.rows(start, min(start + step, shape[0]))).tobytes())
 
     return atomic_write(path, write)

@@ -83,7 +83,7 @@ class VQAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.quantizer(self.encoder(images)).indices
+        return self.quantizer(self.encoder(images), check_values=True).indices
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class RunConfig:
     steps: int = 1000
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    deterministic: bool = False  # deterministic CUDA kernels: bitwise resume on GPU, at some speed (docs/RECIPE.md)
     log_every: int = 10
     image_every: int = 500  # reconstruction grid PNG
     checkpoint_every: int = 500

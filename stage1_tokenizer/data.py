@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from simvq_common import distributed
+
 EMOJI_PATH = Path(__file__).resolve().parent / "assets" / "noto_emoji_64.npz"
 EMOJI_NATIVE_RESOLUTION = 64
 SPLITS = ("train", "val", "all")
@@ -417,9 +419,8 @@ class EpochSampler(Sampler[int]):
     def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False, start_index: int = 0) -> None:
         n = data_source if isinstance(data_source, int) else len(data_source)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        world_size = (torch.distributed.get_world_size() if distributed else 1) if world_size is None else world_size
-        rank = (torch.distributed.get_rank() if distributed else 0) if rank is None else rank
+        world_size = distributed.world_size() if world_size is None else world_size
+        rank = distributed.rank() if rank is None else rank
         if n < 0 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
             raise ValueError(f"bad sampler arguments: n={n}, rank={rank}, world_size={world_size}, seed={seed}")
         self.num_items, self.shuffle, self.seed = int(n), bool(shuffle), int(seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from simvq_common import distributed
 from simvq_common.console import progress
 from simvq_common.fid import compute_fid
 from simvq_common.image_metrics import psnr, ssim
@@ -35,6 +36,7 @@ class TokenizerEvalConfig:
     max_images: int = 0  # 0 = the whole split
     perceptual: str = "auto"  # auto (lpips-vgg if its weights load, else stlpips-vgg) | lpips-vgg | stlpips-vgg | none
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    device: str = "auto"  # auto = this process's GPU if there is one, else cpu
     out: str = ""  # eval.json path; default <tokenizer>/eval.json
 
 
@@ -53,19 +55,23 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
         raise ValueError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
     if cfg.resolution <= 0:
         raise ValueError("set resolution=N, the image size to evaluate at (e.g. 128 for the ImageNet-128 configs)")
-    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+    device = distributed.device_for(cfg.device)
+    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer).to(device)
     dataset = build_image_dataset(cfg.data, cfg.split, cfg.resolution)
     indices = range(min(len(dataset), cfg.max_images) if cfg.max_images else len(dataset))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
                         collate_fn=collate_skip_none)
     perceptual = perceptual_for_eval(cfg.perceptual)
-    usage = CodebookUsage(tokenizer.codebook_size)
+    if perceptual is not None:
+        perceptual.to(device)
+    usage = CodebookUsage(tokenizer.codebook_size, device)
     originals, reconstructions, per_image, skipped = [], [], {"psnr": [], "ssim": [], "lpips": []}, 0
     with progress() as bar:
         task = bar.add_task("eval-tokenizer", total=len(indices), status="")
         for images, _, n_bad in loader:
             skipped += n_bad
             if len(images):
+                images = images.to(device, non_blocking=True)
                 reconstruction, q = tokenizer(images)
                 reconstruction = reconstruction.clamp(-1, 1)
                 usage.update(q.indices)
@@ -73,13 +79,13 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
                 per_image["ssim"].append(ssim(reconstruction, images))
                 if perceptual is not None:
                     per_image["lpips"].append(perceptual(reconstruction, images))
-                originals.append(to_uint8(images))
-                reconstructions.append(to_uint8(reconstruction))
+                originals.append(to_uint8(images).cpu())  # 50k images stay off the GPU
+                reconstructions.append(to_uint8(reconstruction).cpu())
             bar.advance(task, len(images) + n_bad)
     if not originals:
         raise ValueError(f"no readable image in {cfg.data} ({cfg.split})")
     originals, reconstructions = torch.cat(originals), torch.cat(reconstructions)
-    fid = compute_fid(reconstructions, originals, source=cfg.fid_source)
+    fid = compute_fid(reconstructions, originals, source=cfg.fid_source, device=device)
     out_path = Path(cfg.out) if cfg.out else Path(cfg.tokenizer) / "eval.json"
     grid = save_image_grid(torch.cat([originals[:16], reconstructions[:16]]).float() / 127.5 - 1,
                            out_path.with_name(out_path.stem + "_reconstructions.png"), rows=2)

@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader
 from simvq_common.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from simvq_common.config import to_yaml
 from simvq_common.console import console, progress
-from simvq_common.distributed import all_reduce_sum, barrier, init_from_env, rank, world_size
+from simvq_common import distributed
+from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import NonFiniteLoss
 from simvq_common.metrics import RunDir
+from simvq_common.numerics import set_deterministic, use_bf16
 
 from .config import TokenizerTrainConfig
 from .data import EpochSampler, build_image_dataset, collate_skip_none
@@ -34,10 +36,7 @@ from .visualize import save_image_grid
 
 
 def autocast_context(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got '{precision}'")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(precision, device) else nullcontext()
 
 
 @torch.no_grad()
@@ -60,7 +59,8 @@ def check_resumable(saved: dict, cfg: TokenizerTrainConfig) -> None:
 class TokenizerTrainer:
     def __init__(self, cfg: TokenizerTrainConfig):
         self.cfg = cfg
-        self.device = init_from_env()
+        self.device = distributed.setup()
+        set_deterministic(cfg.run.deterministic)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         # models
         self.tokenizer = Tokenizer(cfg.tokenizer).to(self.device)
@@ -73,7 +73,9 @@ class TokenizerTrainer:
         self.generator, self.critic = self.tokenizer, self.discriminator
         if world_size() > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.generator = DDP(self.tokenizer, device_ids=device_ids)
+            # no buffer broadcast: the frozen codebook is built from its seed on every rank and EMA codebooks
+            # all-reduce their own updates, so re-sending them each step (128 MiB at K = 262,144) buys nothing
+            self.generator = DDP(self.tokenizer, device_ids=device_ids, broadcast_buffers=False)
             # D sees reals, then fakes, before one backward: broadcasting its BatchNorm buffers between
             # the two calls breaks autograd, and D never runs in eval mode, so they need not be in sync
             self.critic = DDP(self.discriminator, device_ids=device_ids, broadcast_buffers=False)
@@ -86,7 +88,9 @@ class TokenizerTrainer:
         self.sampler = EpochSampler(len(self.dataset), seed=cfg.run.seed, rank=rank(), world_size=world_size())
         self.val_images = self._fixed_val_batch()
         # state that the checkpoint carries
-        self.step, self.epoch, self.batch_in_epoch, self.skipped_images = 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.skipped_images = 0  # unreadable images met by this rank (since the resume, on ranks > 0)
+        self.dropped_batches = 0  # batches no rank trained on, because one rank's were all unreadable
         self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True) if rank() == 0 else None
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
         self._resume()
@@ -105,13 +109,13 @@ class TokenizerTrainer:
         return torch.stack(images).to(self.device)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _state(self) -> dict:
+    def _state(self, skipped_images: int) -> dict:
         return {
             "identity": {"tokenizer": asdict(self.cfg.tokenizer), "data": asdict(self.cfg.data),
                          "world_size": world_size()},
             "config_yaml": to_yaml(self.cfg),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "skipped_images": self.skipped_images,
+            "skipped_images": skipped_images, "dropped_batches": self.dropped_batches,
             "tokenizer": self.tokenizer.state_dict(), "ema": self.ema.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
@@ -129,14 +133,17 @@ class TokenizerTrainer:
         self.opt_g.load_state_dict(saved["opt_g"])
         self.opt_d.load_state_dict(saved["opt_d"])
         self.step, self.epoch, self.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
-        self.skipped_images = saved["skipped_images"]
+        # the saved count is the sum over ranks: rank 0 carries it on
+        self.skipped_images = saved["skipped_images"] if rank() == 0 else 0
+        self.dropped_batches = saved.get("dropped_batches", 0)
         set_rng_state(saved["rng"])
         if rank() == 0:
             console.print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     def save(self) -> None:
+        skipped = int(distributed.sum_over_ranks(self.skipped_images))  # every rank takes part
         if rank() == 0:
-            save_checkpoint(self.checkpoints, self.step, self._state(), self.cfg.run.keep_checkpoints)
+            save_checkpoint(self.checkpoints, self.step, self._state(skipped), self.cfg.run.keep_checkpoints)
         barrier()
 
     # -- data ------------------------------------------------------------------------------------
@@ -151,8 +158,12 @@ class TokenizerTrainer:
             for images, labels, skipped in loader:
                 self.batch_in_epoch += 1
                 self.skipped_images += skipped
-                if len(images):  # a batch of only unreadable files is dropped (counted above)
-                    yield images.to(self.device, non_blocking=True), labels
+                # a batch of only unreadable files is dropped on every rank together: a rank that skipped a
+                # step alone would leave DDP's collectives and the data positions out of step
+                if distributed.any_rank(len(images) == 0):
+                    self.dropped_batches += 1
+                    continue
+                yield images.to(self.device, non_blocking=True), labels
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     # -- one step --------------------------------------------------------------------------------
@@ -232,12 +243,13 @@ class TokenizerTrainer:
                 images_seen += x.shape[0] * world_size()
                 if self.step % run.log_every == 0 or self.step == run.steps:
                     window = usage.merged().summary()
-                    bad = int(all_reduce_sum(torch.tensor(self.skipped_images)))
+                    bad = int(distributed.sum_over_ranks(self.skipped_images))
                     if rank() == 0:
                         self.run_dir.log(step=self.step, epoch=self.epoch, **stats,
                                          utilisation=window["utilisation"], perplexity=window["perplexity"],
                                          images_per_s=images_seen / (time.perf_counter() - tic),
-                                         global_batch=self.cfg.data.batch_size * world_size(), skipped_images=bad)
+                                         global_batch=self.cfg.data.batch_size * world_size(), skipped_images=bad,
+                                         dropped_batches=self.dropped_batches)
                     bar.update(task, status=f"loss {stats['loss']:.3f} util {window['utilisation']:.1%}")
                     usage = CodebookUsage(self.tokenizer.codebook_size, self.device)
                 if self.step % run.image_every == 0 or self.step == run.steps:

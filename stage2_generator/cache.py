@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from simvq_common import distributed
 from simvq_common.errors import UserError
 from simvq_common.io import atomic_write, write_json_atomic
 
@@ -461,9 +462,8 @@ class CacheLoader:
     def __init__(self, cache: CodeCache, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  text: bool = False) -> None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        world_size = (torch.distributed.get_world_size() if distributed else 1) if world_size is None else world_size
-        rank = (torch.distributed.get_rank() if distributed else 0) if rank is None else rank
+        world_size = distributed.world_size() if world_size is None else world_size
+        rank = distributed.rank() if rank is None else rank
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
             raise ValueError(f"bad loader arguments: batch_size={batch_size}, rank={rank}, world_size={world_size}, "
                              f"seed={seed}")

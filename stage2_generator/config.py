@@ -113,6 +113,7 @@ class GeneratorRunConfig:
     steps: int = 1000  # optimizer steps
     seed: int = 0  # initial weights, data order, condition dropout
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    deterministic: bool = False  # deterministic CUDA kernels: bitwise resume on GPU, at some speed (docs/RECIPE.md)
     deepspeed: str = "configs/deepspeed/zero2.yaml"  # the ZeRO part of the DeepSpeed config
     loss_chunk_mb: float = 256.0  # fp32 logits held at once by the chunked loss
     log_every: int = 10

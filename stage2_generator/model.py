@@ -52,7 +52,10 @@ class Condition(nn.Module):
             labels = condition if drop is None else torch.where(drop, self.null_class, condition)
             return self.classes(labels)[:, None, :]
         if self.kind == "text":
-            text = condition if drop is None else torch.where(drop[:, None], self.null_text.to(condition), condition)
+            # in the projection's dtype: the cache's fp32 embeddings meet bf16 weights under DeepSpeed bf16
+            text = condition.to(self.project.weight.dtype)
+            if drop is not None:
+                text = torch.where(drop[:, None], self.null_text.to(text.dtype), text)
             return self.project(text).view(len(text), self.tokens, self.dim)
         return self.start.expand(batch_size if condition is None else len(condition), 1, self.dim)
 

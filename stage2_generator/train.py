@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import socket
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,10 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from simvq_common.console import console, progress
+from simvq_common import distributed
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import NonFiniteLoss, UserError
 from simvq_common.io import write_json_atomic
 from simvq_common.metrics import RunDir
+from simvq_common.numerics import set_deterministic, use_bf16
 
 from .cache import CacheLoader, CodeCache
 from .config import GeneratorConfig, GeneratorTrainConfig
@@ -45,31 +45,6 @@ class DeepSpeedConfigError(UserError, ValueError):
 
 
 # -- set-up ------------------------------------------------------------------------------------
-
-def init_distributed() -> torch.device:
-    """Join (or, for a lone process, create) the process group DeepSpeed uses; returns this rank's device."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # a plain `simvq train-generator`: a group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"run.precision must be auto, bf16 or fp32, got '{precision}'")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
 
 def deepspeed_config(cfg: GeneratorTrainConfig, bf16: bool) -> dict:
     """The ZeRO file (configs/deepspeed/) plus the batch, clipping and precision from the experiment config."""
@@ -144,8 +119,9 @@ class GeneratorTrainer:
     def __init__(self, cfg: GeneratorTrainConfig) -> None:
         import deepspeed
 
-        self.device = init_distributed()
+        self.device = distributed.setup(group_of_one=True)  # DeepSpeed needs a group, even of one
         self.bf16 = use_bf16(cfg.run.precision, self.device)
+        set_deterministic(cfg.run.deterministic)
         # data: the cache fixes the vocabulary; a val cache must come from the same tokenizer
         if not cfg.data.cache:
             raise UserError("data.cache is empty: give the code cache to train on (`simvq pretokenize` output)")
@@ -261,23 +237,25 @@ class GeneratorTrainer:
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self, batches) -> float:
         self.engine.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # nccl reduces device tensors only
         for micro in range(self.cfg.data.grad_accum):
             batch = next(batches)
-            codes = batch.codes.to(self.device)
+            codes = batch.codes.to(self.device, non_blocking=True)
             loss = self.engine(codes, self.condition_of(batch), self.dropout_mask(len(codes), micro))
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss at step {self.step}; training stopped, the last good "
-                                    f"checkpoint is in {self.checkpoints}. Lower optim.lr or set optim.grad_clip")
             self.engine.backward(loss)
             skipped = self.engine.skipped_steps
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             if self.engine.skipped_steps != skipped:  # no loss scaling here: any overflow is a real fault
                 raise NonFiniteLoss(f"non-finite gradients at step {self.step} (DeepSpeed skipped the update); "
                                     f"training stopped, the last good checkpoint is in {self.checkpoints}")
-            total += loss.detach().double().cpu()
+            total += loss.detach().double()
+        # one host sync per step (not per micro-step): a non-finite loss stops the run before any checkpoint
+        mean = float(all_reduce_sum(total / self.cfg.data.grad_accum)) / world_size()
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(f"non-finite loss at step {self.step}; training stopped, the last good "
+                                f"checkpoint is in {self.checkpoints}. Lower optim.lr or set optim.grad_clip")
         self.step += 1
-        return float(all_reduce_sum(total / self.cfg.data.grad_accum)) / world_size()
+        return mean
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -288,7 +266,7 @@ class GeneratorTrainer:
         loader = CacheLoader(self.val_cache, self.cfg.data.batch_size, shuffle=False, drop_last=True,
                              text=self.cfg.model.conditioning == "text")
         self.engine.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x sequences, sequences)
         remaining = n // world_size()  # equal on every rank: ZeRO-3 gathers weights in lockstep
         for batch in loader:
             if remaining <= 0:
@@ -297,7 +275,8 @@ class GeneratorTrainer:
             remaining -= take
             condition = self.condition_of(batch)
             loss = self.engine(batch.codes[:take].to(self.device), None if condition is None else condition[:take])
-            sums += torch.tensor([float(loss) * take, take], dtype=torch.float64)
+            sums[0] += loss.detach().double() * take
+            sums[1] += take
         all_reduce_sum(sums)
         if sums[1] == 0:
             return {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.sample import (SEEDS_RULE, Conditions, SampleConfig, draw, grid_layout, merge_rank_parts, sample,
+from pipelines.sample import (SEEDS_RULE, Conditions, SampleConfig, draw, grid_layout, RankParts, sample,
                               write_samples)
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
@@ -138,9 +138,14 @@ def test_a_sample_depends_on_its_index_only(dirs, tmp_path, one_thread):
     conditions = Conditions(CLASS_NAMES, [0, 1, 2], [""] * 3, torch.arange(3))
     indices = np.arange(6)
     parts = [draw(model, tokenizer, conditions, indices[r::2], sampling, batch_size=2) for r in range(2)]
-    np.testing.assert_array_equal(merge_rank_parts([codes for codes, _ in parts]), whole["codes"])
-    np.testing.assert_array_equal(merge_rank_parts([images for _, images in parts]), whole["images"])
-    assert "".join(merge_rank_parts([np.array(["a", "d"]), np.array(["b", "e"]), np.array(["c"])])) == "abcde"
+    np.testing.assert_array_equal(RankParts([codes for codes, _ in parts]).rows(0, 6), whole["codes"])
+    np.testing.assert_array_equal(RankParts([images for _, images in parts]).rows(0, 6), whole["images"])
+    letters = RankParts([np.array(list("aeim")), np.array(list("bfj")), np.array(list("cgk")), np.array(list("dhl"))])
+    assert "".join(letters.rows(0, 13)) == "abcdefghijklm"
+    for start in range(13):  # every window, as the streamed samples.npz writer reads them
+        for stop in range(start, 14):
+            assert "".join(letters.rows(start, stop)) == "abcdefghijklm"[start:stop]
+    assert letters[9] == "j"
 
 
 def test_a_tokenizer_with_another_fingerprint_is_refused(dirs, tmp_path):

@@ -93,11 +93,12 @@ TINY = [4, 4 * 7, 4 * 7 * 13, 4 * 7 * 13 + 3, 4 * 1000 + 1, 4 * 1024 * 3 - 4, 4 
 
 @pytest.mark.parametrize("n,k,d,max_bytes",
                          [(37, 301, 6, mb) for mb in TINY] + [(257, 2051, 5, mb) for mb in TINY[2:]])
-def test_tiny_budgets_force_token_and_code_chunking(n, k, d, max_bytes):
+@pytest.mark.parametrize("host_sync", [True, False], ids=["cpu-merge", "gpu-merge"])
+def test_tiny_budgets_force_token_and_code_chunking(n, k, d, max_bytes, host_sync):
     g = torch.Generator().manual_seed(max_bytes + n)
     z = torch.randn(n, d, generator=g)
     codebook = torch.randn(k, d, generator=g)
-    indices = nearest_code(z, codebook, max_bytes=max_bytes)
+    indices = nearest_code(z, codebook, max_bytes=max_bytes, host_sync=host_sync)
     assert_exact_search(z, codebook, indices)
 
 
@@ -109,14 +110,15 @@ def test_tiny_budget_really_chunks_both_sides():
     assert tb < 257 and cb < 2051
 
 
-def test_k65536_with_small_budget_merges_many_blocks():
+@pytest.mark.parametrize("host_sync", [True, False], ids=["cpu-merge", "gpu-merge"])
+def test_k65536_with_small_budget_merges_many_blocks(host_sync):
     g = torch.Generator().manual_seed(5)
     z = torch.randn(300, 16, generator=g)
     codebook = torch.randn(65_536, 16, generator=g) * 0.25
     max_bytes = 4 * 7 * 13 * 97 + 2  # odd: 38 token blocks x 60 code blocks of odd width (8 x 1103)
     tb, cb = plan_blocks(300, 65_536, max_bytes)
     assert tb < 300 and 65_536 % cb != 0
-    indices = nearest_code(z, codebook, max_bytes=max_bytes)
+    indices = nearest_code(z, codebook, max_bytes=max_bytes, host_sync=host_sync)
     assert_exact_search(z, codebook, indices)
 
 
@@ -184,7 +186,8 @@ def test_ties_with_exact_equal_distances_lowest_index():
     codebook = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, -1.0], [1.0, 0.0], [-1.0, 0.0]])
     z = torch.zeros(3, 2)
     for mb in (DEFAULT_MAX_BYTES, 4, 8, 12):
-        assert nearest_code(z, codebook, max_bytes=mb).tolist() == [1, 1, 1]
+        for host_sync in (True, False):
+            assert nearest_code(z, codebook, max_bytes=mb, host_sync=host_sync).tolist() == [1, 1, 1]
 
 
 @pytest.mark.parametrize("max_bytes", [DEFAULT_MAX_BYTES, 4 * 7 * 13 * 11])

@@ -17,14 +17,15 @@ class QuantizerOutput:
     loss: torch.Tensor       # scalar quantizer loss
 
 
-def check_latents(z: torch.Tensor, dim: int) -> None:
+def check_latents(z: torch.Tensor, dim: int, values: bool | None = True) -> None:
+    """Shape always; finiteness when `values` (None: on CPU only, as reading it back syncs a GPU)."""
     if not isinstance(z, torch.Tensor) or z.ndim != 4:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"expected latents of shape (batch, {dim}, height, width), got {shape}")
     if z.shape[1] != dim:
         raise ValueError(f"expected {dim} latent channels (the quantizer's dim), got {z.shape[1]} "
                          f"in shape {tuple(z.shape)}: the encoder's z_channels must equal the code dim")
-    if not torch.isfinite(z).all():
+    if (z.device.type == "cpu" if values is None else values) and not torch.isfinite(z).all():
         bad = int((~torch.isfinite(z)).sum())
         raise ValueError(f"latents contain {bad} non-finite values (NaN or inf): the encoder diverged "
                          f"or its input is corrupt; lower the learning rate or check the data")
@@ -75,8 +76,10 @@ class Quantizer(nn.Module):
                              f"[{int(indices.min())}, {int(indices.max())}]")
         return self.lookup(indices.long()).permute(0, 3, 1, 2).contiguous()
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        check_latents(z, self.dim)
+    def forward(self, z: torch.Tensor, check_values: bool | None = None) -> QuantizerOutput:
+        """check_values (default: on CPU only): refuse non-finite latents. A training step on a GPU skips it,
+        as the trainers stop on a non-finite loss anyway; encoding checks everywhere."""
+        check_latents(z, self.dim, check_values)
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         indices = nearest_code(flat.detach(), self.codebook().detach(), self.search_max_bytes)

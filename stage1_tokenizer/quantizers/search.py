@@ -31,8 +31,15 @@ def plan_blocks(num_tokens: int, num_codes: int, max_bytes: int) -> tuple[int, i
 
 
 @torch.no_grad()
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """Index of the nearest row of `codebook` (K, d) for every row of `z` (N, d); int64 (N,)."""
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, max_bytes: int = DEFAULT_MAX_BYTES,
+                 host_sync: bool | None = None) -> torch.Tensor:
+    """Index of the nearest row of `codebook` (K, d) for every row of `z` (N, d); int64 (N,).
+
+    host_sync (default: on CPU only) lets the merge of code blocks ask which rows improved, which saves work
+    on a CPU; on a GPU that question would stall the stream once per block, so it merges with min + where.
+    """
+    if host_sync is None:
+        host_sync = z.device.type == "cpu"
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"expected z (N, d) and codebook (K, d) with the same d, got {tuple(z.shape)} "
                          f"and {tuple(codebook.shape)}")
@@ -61,6 +68,12 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, max_bytes: int = DEFAU
             best_index = torch.zeros(rows.shape[0], dtype=torch.long, device=z.device)
             for c0 in range(0, num_codes, code_block):
                 dist = distances(rows, codebook_aug_t[:, c0:c0 + code_block])
+                if not host_sync:
+                    value, index = dist.min(1)  # the first minimum within the block
+                    better = value < best  # strict: on a tie the earlier (lower) index wins
+                    best_index = torch.where(better, index + c0, best_index)
+                    best = torch.where(better, value, best)
+                    continue
                 # amin is ~20x cheaper than min-with-indices on CPU, and after the first blocks few rows
                 # still improve: take the argmin of those rows only
                 value = dist.amin(1)

@@ -1,0 +1,28 @@
+"""How a training run computes: bf16 or fp32, and deterministic kernels or the fastest ones."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """auto = bf16 on CUDA, fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"run.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels everywhere, or PyTorch's defaults (docs/RECIPE.md: what resume guarantees).
+
+    CPU kernels are deterministic either way; on CUDA this refuses, naming it, any op without a deterministic
+    kernel, and cuBLAS needs a fixed workspace (read when its handle is made: set before the first matmul).
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
