@@ -228,3 +228,23 @@ def test_bf16_training_exports_the_fp32_master_weights(tmp_path, stage):
         assert torch.equal(value.to(torch.bfloat16), module[name].detach()), name
         moved += int(not torch.equal(value, value.to(torch.bfloat16).float()))
     assert moved > 0  # some masters hold more precision than their bf16 copies
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+def test_bf16_training_of_every_conditioning_takes_finite_steps_that_move_the_weights(tmp_path, conditioning):
+    # bf16 is the default on CUDA; the cached text embeddings are fp32 and must meet bf16 weights
+    make_cache(tmp_path / "cache", num_images=12, images_per_shard=8, codebook_size=64, grid=(2, 3), text=True)
+    cfg = tiny(tmp_path, f"model.conditioning={conditioning}", "run.steps=3", "run.precision=bf16",
+               "model.condition_dropout=0.5", f"data.val_cache={tmp_path / 'cache'}", "run.val_every=3")
+    trainer = GeneratorTrainer(cfg)
+    before = {k: v.detach().float().clone() for k, v in trainer.engine.module.named_parameters()}
+    trainer.train()  # a non-finite loss or a skipped (non-finite gradient) step raises
+    logged = metrics(tmp_path / "run")
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in logged if "loss" in r)
+    assert math.isfinite(logged[-1]["val_loss"])
+    after = dict(trainer.engine.module.named_parameters())
+    moved = [k for k in before if not torch.equal(before[k], after[k].detach().float())]
+    conditioning_weights = {"class": "condition.classes.weight", "text": "condition.project.weight",
+                            "none": "condition.start"}[conditioning]
+    assert conditioning_weights in moved and len(moved) > len(before) // 2
