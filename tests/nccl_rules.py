@@ -27,6 +27,7 @@ class NcclRules:
 
     def __init__(self, real) -> None:
         self.real = real
+        self.real_objects = {name: getattr(real, name) for name in self.OBJECT_COLLECTIVES}
         self.placed: dict[int, weakref.ref] = {}  # id -> the tensor to_backend made
         self.calls: list[str] = []
 
@@ -48,6 +49,8 @@ class NcclRules:
                 return attr(tensor, *args, **kwargs)
             return checked
         if name in self.OBJECT_COLLECTIVES:
+            attr = self.real_objects[name]
+
             def limited(objects, *args, **kwargs):
                 size = len(pickle.dumps(objects))
                 if size > OBJECT_LIMIT:
@@ -73,4 +76,8 @@ def install() -> NcclRules:
 
     distributed.dist = rules
     distributed.to_backend = to_backend
+    import torch.distributed as dist
+
+    for name in NcclRules.OBJECT_COLLECTIVES:  # also for code that would bypass the module
+        setattr(dist, name, getattr(rules, name))
     return rules

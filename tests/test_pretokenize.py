@@ -15,9 +15,11 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+import nccl_rules
 from pipelines import pretokenize as pretokenize_module
 from pipelines.cli import build_parser, command_overrides, main
 from pipelines.pretokenize import PretokenizeConfig, pretokenize
+from simvq_common import distributed
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
@@ -142,6 +144,7 @@ def _worker(rank, world, port, tokenizer_dir, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    nccl_rules.install()  # every collective of ours as a GPU run would make it
     if rank == 1:  # a slower rank: rank 0 must wait for its shards before writing the manifest
         write_shard = pretokenize_module.write_shard
 
@@ -153,8 +156,7 @@ def _worker(rank, world, port, tokenizer_dir, out):
     try:
         pretokenize(config(tokenizer_dir, out, "max_images=70", "images_per_shard=10", "batch_size=4", "aug=flip"))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 def test_two_processes_write_the_same_cache_as_one(tmp_path, tokenizer_dir, one_thread):

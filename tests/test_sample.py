@@ -231,3 +231,42 @@ def test_prompts_condition_a_text_generator(dirs, tmp_path, one_thread):
     np.testing.assert_array_equal(got["images"], images)
     record = json.loads((tmp_path / "sampling.json").read_text())
     assert record["text_encoder"]["name"] == TEXT_ENCODER and record["config"]["prompts"] == prompts
+
+
+def _sampling_worker(rank, world, port, generator_dir, out):
+    import os
+
+    import nccl_rules
+    from simvq_common import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    nccl_rules.install()
+    nccl_rules.OBJECT_LIMIT = 4096  # the rule at this test's 8 px: 48 samples are ~12 KB, as 50k at 256 px are ~10 GB
+    try:
+        sample(SampleConfig(generator=generator_dir, out=out, num_samples=48, batch_size=5, save_pngs=True,
+                            sampling=SamplingConfig(guidance_scale=2.0, seed=4)))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_processes_write_through_the_disk_what_one_process_writes(dirs, tmp_path, one_thread):
+    import torch.multiprocessing as mp
+
+    from simvq_common.distributed import free_port
+
+    mp.start_processes(_sampling_worker, args=(2, free_port(), str(dirs["class"]), str(tmp_path / "two")),
+                       nprocs=2, start_method="spawn", join=True)
+    _, one = run(dirs, tmp_path / "one", num_samples=48, batch_size=7, save_pngs=True,
+                 sampling=SamplingConfig(guidance_scale=2.0, seed=4))
+    with np.load(tmp_path / "two" / "samples.npz") as data:
+        two = {key: data[key] for key in data.files}
+    assert two.keys() == one.keys()
+    for key in one:
+        np.testing.assert_array_equal(two[key], one[key])
+    assert sorted(p.name for p in (tmp_path / "two" / "png").iterdir()) == [f"{i:06d}.png" for i in range(48)]
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
+    assert not (tmp_path / "two" / "parts").exists()  # the per-rank parts are removed once merged
+    assert json.loads((tmp_path / "two" / "sampling.json").read_text())["counts"]["world_size"] == 2

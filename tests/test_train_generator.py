@@ -20,6 +20,7 @@ from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
 from stage2_generator.sampling import SamplingConfig, generate
 from stage2_generator.train import DeepSpeedConfigError, GeneratorTrainer, train_generator
+import nccl_rules
 from synthetic_cache import header_for, make_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,7 @@ def _worker(local_rank, world, port, cfg_overrides, tmp, results):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
+    nccl_rules.install()  # every collective of ours as a GPU run would make it
     cfg = load_config(GeneratorTrainConfig, None, cfg_overrides)
     trainer = GeneratorTrainer(cfg)
     trainer.train()

@@ -1,18 +1,25 @@
 """The stage-1 trainer: exact resume, refusal of foreign checkpoints, non-finite loss, 2-process DDP."""
+import json
 import os
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import numpy as np
+from PIL import Image
 
+import nccl_rules
+from simvq_common import distributed
 from simvq_common.checkpoint import list_checkpoints
 from simvq_common.config import load_config
 from simvq_common.errors import NonFiniteLoss
 from stage1_tokenizer import train as train_module
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.data import EpochSampler
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
+from simvq_common.distributed import free_port
 
 TINY = [
     "tokenizer.autoencoder.ch=8", "tokenizer.autoencoder.ch_mult=[1,2]", "tokenizer.autoencoder.num_res_blocks=1",
@@ -86,17 +93,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt"]
 
 
-def _ddp_worker(rank, world, port, out_dir, results):
+def _ddp_worker(rank, world, port, out_dir, results, extra=("run.steps=3",), tag=""):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    nccl_rules.install()  # every collective of ours as a GPU run would make it
     try:
-        trainer = TokenizerTrainer(tiny_config(out_dir, "run.steps=3"))
+        trainer = TokenizerTrainer(tiny_config(out_dir, *extra))
         trainer.train()
-        torch.save({k: v.clone() for k, v in trainer.tokenizer.state_dict().items()}, f"{results}/rank{rank}.pt")
+        torch.save({k: v.clone() for k, v in trainer.tokenizer.state_dict().items()}, f"{results}/rank{rank}{tag}.pt")
+        torch.save({"epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
+                    "dropped_batches": trainer.dropped_batches}, f"{results}/position{rank}{tag}.pt")
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
 
 
 @pytest.mark.slow
@@ -113,3 +122,42 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert saved["identity"]["world_size"] == 2 and saved["step"] == 3
     logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert '"global_batch": 8' in logged[-1]
+
+
+def folder_with_unreadable_batch_on_rank1(root, n=16, world=2, batch=2, seed=0):
+    """A one-class image folder whose first epoch gives rank 1 a first batch of unreadable files only."""
+    order = EpochSampler(n, seed=seed, rank=0, world_size=world).epoch_order()
+    rank1_first_batch = set(order[1::world][:batch].tolist())
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", 4)):
+        (root / split / "a").mkdir(parents=True)
+        for i in range(count):
+            path = root / split / "a" / f"{i:03d}.png"
+            if split == "train" and i in rank1_first_batch:
+                path.write_bytes(b"not a png")
+            else:
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+@pytest.mark.slow
+def test_an_unreadable_batch_on_one_rank_is_dropped_on_every_rank_and_resume_stays_exact(tmp_path):
+    data = folder_with_unreadable_batch_on_rank1(tmp_path / "images")
+    common = [f"data.source={data}", "data.batch_size=2", "run.checkpoint_every=2"]
+
+    def ranks(out, steps, tag):
+        mp.start_processes(_ddp_worker, args=(2, free_port(), str(out), str(tmp_path), [*common, f"run.steps={steps}"],
+                                              tag), nprocs=2, start_method="spawn", join=True)
+        return [torch.load(tmp_path / f"position{r}{tag}.pt") for r in (0, 1)]
+
+    straight = ranks(tmp_path / "straight", 4, "-straight")
+    # both ranks skipped the same batch and stand at the same place in the data (rank 0's checkpoint is theirs)
+    # 4 batches per rank per epoch: 4 steps + the dropped one end at epoch 1, batch 1
+    assert straight[0] == straight[1] == {"epoch": 1, "batch_in_epoch": 1, "dropped_batches": 1}
+    ranks(tmp_path / "resumed", 2, "-half")
+    resumed = ranks(tmp_path / "resumed", 4, "-resumed")
+    assert resumed == straight
+    a, b = torch.load(tmp_path / "rank0-straight.pt"), torch.load(tmp_path / "rank0-resumed.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["skipped_images"] == 2 and logged[-1]["dropped_batches"] == 1  # counts survive the resume
