@@ -89,3 +89,43 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
 def test_identity_hash_is_order_independent_and_sensitive():
     assert identity_hash({"a": 1, "b": [1, 2]}) == identity_hash({"b": [1, 2], "a": 1})
     assert identity_hash({"a": 1}) != identity_hash({"a": 2})
+
+
+def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypatch):
+    """tokenizer-eval and the baseline move the tokenizer (and FID) to this process's device: under torchrun
+    that is the rank's GPU, not hours of CPU work. cpu:0 stands in for it: distinguishable from plain cpu."""
+    import torch
+
+    from pipelines.run import baseline_samples
+    from simvq_common import distributed
+    from stage1_tokenizer import evaluate as evaluate_module
+    from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
+    from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+    from stage1_tokenizer.tokenizer import Tokenizer
+    from synthetic_cache import make_cache
+
+    gpu = torch.device("cpu", 0)
+    monkeypatch.setattr(distributed, "setup", lambda group_of_one=False: gpu)
+    moved, fid_devices = [], []
+    real_to, real_fid = torch.nn.Module.to, evaluate_module.compute_fid
+
+    def to(self, *args, **kwargs):
+        moved.append((type(self).__name__, args[0] if args else kwargs.get("device")))
+        return real_to(self, *args, **kwargs)
+
+    def compute_fid(*args, device=None, **kwargs):
+        fid_devices.append(device)
+        return real_fid(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(evaluate_module, "compute_fid", compute_fid)
+    tokenizer = Tokenizer(TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
+                                                            norm_groups=4), QuantizerConfig(codebook_size=64)))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    result = evaluate_tokenizer(TokenizerEvalConfig(tokenizer=str(tmp_path / "tokenizer"), resolution=16, max_images=4,
+                                                    perceptual="none", fid_source="offline-torchscript"))
+    assert ("Tokenizer", gpu) in moved and fid_devices == [gpu] and result["num_images"] == 4
+    moved.clear()
+    make_cache(tmp_path / "cache", num_images=6, codebook_size=64, grid=(8, 8))
+    baseline_samples(str(tmp_path / "tokenizer"), str(tmp_path / "cache"), 3, 0, tmp_path / "baseline", gpu)
+    assert ("Tokenizer", gpu) in moved
