@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from simvq_common import distributed
 from simvq_common.console import console
 from simvq_common.errors import UserError
 from simvq_common.fid import compute_metrics, load_reference_stats, reference_stats, save_reference_stats
@@ -37,6 +38,7 @@ class EvaluateConfig:
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])  # isc needs torch-fidelity's Inception
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
     batch_size: int = 64
+    device: str = "auto"  # where the Inception runs: auto = this process's GPU if there is one, else cpu
     out: str = ""  # metrics.json path ("" = beside samples.npz)
     save_reference_stats: str = ""  # also write the reference's FID statistics to this .npz
 
@@ -82,6 +84,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.samples:
         raise UserError("set samples=DIR (a `simvq sample` output directory)")
     tic = time.time()
+    try:
+        device = distributed.device_for(cfg.device)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     generated, npz, sampling = load_samples(cfg.samples)
     resolution = generated.shape[-1]
     if cfg.reference.endswith(".npz"):
@@ -92,11 +98,12 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         reference, described = reference_images(cfg.reference, cfg.reference_split, resolution, cfg.max_reference)
     wanted = set(cfg.metrics)
     result = compute_metrics(generated, reference, fid="fid" in wanted, isc="isc" in wanted, kid="kid" in wanted,
-                             prc="prc" in wanted, source=cfg.fid_source, batch_size=cfg.batch_size)
+                             prc="prc" in wanted, source=cfg.fid_source, batch_size=cfg.batch_size,
+                             device=device)
     if cfg.save_reference_stats:
         if described["kind"] != "images":
             raise UserError("save_reference_stats needs reference images, not a statistics file")
-        stats = reference_stats(reference, cfg.fid_source, cfg.batch_size)
+        stats = reference_stats(reference, cfg.fid_source, cfg.batch_size, device=device)
         save_reference_stats(cfg.save_reference_stats, stats, json.dumps(described))
         described["saved_statistics"] = str(Path(cfg.save_reference_stats).resolve())
     out = Path(cfg.out) if cfg.out else npz.with_name("metrics.json")

@@ -178,10 +178,10 @@ def run_on_rank0(work: Callable[[], object], record: Path, poll_s: float = 2.0) 
     if rank() == 0:
         try:
             result = work()
-        except BaseException as err:
+            write_json_atomic(record, {"result": result})
+        except BaseException as err:  # the others must not wait for a result that never comes
             write_json_atomic(record, {"error": f"{type(err).__name__}: {err}"})
             raise
-        write_json_atomic(record, {"result": result})
         return result
     while not record.is_file():
         time.sleep(poll_s)
