@@ -71,6 +71,7 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        prc_features_to_metric)
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from .fingerprint import file_sha256
 from .io import write_npz_atomic
 
 SOURCES = ("auto", "torch-fidelity", "offline-torchscript")
@@ -169,23 +170,6 @@ if OFFLINE_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 
 
 # ------------------------------------------------------------------------------------ resolving the weights
-
-
-_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _SHA256_MEMO[key] = digest.hexdigest()
-    return _SHA256_MEMO[key]
 
 
 def torch_fidelity_weights_path() -> Path:

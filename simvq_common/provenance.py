@@ -8,7 +8,8 @@ from importlib import metadata
 from pathlib import Path
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of `package`, None when it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -31,7 +32,7 @@ def environment() -> dict:
     import torch
 
     return {
-        "simvq_gen": _version("simvq-gen"),
+        "simvq_gen": package_version("simvq-gen"),
         "git": git_revision(),
         "torch": torch.__version__,
         "python": platform.python_version(),

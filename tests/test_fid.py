@@ -14,6 +14,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExt
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from simvq_common import fid
+from simvq_common.fingerprint import file_sha256
 from stage1_tokenizer.data import load_emoji
 
 OFFLINE = "offline-torchscript"
@@ -425,7 +426,7 @@ def test_cached_torch_fidelity_weights_are_used_and_checked(monkeypatch, tmp_pat
     monkeypatch.setattr(fid, "torch_fidelity_weights_path", lambda: good)
     name, provenance = fid.resolve_inception("auto")
     assert name == fid.TORCH_FIDELITY_EXTRACTOR and provenance["source"] == "torch-fidelity"
-    assert provenance["weights_sha256"] == fid.file_sha256(good) and provenance["weights_path"] == str(good)
+    assert provenance["weights_sha256"] == file_sha256(good) and provenance["weights_path"] == str(good)
     bad = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # prefix in the name does not match
     bad.write_bytes(b"corrupt")
     monkeypatch.setattr(fid, "torch_fidelity_weights_path", lambda: bad)
