@@ -14,7 +14,7 @@ OVERRIDES_HELP = "config overrides as key=value (dotted keys for nested fields, 
 
 
 def _collapse_study(args: argparse.Namespace) -> None:
-    from stage1_tokenizer.collapse_study import CollapseStudyConfig, run_collapse_study
+    from studies.collapse import CollapseStudyConfig, run_collapse_study
 
     cfg = load_config(CollapseStudyConfig, args.config, args.overrides)
     cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])
@@ -47,7 +47,7 @@ def _eval_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _compare_tokenizers(args: argparse.Namespace) -> None:
-    from stage1_tokenizer.comparison import TokenizerComparisonConfig, run_comparison
+    from studies.tokenizer_comparison import TokenizerComparisonConfig, run_comparison
 
     cfg = load_config(TokenizerComparisonConfig, args.config, args.overrides)
     cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])

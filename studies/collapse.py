@@ -22,10 +22,10 @@ from simvq_common.markdown import write_section
 from simvq_common.metrics import RunDir
 from simvq_common.provenance import environment
 
-from .autoencoder import VQAutoencoder
-from .config import AutoencoderConfig, QuantizerConfig
-from .data import ImageSet, load_emoji, to_model_range
-from .quantizers import CodebookUsage
+from stage1_tokenizer.autoencoder import VQAutoencoder
+from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig
+from stage1_tokenizer.data import ImageSet, load_emoji, to_model_range
+from stage1_tokenizer.quantizers import CodebookUsage
 
 
 def _small_autoencoder() -> AutoencoderConfig:

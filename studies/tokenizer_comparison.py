@@ -13,9 +13,9 @@ from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.provenance import environment
 
-from .config import TokenizerTrainConfig
-from .evaluate import TokenizerEvalConfig, evaluate_tokenizer
-from .train import train_tokenizer
+from stage1_tokenizer.config import TokenizerTrainConfig
+from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+from stage1_tokenizer.train import train_tokenizer
 
 
 @dataclass

@@ -58,8 +58,8 @@ def test_missing_file_is_clear(tmp_path):
 
 
 def _schema_for(path):
-    from stage1_tokenizer.collapse_study import CollapseStudyConfig
-    from stage1_tokenizer.comparison import TokenizerComparisonConfig
+    from studies.collapse import CollapseStudyConfig
+    from studies.tokenizer_comparison import TokenizerComparisonConfig
     from stage1_tokenizer.config import TokenizerTrainConfig
     from pipelines.run import PipelineConfig
     from stage2_generator.config import GeneratorTrainConfig

@@ -1,0 +1,1 @@
+"""Experiments built from the stages: the codebook-collapse study and the tokenizer comparison."""
