@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from typing import Callable
 
@@ -17,7 +16,6 @@ def _collapse_study(args: argparse.Namespace) -> None:
     from studies.collapse import CollapseStudyConfig, run_collapse_study
 
     cfg = load_config(CollapseStudyConfig, args.config, args.overrides)
-    cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])
     run_collapse_study(cfg)
     console.print(f"[green]done[/]: results in {cfg.out_dir}/results.md"
                   + (f" and {cfg.results_md}" if cfg.results_md else ""))
@@ -32,25 +30,15 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _eval_tokenizer(args: argparse.Namespace) -> None:
-    from rich.table import Table
+    from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer, result_table
 
-    from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
-
-    result = evaluate_tokenizer(load_config(TokenizerEvalConfig, args.config, args.overrides))
-    table = Table(title=f"tokenizer {result['tokenizer_fingerprint']} on {result['data']} {result['split']} "
-                        f"({result['num_images']} images, {result['resolution']} px)")
-    for name in ("rfid", "psnr", "ssim", "lpips", "utilisation", "perplexity"):
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{result[k]:.4g}" if result[k] is not None else "-" for k in
-                    ("rfid", "psnr", "ssim", "lpips", "utilisation", "perplexity")))
-    console.print(table)
+    console.print(result_table(evaluate_tokenizer(load_config(TokenizerEvalConfig, args.config, args.overrides))))
 
 
 def _compare_tokenizers(args: argparse.Namespace) -> None:
     from studies.tokenizer_comparison import TokenizerComparisonConfig, run_comparison
 
     cfg = load_config(TokenizerComparisonConfig, args.config, args.overrides)
-    cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])
     run_comparison(cfg)
     console.print(f"[green]done[/]: {cfg.out_dir}/results.json" + (f" and {cfg.results_md}" if cfg.results_md else ""))
 
@@ -85,26 +73,15 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from rich.table import Table
+    from pipelines.evaluate import EvaluateConfig, evaluate, result_table
 
-    from pipelines.evaluate import EvaluateConfig, evaluate
-
-    result = evaluate(load_config(EvaluateConfig, args.config, command_overrides(args)))
-    names = [k for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in result]
-    table = Table(title=f"{result['samples']['num']} samples vs {result['reference']['num_images']} reference images "
-                        f"({result['inception_source']} Inception, {result['suite']})")
-    for name in names:
-        table.add_column(name, justify="right")
-    table.add_row(*(f"{result[k]:.4g}" for k in names))
-    console.print(table)
+    console.print(result_table(evaluate(load_config(EvaluateConfig, args.config, command_overrides(args)))))
 
 
 def _run(args: argparse.Namespace) -> None:
     from pipelines.run import PipelineConfig, run_pipeline
 
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    cfg.command = cfg.command or "simvq " + shlex.join(sys.argv[1:])
-    run_pipeline(cfg)
+    run_pipeline(load_config(PipelineConfig, args.config, args.overrides))
 
 
 def _verify_cache(args: argparse.Namespace) -> None:
@@ -215,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.function(args)
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except UserError as err:  # the project's own: the message says what to fix; anything else is a bug
         console.print(f"[red]error[/]: {err}")
         return 2
     return 0

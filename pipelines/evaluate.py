@@ -84,10 +84,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.samples:
         raise UserError("set samples=DIR (a `simvq sample` output directory)")
     tic = time.time()
-    try:
-        device = distributed.device_for(cfg.device)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    device = distributed.device_for(cfg.device)
     generated, npz, sampling = load_samples(cfg.samples)
     resolution = generated.shape[-1]
     if cfg.reference.endswith(".npz"):
@@ -119,3 +116,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     write_json_atomic(out, report)
     console.print(f"metrics written to {out}")
     return report
+
+
+def result_table(result: dict):
+    """The headline metrics of an evaluate result, as a rich table."""
+    from rich.table import Table
+
+    names = [k for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in result]
+    table = Table(title=f"{result['samples']['num']} samples vs {result['reference']['num_images']} reference images "
+                        f"({result['inception_source']} Inception, {result['suite']})")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{result[k]:.4g}" for k in names))
+    return table

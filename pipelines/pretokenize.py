@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import shlex
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,7 +29,7 @@ from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.io import write_json_atomic
-from simvq_common.provenance import environment
+from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.data import EMOJI_NATIVE_RESOLUTION, build_image_dataset, center_crop_offset
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache import (AUGMENTATION_VIEWS, PROVENANCE_FILE, ShardContent, caption_table, code_dtype,
@@ -226,7 +224,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         written_now = set(missing)
         done = [r for r in manifest["shards"] if r["index"] in written_now]
         seconds = time.perf_counter() - start
-        run = {"command": "simvq " + shlex.join(sys.argv[1:]), "world_size": world,
+        run = {"command": command_line(), "world_size": world,
                "started": started.isoformat(timespec="seconds"),
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "seconds": seconds, "shards_written": len(done), "shards_already_complete": len(records) - len(done),

@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from simvq_common.config import load_config, to_yaml
+from simvq_common.errors import ConfigError
 from simvq_common.console import console
 from simvq_common import distributed
 from simvq_common.distributed import barrier, broadcast_object, rank
 from simvq_common.io import write_json_atomic
+from simvq_common.provenance import command_line
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.data import to_uint8
 from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
@@ -161,6 +163,7 @@ def samples_hash(npz: Path) -> str:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    cfg = replace(cfg, command=cfg.command or command_line())
     device = distributed.setup()  # one process group for every stage when launched by torchrun
     out = Path(cfg.out_dir)
     if rank() == 0:
@@ -169,7 +172,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     stages = Stages(out)
     names = [g.name for g in cfg.generators]
     if len(set(names)) != len(names):
-        raise ValueError(f"generator names must be unique, got {names}")
+        raise ConfigError(f"generator names must be unique, got {names}")
 
     # stage 1: the tokenizer and its reconstruction metrics (the floor under every generator's FID)
     tok_cfg = tokenizer_config(cfg)

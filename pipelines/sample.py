@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import datetime
 import math
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
-from simvq_common.provenance import environment
+from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.data import center_crop_offset, image_to_rgb, resize_shorter_side, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.config import GeneratorConfig
@@ -356,10 +354,7 @@ def sample(cfg: SampleConfig) -> dict:
     """Draw, decode and write the samples `cfg` describes; returns a summary (out, num_samples, fingerprints)."""
     started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     _check(cfg)
-    try:
-        device = distributed.device_for(cfg.device)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    device = distributed.device_for(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     generator = Generator.from_pretrained(cfg.generator).to(device)
     model_cfg = generator.config
@@ -395,7 +390,7 @@ def sample(cfg: SampleConfig) -> dict:
     slots = conditions.slots(indices)
     is_class = model_cfg.conditioning == "class"
     meta = {
-        "command": "simvq " + shlex.join(sys.argv[1:]),
+        "command": command_line(),
         "config": asdict(cfg),
         "seeds": SEEDS_RULE,
         "generator": {"path": str(Path(cfg.generator).resolve()), "fingerprint": summary["generator_fingerprint"],

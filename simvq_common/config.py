@@ -12,13 +12,9 @@ from typing import Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .errors import UserError
+from .errors import ConfigError
 
 T = TypeVar("T")
-
-
-class ConfigError(UserError, ValueError):
-    """A config file or override that does not fit its schema."""
 
 
 def _describe(err: OmegaConfBaseException, source: str) -> str:

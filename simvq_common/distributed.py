@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
 from .io import write_json_atomic
 
 
@@ -70,7 +71,7 @@ def device_for(name: str) -> torch.device:
         return setup()
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
+        raise ConfigError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
     return device
 
 

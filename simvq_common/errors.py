@@ -5,5 +5,13 @@ class UserError(Exception):
     """Base for errors whose message already says what is wrong and how to fix it."""
 
 
+class ConfigError(UserError, ValueError):
+    """A setting, config file or override that cannot work (names the key and what would)."""
+
+
+class ArtifactError(UserError, FileNotFoundError):
+    """A path that is not the artifact a job needs (names what it is, and what to pass instead)."""
+
+
 class NonFiniteLoss(UserError, FloatingPointError):
     """Training produced a NaN/inf loss; what was saved before stays."""

@@ -5,13 +5,15 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """auto = bf16 on CUDA, fp32 on CPU."""
     if precision not in PRECISIONS:
-        raise ValueError(f"run.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        raise ConfigError(f"run.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -14,6 +16,11 @@ def package_version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def command_line() -> str:
+    """This process's command, as the user would type it again."""
+    return "simvq " + shlex.join(sys.argv[1:])
 
 
 def git_revision() -> str | None:

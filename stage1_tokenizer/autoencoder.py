@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq_common.errors import ConfigError
+
 from .config import AutoencoderConfig, QuantizerConfig
 from .layers import Downsample, ResBlock, Upsample, group_norm
 from .quantizers import QUANTIZERS, Quantizer, QuantizerOutput
@@ -58,7 +60,7 @@ class Decoder(nn.Module):
 
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
     if cfg.kind not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer kind '{cfg.kind}': expected one of {sorted(QUANTIZERS)}")
+        raise ConfigError(f"unknown quantizer kind '{cfg.kind}': expected one of {sorted(QUANTIZERS)}")
     common = dict(codebook_size=cfg.codebook_size, dim=dim, beta=cfg.beta,
                   search_max_bytes=int(cfg.search_max_mb * 2**20))
     if cfg.kind == "simvq":

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from simvq_common import distributed
 from simvq_common.console import progress
+from simvq_common.errors import ArtifactError, ConfigError
 from simvq_common.fid import compute_fid
 from simvq_common.image_metrics import psnr, ssim
 from simvq_common.io import write_json_atomic
@@ -52,9 +53,9 @@ def perceptual_for_eval(backend: str):
 @torch.no_grad()
 def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
     if not cfg.tokenizer:
-        raise ValueError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
+        raise ConfigError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
     if cfg.resolution <= 0:
-        raise ValueError("set resolution=N, the image size to evaluate at (e.g. 128 for the ImageNet-128 configs)")
+        raise ConfigError("set resolution=N, the image size to evaluate at (e.g. 128 for the ImageNet-128 configs)")
     device = distributed.device_for(cfg.device)
     tokenizer = Tokenizer.from_pretrained(cfg.tokenizer).to(device)
     dataset = build_image_dataset(cfg.data, cfg.split, cfg.resolution)
@@ -83,7 +84,7 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
                 reconstructions.append(to_uint8(reconstruction).cpu())
             bar.advance(task, len(images) + n_bad)
     if not originals:
-        raise ValueError(f"no readable image in {cfg.data} ({cfg.split})")
+        raise ArtifactError(f"no readable image in {cfg.data} ({cfg.split}): pass a folder of images")
     originals, reconstructions = torch.cat(originals), torch.cat(reconstructions)
     fid = compute_fid(reconstructions, originals, source=cfg.fid_source, device=device)
     out_path = Path(cfg.out) if cfg.out else Path(cfg.tokenizer) / "eval.json"
@@ -108,3 +109,16 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
     }
     write_json_atomic(out_path, result)
     return result
+
+
+def result_table(result: dict):
+    """The headline numbers of an evaluate_tokenizer result, as a rich table."""
+    from rich.table import Table
+
+    names = ("rfid", "psnr", "ssim", "lpips", "utilisation", "perplexity")
+    table = Table(title=f"tokenizer {result['tokenizer_fingerprint']} on {result['data']} {result['split']} "
+                        f"({result['num_images']} images, {result['resolution']} px)")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{result[k]:.4g}" if result[k] is not None else "-" for k in names))
+    return table

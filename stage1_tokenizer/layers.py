@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq_common.errors import ConfigError
+
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
-        raise ValueError(f"GroupNorm needs channels divisible by groups: {channels} channels, {groups} groups "
-                         f"(set norm_groups to a divisor of every level's width)")
+        raise ConfigError(f"GroupNorm needs channels divisible by groups: {channels} channels, {groups} groups "
+                          f"(set norm_groups to a divisor of every level's width)")
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 

@@ -22,7 +22,7 @@ from simvq_common.config import to_yaml
 from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
-from simvq_common.errors import NonFiniteLoss
+from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
 from simvq_common.metrics import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16
 
@@ -52,8 +52,8 @@ def check_resumable(saved: dict, cfg: TokenizerTrainConfig) -> None:
     now = {"tokenizer": asdict(cfg.tokenizer), "data": asdict(cfg.data), "world_size": world_size()}
     for key, value in now.items():
         if saved["identity"][key] != value:
-            raise ValueError(f"cannot resume: the checkpoint's {key} is {saved['identity'][key]}, this run's is "
-                             f"{value}; use a new run.out_dir or the original config")
+            raise ConfigError(f"cannot resume: the checkpoint's {key} is {saved['identity'][key]}, this run's is "
+                              f"{value}; use a new run.out_dir or the original config")
 
 
 class TokenizerTrainer:
@@ -105,7 +105,7 @@ class TokenizerTrainer:
             if item is not None:
                 images.append(item[0])
         if not images:
-            raise ValueError(f"no readable validation image in {self.cfg.data.source}")
+            raise ArtifactError(f"no readable validation image in {self.cfg.data.source}: its val split needs some")
         return torch.stack(images).to(self.device)
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simvq_common.errors import ConfigError
+
 # Named decoder sizes: (width, depth, heads). B / L / XL are LlamaGen's GPT-B / L / XL; the small ones
 # train on a CPU. The SwiGLU hidden width follows Llama: 8/3 of the width, rounded up to a multiple of 256.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -68,23 +70,23 @@ class GeneratorConfig:
     def check(self) -> None:
         """Refuse an unbuildable config, naming the key and the fix."""
         if self.size not in SIZES:
-            raise ValueError(f"model.size={self.size!r} is not a registered size: choose one of {sorted(SIZES)}")
+            raise ConfigError(f"model.size={self.size!r} is not a registered size: choose one of {sorted(SIZES)}")
         if self.conditioning not in CONDITIONINGS:
-            raise ValueError(f"model.conditioning={self.conditioning!r}: choose one of {CONDITIONINGS}")
+            raise ConfigError(f"model.conditioning={self.conditioning!r}: choose one of {CONDITIONINGS}")
         if self.rope not in ("1d", "2d"):
-            raise ValueError(f"model.rope={self.rope!r}: choose 1d or 2d")
+            raise ConfigError(f"model.rope={self.rope!r}: choose 1d or 2d")
         if self.codebook_size < 2 or len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"model.codebook_size={self.codebook_size} / model.grid={self.grid} are unset: they "
-                             f"come from the code cache the generator is trained on")
+            raise ConfigError(f"model.codebook_size={self.codebook_size} / model.grid={self.grid} are unset: they "
+                              f"come from the code cache the generator is trained on")
         if self.conditioning == "class" and self.num_classes < 1:
-            raise ValueError("model.conditioning=class needs model.num_classes >= 1 (from the cache's class names)")
+            raise ConfigError("model.conditioning=class needs model.num_classes >= 1 (from the cache's class names)")
         if self.conditioning == "text" and (self.text_dim < 1 or self.text_tokens < 1):
-            raise ValueError(f"model.conditioning=text needs text_dim >= 1 (the cache's text encoder) and "
-                             f"text_tokens >= 1; got {self.text_dim} and {self.text_tokens}")
+            raise ConfigError(f"model.conditioning=text needs text_dim >= 1 (the cache's text encoder) and "
+                              f"text_tokens >= 1; got {self.text_dim} and {self.text_tokens}")
         if self.rope == "2d" and (self.dim // self.heads) % 4:
-            raise ValueError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
+            raise ConfigError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
         if not 0.0 <= self.condition_dropout < 1.0:
-            raise ValueError(f"model.condition_dropout={self.condition_dropout} must lie in [0, 1)")
+            raise ConfigError(f"model.condition_dropout={self.condition_dropout} must lie in [0, 1)")
 
 
 @dataclass

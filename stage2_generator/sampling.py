@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from simvq_common.errors import ConfigError
+
 from .model import Generator
 
 
@@ -34,16 +36,16 @@ class SamplingConfig:
 
     def check(self, conditional: bool) -> None:
         if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale={self.guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
+            raise ConfigError(f"guidance_scale={self.guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
         if self.guidance_schedule not in ("constant", "linear"):
-            raise ValueError(f"guidance_schedule={self.guidance_schedule!r}: choose constant or linear")
+            raise ConfigError(f"guidance_schedule={self.guidance_schedule!r}: choose constant or linear")
         if not conditional and self.guidance_scale != 1.0:
-            raise ValueError("guidance needs a conditional generator; this one is unconditional: set guidance_scale=1")
+            raise ConfigError("guidance needs a conditional generator; this one is unconditional: set guidance_scale=1")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and "
-                             f"top_p={self.top_p} (in (0, 1]) out of range")
+            raise ConfigError(f"temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and "
+                              f"top_p={self.top_p} (in (0, 1]) out of range")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0")
+            raise ConfigError(f"seed={self.seed} must be >= 0")
 
 
 def sample_uniforms(seed: int, indices, length: int) -> torch.Tensor:

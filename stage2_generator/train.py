@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
-from simvq_common.errors import NonFiniteLoss, UserError
+from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
 from simvq_common.io import write_json_atomic
 from simvq_common.metrics import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16
@@ -68,7 +68,7 @@ def lr_lambda(cfg: GeneratorTrainConfig):
     """LR multiplier per optimizer step: linear warm-up, then constant or cosine down to min_lr_ratio."""
     o, total = cfg.optim, cfg.run.steps
     if o.schedule not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule={o.schedule!r}: choose constant or cosine")
+        raise ConfigError(f"optim.schedule={o.schedule!r}: choose constant or cosine")
 
     def factor(step: int) -> float:
         if step < o.warmup_steps:

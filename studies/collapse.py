@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from simvq_common.console import console, progress
-from simvq_common.errors import NonFiniteLoss
+from simvq_common.errors import ConfigError, NonFiniteLoss
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.metrics import RunDir
-from simvq_common.provenance import environment
+from simvq_common.provenance import command_line, environment
 
 from stage1_tokenizer.autoencoder import VQAutoencoder
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig
@@ -157,7 +157,7 @@ def write_results_section(path: Path, cfg: CollapseStudyConfig, results: list[Ru
     ceilings = ", ".join(f"K={k:,}: {uniform_ceiling(k, val_tokens):.1%} (val) / {uniform_ceiling(k, train_tokens):.1%} (train)"
                          for k in cfg.codebook_sizes)
     ae = cfg.autoencoder
-    section = f"""Command: `{cfg.command or 'simvq collapse-study'}`
+    section = f"""Command: `{cfg.command or command_line()}`
 
 Setup: bundled Noto emoji at {cfg.resolution}px ({n_train:,} train / {n_val:,} val images),
 autoencoder ch {ae.ch}, ch_mult {ae.ch_mult}, {ae.num_res_blocks} res block(s) per level, code dim {ae.z_channels},
@@ -180,7 +180,7 @@ def run_collapse_study(cfg: CollapseStudyConfig) -> list[RunResult]:
     train, val = load_emoji("train", cfg.resolution), load_emoji("val", cfg.resolution)
     down = cfg.autoencoder.downsample_factor
     if cfg.resolution % down:
-        raise ValueError(f"resolution {cfg.resolution} is not divisible by the autoencoder's downsampling {down}")
+        raise ConfigError(f"resolution {cfg.resolution} is not divisible by the autoencoder's downsampling {down}")
     tokens_per_image = (cfg.resolution // down) ** 2
     env = environment()
     RunDir(out, cfg)  # the study's merged config and environment, once

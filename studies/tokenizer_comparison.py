@@ -11,7 +11,7 @@ from pathlib import Path
 from simvq_common.config import load_config
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
-from simvq_common.provenance import environment
+from simvq_common.provenance import command_line, environment
 
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
@@ -62,7 +62,7 @@ def comparison_section(cfg: TokenizerComparisonConfig, results: list[dict]) -> s
     first = results[0]
     fid, lpips = first["conventions"]["rfid"], first["conventions"]["lpips"]
     env = environment()
-    return f"""Command: `{cfg.command or 'simvq compare-tokenizers'}`
+    return f"""Command: `{cfg.command or command_line()}`
 
 Each tokenizer: `{cfg.base_config}` {' '.join(cfg.overrides)} with the quantizer swapped, {first['steps']} steps, the
 same seed and data order. Evaluated on the emoji val split ({first['num_images']} images at {first['resolution']} px,
