@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from simvq_common import distributed
 from simvq_common.console import console
 from simvq_common.errors import UserError
-from simvq_common.fid import compute_metrics, load_reference_stats, reference_stats, save_reference_stats
+from simvq_common.fid import compute_metrics, reference_stats
+from simvq_common.fid_reference import load_reference_stats, save_reference_stats
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 from stage1_tokenizer.data import build_image_dataset, collate_skip_none, load_emoji, to_uint8

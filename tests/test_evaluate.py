@@ -7,7 +7,9 @@ import pytest
 
 from pipelines.evaluate import EvaluateConfig, evaluate
 from simvq_common.errors import UserError
-from simvq_common.fid import FEATURE_LAYER, extract_features, load_reference_stats, resolve_inception
+from simvq_common.fid import extract_features
+from simvq_common.fid_reference import load_reference_stats
+from simvq_common.inception import FEATURE_LAYER, resolve_inception
 from stage1_tokenizer.data import load_emoji
 
 N = 12

