@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from simvq_common import distributed
 from simvq_common.console import console
-from simvq_common.errors import UserError
+from simvq_common.artifacts import expect_kind
+from simvq_common.errors import ArtifactError, UserError
 from simvq_common.fid import compute_metrics, reference_stats
 from simvq_common.fid_reference import load_reference_stats, save_reference_stats
 from simvq_common.io import write_json_atomic
@@ -47,9 +49,13 @@ class EvaluateConfig:
 def load_samples(path: str | Path) -> tuple[torch.Tensor, Path, dict]:
     """(uint8 (N, 3, H, W), the samples.npz path, its sampling.json or {})."""
     path = Path(path)
+    if path.is_dir():
+        expect_kind(path, "samples")
     npz = path / "samples.npz" if path.is_dir() else path
     if not npz.is_file():
-        raise UserError(f"no samples at {path}: give a `simvq sample` output directory or its samples.npz")
+        raise ArtifactError(f"no samples at {path}: give a `simvq sample` output directory or its samples.npz")
+    if not zipfile.is_zipfile(npz):  # np.load would try it as a pickle and advise allow_pickle: never do that
+        raise ArtifactError(f"{npz} is not an .npz archive (a zip of .npy arrays, as `simvq sample` writes)")
     with np.load(npz, allow_pickle=False) as data:
         if "images" not in data.files:
             raise UserError(f"{npz} has no 'images' array (uint8 N x H x W x 3)")

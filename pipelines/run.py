@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from simvq_common.artifacts import write_kind
 from simvq_common.config import load_config, to_yaml
 from simvq_common.errors import ConfigError
 from simvq_common.console import console
@@ -168,6 +169,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out = Path(cfg.out_dir)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        write_kind(out, "pipeline-run")
         (out / "config.yaml").write_text(to_yaml(cfg))
     stages = Stages(out)
     names = [g.name for g in cfg.generators]

@@ -30,6 +30,7 @@ from PIL import Image
 
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common import distributed
+from simvq_common.artifacts import write_kind
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
@@ -331,6 +332,8 @@ def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels,
                          f"got {images.dtype} x {len(images)}, {len(labels)}, {len(indices)}, {len(codes)}, "
                          f"{len(prompts)}")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_kind(out, "samples")
     write_npz_atomic(out / "samples.npz", images=images, labels=labels, indices=indices, prompts=np.array(prompts, str),
               codes=codes)
     if len(images):

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+from .artifacts import write_kind
 from .config import to_yaml
 from .io import write_text_atomic
 from .provenance import environment
@@ -16,9 +17,11 @@ class RunDir:
     A new run starts a new metrics.jsonl; `resume=True` appends to the one already there.
     """
 
-    def __init__(self, root: str | Path, config=None, resume: bool = False):
+    def __init__(self, root: str | Path, config=None, resume: bool = False, kind: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if kind is not None:
+            write_kind(self.root, kind)
         if config is not None:
             write_text_atomic(self.root / "config.yaml", to_yaml(config))
         write_text_atomic(self.root / "environment.json", json.dumps(environment(), indent=2) + "\n")

@@ -11,7 +11,9 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from .artifacts import KINDS, expect_kind, write_kind
 from .config import load_config, to_yaml
+from .errors import ArtifactError
 from .fingerprint import tensors_fingerprint
 from .io import atomic_write, write_text_atomic
 
@@ -23,23 +25,26 @@ def model_fingerprint(config, state: dict[str, torch.Tensor]) -> str:
     return tensors_fingerprint(to_yaml(config), state)
 
 
-def save_pretrained(directory: str | Path, config, state: dict[str, torch.Tensor]) -> Path:
-    """Write the weights, then the config, then the fingerprint, each atomically."""
+def save_pretrained(directory: str | Path, kind: str, config, state: dict[str, torch.Tensor]) -> Path:
+    """Write the kind, the weights, then the config, then the fingerprint, each atomically."""
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    write_kind(directory, kind)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     write_text_atomic(directory / CONFIG_FILE, to_yaml(config))
     write_text_atomic(directory / FINGERPRINT_FILE, model_fingerprint(config, state) + "\n")
     return directory
 
 
-def load_pretrained(directory: str | Path, schema: type[T], what: str, map_location: str = "cpu"
+def load_pretrained(directory: str | Path, schema: type[T], kind: str, map_location: str = "cpu"
                     ) -> tuple[T, dict[str, torch.Tensor]]:
-    """(config, state dict) of a model directory; `what` names the artifact and its maker in errors."""
+    """(config, state dict) of a model directory of `kind`; another kind is refused, naming what it is."""
     directory = Path(directory)
+    expect_kind(directory, kind)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a {what} directory: {name} is missing")
+            raise ArtifactError(f"{directory} is not {KINDS[kind]}: its {name} is missing")
     return load_config(schema, directory / CONFIG_FILE), load_file(str(directory / WEIGHTS_FILE), device=map_location)
 
 
@@ -54,21 +59,21 @@ class PretrainedModel:
     """fingerprint / save_pretrained / from_pretrained for a module built from one config dataclass.
 
     Mixed into an nn.Module whose constructor takes the config and keeps it as `self.config`; the subclass
-    names its `config_schema` and, for error messages, the `artifact` a directory of it is.
+    names its `config_schema` and the artifact `kind` its directories record (simvq_common.artifacts).
     """
 
     config_schema: type
-    artifact: str
+    kind: str
 
     def fingerprint(self) -> str:
         return model_fingerprint(self.config, self.state_dict())
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        return save_pretrained(directory, self.config, self.state_dict())
+        return save_pretrained(directory, self.kind, self.config, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
-        config, state = load_pretrained(directory, cls.config_schema, cls.artifact, map_location)
+        config, state = load_pretrained(directory, cls.config_schema, cls.kind, map_location)
         model = cls(config)
         load_state_strict(model, state, Path(directory))
         return model.eval()

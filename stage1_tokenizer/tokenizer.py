@@ -14,7 +14,7 @@ from .config import TokenizerConfig
 class Tokenizer(PretrainedModel, VQAutoencoder):
     """encode(images in [-1, 1]) -> code indices (B, h, w); decode(indices) -> images in [-1, 1]."""
 
-    config_schema, artifact = TokenizerConfig, "tokenizer (`simvq train-tokenizer` output)"
+    config_schema, kind = TokenizerConfig, "tokenizer"
 
     def __init__(self, config: TokenizerConfig):
         super().__init__(config.autoencoder, config.quantizer)

@@ -91,7 +91,7 @@ class TokenizerTrainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_images = 0  # unreadable images met by this rank (since the resume, on ranks > 0)
         self.dropped_batches = 0  # batches no rank trained on, because one rank's were all unreadable
-        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True) if rank() == 0 else None
+        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True, kind="tokenizer-run") if rank() == 0 else None
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
         self._resume()
 

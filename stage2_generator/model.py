@@ -112,7 +112,7 @@ class OutputHead(nn.Linear):
 
 
 class Generator(PretrainedModel, nn.Module):
-    config_schema, artifact = GeneratorConfig, "generator (`simvq train-generator` output)"
+    config_schema, kind = GeneratorConfig, "generator"
 
     def __init__(self, cfg: GeneratorConfig, loss_chunk_mb: float = DEFAULT_CHUNK_MB) -> None:
         super().__init__()

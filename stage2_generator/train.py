@@ -146,7 +146,7 @@ class GeneratorTrainer:
                                                                  lr_scheduler=scheduler, config=self.ds_config)
         self.step = 0
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
-        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True) if rank() == 0 else None
+        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True, kind="generator-run") if rank() == 0 else None
         self._resume()
 
     # -- checkpoints ------------------------------------------------------------------------------

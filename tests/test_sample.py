@@ -13,6 +13,7 @@ from pipelines.sample import (SEEDS_RULE, Conditions, SampleConfig, draw, grid_l
                               write_samples)
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
+from simvq_common.metrics import RunDir
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.data import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -56,6 +57,7 @@ def dirs(tmp_path_factory):
                                    ("text_other", "text", {"text_dim": 384, "text_encoder": "someone/else"})]:
         random_generator(conditioning, tokenizer, root / "tokenizer", **kw).save_pretrained(root / name)
         made[name] = root / name
+    made["run"] = RunDir(root / "run", kind="generator-run").root  # a run directory passed for its generator/
     return made
 
 
@@ -192,6 +194,9 @@ def test_prefix_rows_are_the_prefix_images_codes(dirs, tmp_path, one_thread):
     ("text_other", {"prompts": ["a cat"]}, f"someone/else.*{TEXT_ENCODER}"),
     ("none", {"sampling": SamplingConfig(guidance_scale=2.0)}, "guidance needs a conditional generator"),
     ("missing", {}, "generator directory .*missing does not exist"),
+    ("tokenizer", {}, r"tokenizer is a tokenizer \(`simvq train-tokenizer` writes one as RUN_DIR/tokenizer\), not a "
+                      r"generator"),
+    ("run", {}, r"is a generator training run \(its generator is RUN_DIR/generator\), not a generator"),
 ])
 def test_misplaced_requests_are_refused(dirs, tmp_path, generator, kw, message):
     directory = dirs.get(generator, dirs["root"] / generator)
@@ -270,3 +275,16 @@ def test_two_processes_write_through_the_disk_what_one_process_writes(dirs, tmp_
     assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
     assert not (tmp_path / "two" / "parts").exists()  # the per-rank parts are removed once merged
     assert json.loads((tmp_path / "two" / "sampling.json").read_text())["counts"]["world_size"] == 2
+
+
+def test_a_samples_file_that_is_not_an_npz_is_named_as_such(tmp_path):
+    from pipelines.evaluate import EvaluateConfig, evaluate
+
+    (tmp_path / "samples.npz").write_bytes(b"\x80\x04not a zip archive")
+    with pytest.raises(UserError, match=r"samples.npz is not an .npz archive") as err:
+        evaluate(EvaluateConfig(samples=str(tmp_path / "samples.npz")))
+    assert "allow_pickle" not in str(err.value)
+    write_samples(tmp_path / "s", np.zeros((1, 8, 8, 3), np.uint8), labels=[0], indices=[0], codes=[[0]], prompts=[""],
+                  meta={})
+    with pytest.raises(UserError, match="is a samples directory .*, not a generator"):
+        sample(SampleConfig(generator=str(tmp_path / "s"), out=str(tmp_path / "o")))
