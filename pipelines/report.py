@@ -11,12 +11,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from simvq_common.io import write_json_atomic, write_text_atomic  # noqa: E402
 from simvq_common.markdown import write_section  # noqa: E402
 from simvq_common.metrics import read_metrics  # noqa: E402
 from simvq_common.provenance import environment  # noqa: E402
-from stage2_generator.cache import CodeCache  # noqa: E402
+from stage1_tokenizer.quantizers.health import perplexity as usage_perplexity  # noqa: E402
+from stage2_generator.cache_reader import CodeCache  # noqa: E402
 
 from .baseline import code_frequencies  # noqa: E402
 
@@ -53,7 +55,7 @@ def plot_code_usage(out: Path, result: dict) -> tuple[Path, dict]:
     cache = CodeCache(result["caches"]["train"]["path"])
     freq = np.sort(code_frequencies(cache))[::-1]
     used = int((freq > 0).sum())
-    perplexity = float(np.exp(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()))
+    perplexity = usage_perplexity(torch.from_numpy(freq))
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.semilogy(np.arange(1, used + 1), freq[:used])
     ax.set_xlabel("code rank")

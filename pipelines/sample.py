@@ -37,6 +37,7 @@ from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, w
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.data import center_crop_offset, image_to_rgb, resize_shorter_side, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.visualize import grid_image
 from stage2_generator.config import GeneratorConfig
 from stage2_generator.model import Generator
 from stage2_generator.sampling import SamplingConfig, generate
@@ -297,16 +298,6 @@ def grid_layout(rows: np.ndarray) -> list[list[int]]:
     shown = min(len(rows), GRID_MAX_SQUARE)
     cols = math.ceil(math.sqrt(shown))
     return [list(range(start, min(start + cols, shown))) for start in range(0, shown, cols)]
-
-
-def grid_image(images: np.ndarray, layout: list[list[int]]) -> np.ndarray:
-    """The images (N, H, W, 3) at `layout`'s positions on a white canvas."""
-    h, w = images.shape[1:3]
-    canvas = np.full((len(layout) * h, max(map(len, layout)) * w, 3), 255, np.uint8)
-    for r, row in enumerate(layout):
-        for c, position in enumerate(row):
-            canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = images[position]
-    return canvas
 
 
 def write_png(path: Path, pixels: np.ndarray) -> None:

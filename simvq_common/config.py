@@ -5,7 +5,6 @@ command-line overrides with OmegaConf, so a typo or a wrong type fails at start 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -50,6 +49,3 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 def to_yaml(config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)

@@ -28,8 +28,9 @@ from simvq_common.numerics import set_deterministic, use_bf16
 
 from .config import TokenizerTrainConfig
 from .data import EpochSampler, build_image_dataset, collate_skip_none
-from .losses import (PatchDiscriminator, adaptive_generator_weight, build_perceptual_loss, gan_weight_at,
-                     generator_adversarial_loss, hinge_d_loss)
+from .losses import (PatchDiscriminator, adaptive_generator_weight, gan_weight_at, generator_adversarial_loss,
+                     hinge_d_loss)
+from .perceptual import build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer
 from .visualize import save_image_grid
@@ -70,15 +71,16 @@ class TokenizerTrainer:
         self.perceptual = build_perceptual_loss(cfg.loss.perceptual, cfg.loss.perceptual_weights)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
-        self.generator, self.critic = self.tokenizer, self.discriminator
+        # what the training step calls: the models themselves, or their DDP wrappers under several processes
+        self.tokenizer_ddp, self.discriminator_ddp = self.tokenizer, self.discriminator
         if world_size() > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             # no buffer broadcast: the frozen codebook is built from its seed on every rank and EMA codebooks
             # all-reduce their own updates, so re-sending them each step (128 MiB at K = 262,144) buys nothing
-            self.generator = DDP(self.tokenizer, device_ids=device_ids, broadcast_buffers=False)
+            self.tokenizer_ddp = DDP(self.tokenizer, device_ids=device_ids, broadcast_buffers=False)
             # D sees reals, then fakes, before one backward: broadcasting its BatchNorm buffers between
             # the two calls breaks autograd, and D never runs in eval mode, so they need not be in sync
-            self.critic = DDP(self.discriminator, device_ids=device_ids, broadcast_buffers=False)
+            self.discriminator_ddp = DDP(self.discriminator, device_ids=device_ids, broadcast_buffers=False)
         # optimisers
         betas = tuple(cfg.optim.betas)
         self.opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=cfg.optim.lr, betas=betas)
@@ -182,7 +184,7 @@ class TokenizerTrainer:
         # generator: reconstruction + perceptual + quantizer (+ adversarial once the GAN is on)
         self.discriminator.requires_grad_(False)
         with autocast:
-            reconstruction, q = self.generator(x)
+            reconstruction, q = self.tokenizer_ddp(x)
             l1 = F.l1_loss(reconstruction.float(), x)
             perceptual = (self.perceptual(reconstruction.float(), x).mean() if self.perceptual is not None
                           else torch.zeros((), device=x.device))
@@ -211,7 +213,7 @@ class TokenizerTrainer:
         if gan_weight > 0:
             self.discriminator.requires_grad_(True)
             with autocast:
-                d_loss = hinge_d_loss(self.critic(x), self.critic(reconstruction.detach()))
+                d_loss = hinge_d_loss(self.discriminator_ddp(x), self.discriminator_ddp(reconstruction.detach()))
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self._clip(self.discriminator)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from simvq_common.checkpoint import by_step, keep_newest
 from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
@@ -27,7 +27,8 @@ from simvq_common.io import write_json_atomic
 from simvq_common.metrics import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16
 
-from .cache import CacheLoader, CodeCache
+from .cache_loader import CacheLoader
+from .cache_reader import CodeCache
 from .config import GeneratorConfig, GeneratorTrainConfig
 from .model import Generator, parameter_groups
 
@@ -36,7 +37,7 @@ OWNED_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per
               "gradient_accumulation_steps": "data.grad_accum", "gradient_clipping": "optim.grad_clip",
               "optimizer": "optim.*", "scheduler": "optim.*", "bf16": "run.precision", "fp16": "run.precision"}
 REPO = Path(__file__).resolve().parents[1]
-TAG = re.compile(r"^step_(\d+)$")
+TAG = re.compile(r"step_(\d+)")
 IDENTITY_FILE = "identity.json"
 
 
@@ -103,11 +104,6 @@ def model_config_for(cfg: GeneratorConfig, cache: CodeCache) -> GeneratorConfig:
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-
-def checkpoint_tags(directory: Path) -> list[tuple[int, str]]:
-    found = [(int(m.group(1)), p.name) for p in directory.glob("step_*") if (m := TAG.match(p.name))]
-    return sorted(found)
-
 
 def latest_tag(directory: Path) -> str | None:
     """The tag DeepSpeed's `latest` file names: written after a save completes, so never a torn one."""
@@ -181,9 +177,8 @@ class GeneratorTrainer:
                                     client_state={"step": self.step, "loader": self.loader.state_dict()})
         barrier()
         if rank() == 0:  # prune: keep the newest keep_checkpoints complete tags
-            steps = [s for s, _ in checkpoint_tags(self.checkpoints) if s <= self.step]
-            for step in steps[:-self.cfg.run.keep_checkpoints]:
-                shutil.rmtree(self.checkpoints / f"step_{step:08d}", ignore_errors=True)
+            tags = [(s, p) for s, p in by_step(self.checkpoints, TAG) if s <= self.step]
+            keep_newest(tags, self.cfg.run.keep_checkpoints)
         barrier()
 
     def export(self) -> Path:

@@ -9,6 +9,17 @@ import torch
 from simvq_common.distributed import all_reduce_sum
 
 
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a usage distribution given as counts or frequencies: K when all K codes are used
+    equally, 1 at collapse, 0 when nothing was counted."""
+    counts = torch.as_tensor(counts).double()
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return math.exp(float(-(p * p.log()).sum()))
+
+
 class CodebookUsage:
     """Counts how often each code is chosen; merge across ranks before reading the statistics."""
 
@@ -45,11 +56,7 @@ class CodebookUsage:
 
     @property
     def perplexity(self) -> float:
-        """exp(entropy) of the usage distribution: K when all codes are used equally, 1 at collapse."""
-        if self.total == 0:
-            return 0.0
-        p = self.counts[self.counts > 0].double() / self.total
-        return math.exp(float(-(p * p.log()).sum()))
+        return perplexity(self.counts)
 
     def summary(self) -> dict:
         return {"codebook_size": self.codebook_size, "tokens": self.total, "used": self.used,
