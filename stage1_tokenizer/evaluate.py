@@ -21,7 +21,7 @@ from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 
 from .data import build_image_dataset, collate_skip_none, to_uint8
-from .losses import PerceptualBackendUnavailable, build_perceptual_loss
+from .perceptual import PerceptualBackendUnavailable, build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer
 from .visualize import save_image_grid

@@ -10,15 +10,13 @@ import torch.nn.functional as F
 
 from stage1_tokenizer.data import load_emoji, to_model_range
 from stage1_tokenizer.losses import (
-    PERCEPTUAL_BACKENDS,
     PatchDiscriminator,
-    PerceptualBackendUnavailable,
     adaptive_generator_weight,
-    build_perceptual_loss,
     gan_weight_at,
     generator_adversarial_loss,
     hinge_d_loss,
 )
+from stage1_tokenizer.perceptual import PERCEPTUAL_BACKENDS, PerceptualBackendUnavailable, build_perceptual_loss
 
 # torchvision VGG16 `features` conv layers: (index in features, in channels, out channels)
 VGG16_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
@@ -216,11 +214,8 @@ def test_patch_discriminator_parameter_count():
                 + 256 * 512 * k + 2 * 512  # stride-1 conv 256->512 + norm
                 + 512 * 1 * k + 1)         # conv 512->1 with bias
     assert expected == 2_765_633
-    for norm in ("batch", "group"):
-        disc = PatchDiscriminator(in_channels=3, ndf=64, n_layers=3, norm=norm)
-        assert sum(p.numel() for p in disc.parameters()) == expected
-    with pytest.raises(ValueError, match="batch"):
-        PatchDiscriminator(norm="layer")
+    disc = PatchDiscriminator(in_channels=3, ndf=64, n_layers=3)
+    assert sum(p.numel() for p in disc.parameters()) == expected
 
 
 def test_patch_discriminator_init_statistics():
