@@ -30,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (DOC_INTRO, DOC_PATH, MIB, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
                                provenance)
 from simvq_common.markdown import write_section  # noqa: E402
-from stage2_generator.cache import (CacheLoader, CodeCache, ShardContent, caption_table, finish_manifest,  # noqa: E402
-                                    manifest_header, prepare_cache_dir, shard_image_range, write_manifest,
-                                    write_shard)
+from stage2_generator.cache_format import manifest_header, shard_image_range  # noqa: E402
+from stage2_generator.cache_loader import CacheLoader  # noqa: E402
+from stage2_generator.cache_reader import CodeCache  # noqa: E402
+from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table  # noqa: E402
 
 RESULTS_PATH = REPO / "benchmarks" / "results" / "cache_loader.json"
 NUM_CLASSES, EMBED_DIM = 1000, 384
@@ -48,9 +49,9 @@ def build_cache(path: Path, sequences: int, grid: int, codebook_size: int, shard
         dataset={"source": "random codes", "split": "train", "max_images": 0, "num_images": sequences,
                  "class_names": [f"class {c}" for c in range(NUM_CLASSES)], "caption_source": "class names"},
         text_encoder={"name": "random unit vectors", "dim": EMBED_DIM}, images_per_shard=per_shard, batch_size=1)
-    prepare_cache_dir(path, header, overwrite=True)
+    writer = CacheWriter(path, header, overwrite=True)
+    writer.prepare()
     rng = np.random.default_rng(0)
-    records = []
     for s in range(header["sharding"]["num_shards"]):
         begin, end = shard_image_range(s, sequences, per_shard)
         labels = rng.integers(0, NUM_CLASSES, end - begin)
@@ -61,8 +62,8 @@ def build_cache(path: Path, sequences: int, grid: int, codebook_size: int, shard
                                captions=table, text_embeddings=embeddings / np.linalg.norm(embeddings, axis=1,
                                                                                           keepdims=True),
                                image_range=(begin, end))
-        records.append(write_shard(path, s, content, codebook_size))
-    write_manifest(path, finish_manifest(header, records))
+        writer.write_shard(s, content)
+    writer.finish()
 
 
 def time_epochs(loader: CacheLoader, repeats: int) -> tuple[list[float], int]:
@@ -107,7 +108,7 @@ def main() -> None:
                               "sequences_per_s": tokens / args.grid**2 / statistics.median(times)}
         other = other_cpu_share(load_start)
     results = {
-        "provenance": provenance("bench_cache_loader.py", sys.argv[1:], "stage2_generator/cache.py",
+        "provenance": provenance("bench_cache_loader.py", sys.argv[1:], "stage2_generator/cache_*.py",
                                  packages=("numpy",)),
         "settings": {"sequences": sequences, "tokens_per_sequence": args.grid**2, "codebook_size": args.codebook_size,
                      "dtype": str(cache.manifest["dtype"]), "shards": args.shards, "batch": args.batch,
@@ -127,7 +128,7 @@ def main() -> None:
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s = results["provenance"], results["settings"]
-    section = f"""## Cache loader (`stage2_generator.cache.CacheLoader`)
+    section = f"""## Cache loader (`stage2_generator.cache_loader.CacheLoader`)
 
 Command: `{p['command']}` ({p['date']}, git {p['git_revision']}, {p['cpu_model']}, {p['cpu_count']} cores,
 numpy {p['numpy']}). Raw numbers: `benchmarks/results/cache_loader.json`.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stage2_generator.cache import CodeCache
+from stage2_generator.cache_reader import CodeCache
 
 
 def code_frequencies(cache: CodeCache) -> np.ndarray:

@@ -32,9 +32,9 @@ from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.data import EMOJI_NATIVE_RESOLUTION, build_image_dataset, center_crop_offset
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage2_generator.cache import (AUGMENTATION_VIEWS, PROVENANCE_FILE, ShardContent, caption_table, code_dtype,
-                                    finish_manifest, manifest_header, num_shards, prepare_cache_dir,
-                                    read_shard_record, shard_image_range, write_manifest, write_shard)
+from stage2_generator.cache_format import (AUGMENTATION_VIEWS, PROVENANCE_FILE, code_dtype, manifest_header,
+                                           shard_image_range)
+from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
 
 TENCROP_SCALE = 1.1  # ten-crop takes crops of `resolution` from the image resized to 1.1x (as LlamaGen)
 
@@ -203,31 +203,24 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
                  "caption_source": caption_source},
         text_encoder=text_encoder.info if text_encoder else None, images_per_shard=cfg.images_per_shard,
         batch_size=cfg.batch_size)
-    out = Path(cfg.out)
-
-    def missing_shards() -> list[int]:
-        prepare_cache_dir(out, header, cfg.overwrite)
-        return [s for s in range(num_shards(n, cfg.images_per_shard)) if read_shard_record(out, s) is None]
-
-    missing = distributed.rank0_decides(missing_shards)
+    out, total = Path(cfg.out), header["sharding"]["num_shards"]
+    writer = CacheWriter(out, header, cfg.overwrite)
+    missing = distributed.rank0_decides(writer.prepare)
     mine = missing[rank::world]  # any rank may write any shard: its bytes do not depend on who writes it
-    if rank == 0 and len(missing) < num_shards(n, cfg.images_per_shard):
-        console.print(f"resuming {out}: {num_shards(n, cfg.images_per_shard) - len(missing)} of "
-                      f"{num_shards(n, cfg.images_per_shard)} shards already complete")
+    if rank == 0 and len(missing) < total:
+        console.print(f"resuming {out}: {total - len(missing)} of {total} shards already complete")
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # same algorithms every run
-        _encode_shards(mine, tokenizer, dataset, captions, text_encoder, header, cfg, device)
+        _encode_shards(mine, tokenizer, dataset, captions, text_encoder, writer, cfg, device)
 
     def finish() -> dict:
-        records = [read_shard_record(out, s) for s in range(header["sharding"]["num_shards"])]
-        manifest = finish_manifest(header, [r for r in records if r is not None])
-        write_manifest(out, manifest)
+        manifest = writer.finish()
         written_now = set(missing)
         done = [r for r in manifest["shards"] if r["index"] in written_now]
         seconds = time.perf_counter() - start
         run = {"command": command_line(), "world_size": world,
                "started": started.isoformat(timespec="seconds"),
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "seconds": seconds, "shards_written": len(done), "shards_already_complete": len(records) - len(done),
+               "seconds": seconds, "shards_written": len(done), "shards_already_complete": total - len(done),
                "images_per_s": sum(r["images"] + len(r["skipped"]) for r in done) / seconds,
                "config": asdict(cfg), "environment": environment()}
         # every run that finished, oldest first (a killed run leaves none: the next counts its shards as complete)
@@ -246,11 +239,12 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
 
 @torch.no_grad()
 def _encode_shards(shards: list[int], tokenizer: Tokenizer, dataset: Dataset, captions: list[str],
-                   text_encoder: TextEncoder | None, header: dict, cfg: PretokenizeConfig,
+                   text_encoder: TextEncoder | None, cache_writer: CacheWriter, cfg: PretokenizeConfig,
                    device: torch.device) -> None:
     """Encode and write `shards` (this rank's share), one writer thread overlapping the next shard's encoding."""
+    header = cache_writer.header
     n, per_shard, views = header["dataset"]["num_images"], cfg.images_per_shard, header["augmentation"]["views"]
-    grid, dtype, out = tuple(header["grid"]), code_dtype(header["codebook_size"]), Path(cfg.out)
+    grid, dtype = tuple(header["grid"]), code_dtype(header["codebook_size"])
     ranges = {s: shard_image_range(s, n, per_shard) for s in shards}
     # batches never cross a shard boundary and always start at its first image: the same batches, hence the
     # same floating-point results, whatever the process count or resume point
@@ -263,7 +257,7 @@ def _encode_shards(shards: list[int], tokenizer: Tokenizer, dataset: Dataset, ca
     batch_iter = iter(loader)
 
     def write(s: int, parts: _ShardParts) -> None:
-        write_shard(out, s, parts.content(views, grid, dtype, captions, text_encoder), header["codebook_size"])
+        cache_writer.write_shard(s, parts.content(views, grid, dtype, captions, text_encoder))
 
     with progress() as bar, ThreadPoolExecutor(max_workers=1) as writer:
         task = bar.add_task("pretokenize", total=sum(end - begin for begin, end in ranges.values()), status="",

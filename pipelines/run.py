@@ -44,7 +44,7 @@ from stage1_tokenizer.data import to_uint8
 from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
-from stage2_generator.cache import CodeCache
+from stage2_generator.cache_reader import CodeCache
 from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
 from stage2_generator.sampling import SamplingConfig

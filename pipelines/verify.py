@@ -1,7 +1,7 @@
 """`simvq verify-cache`: is a code cache intact, and do its codes still decode to images?
 
 The format-level checks (checksums, counts, shapes, every code < K, labels, captions) are
-stage2_generator.cache.check_cache; this adds the half that needs stage 1: decoding a few sequences, spread
+stage2_generator.cache_check.check_cache; this adds the half that needs stage 1: decoding a few sequences, spread
 over the whole cache, with the tokenizer the manifest records (whose fingerprint must match) into a PNG grid.
 """
 from __future__ import annotations
@@ -16,7 +16,9 @@ import torch
 from simvq_common.errors import UserError
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.visualize import save_image_grid
-from stage2_generator.cache import VERIFY_GRID_FILE, CacheError, CodeCache, check_cache
+from stage2_generator.cache_check import check_cache
+from stage2_generator.cache_format import VERIFY_GRID_FILE, CacheError
+from stage2_generator.cache_reader import CodeCache
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """A synthetic code cache written through the format's own writer (shared by the cache and generator tests)."""
 import numpy as np
 
-from stage2_generator.cache import (ShardContent, caption_table, finish_manifest, manifest_header, num_shards,
-                                    prepare_cache_dir, shard_image_range, write_manifest, write_shard)
+from stage2_generator.cache_format import manifest_header, num_shards, shard_image_range
+from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
 
 FINGERPRINT = "0123456789abcdef"
 CLASSES = ["cat", "dog", "owl"]
@@ -24,9 +24,9 @@ def make_cache(path, num_images=10, images_per_shard=4, skipped=(), seed=0, **kw
     header = header_for(num_images, images_per_shard, **kwargs)
     views, k, grid = header["augmentation"]["views"], header["codebook_size"], tuple(header["grid"])
     rng = np.random.default_rng(seed)
-    prepare_cache_dir(path, header, overwrite=False)
+    writer = CacheWriter(path, header, overwrite=False)
+    writer.prepare()
     truth = {"codes": [], "labels": [], "image_index": [], "view": [], "captions": [], "embeddings": []}
-    records = []
     for s in range(num_shards(num_images, images_per_shard)):
         begin, end = shard_image_range(s, num_images, images_per_shard)
         images = np.repeat([i for i in range(begin, end) if i not in skipped], views).astype(np.int64)
@@ -38,11 +38,11 @@ def make_cache(path, num_images=10, images_per_shard=4, skipped=(), seed=0, **kw
             view=np.tile(np.arange(views), len(images) // views), caption_ids=ids, captions=table,
             text_embeddings=embeddings if header["text_encoder"] else None, image_range=(begin, end),
             skipped=[i for i in skipped if begin <= i < end])
-        records.append(write_shard(path, s, content, k))
+        writer.write_shard(s, content)
         for name, values in (("codes", content.codes.reshape(len(images), grid[0] * grid[1])),
                              ("labels", content.labels), ("image_index", images), ("view", content.view),
                              ("captions", captions),
                              ("embeddings", embeddings[ids])):
             truth[name].extend(values)
-    write_manifest(path, finish_manifest(header, records))
+    writer.finish()
     return {name: np.array(values) for name, values in truth.items()}

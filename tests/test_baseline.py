@@ -2,7 +2,7 @@
 import numpy as np
 
 from pipelines.baseline import code_frequencies, unigram_codes
-from stage2_generator.cache import CodeCache
+from stage2_generator.cache_reader import CodeCache
 from synthetic_cache import make_cache
 
 

@@ -5,8 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from stage2_generator.cache import (CacheError, CacheLoader, CodeCache, ShardContent, check_cache, code_dtype,
-                                    prepare_cache_dir, write_manifest, write_shard)
+from stage2_generator.cache_check import check_cache
+from stage2_generator.cache_format import CacheError, code_dtype, write_manifest
+from stage2_generator.cache_loader import CacheLoader
+from stage2_generator.cache_reader import CodeCache
+from stage2_generator.cache_writer import CacheWriter, ShardContent
 from synthetic_cache import FINGERPRINT, header_for, make_cache
 
 # ---------------------------------------------------------------- format round trip ------------
@@ -45,7 +48,7 @@ def test_writer_refuses_a_code_outside_the_codebook(tmp_path):
                            view=np.zeros(1), caption_ids=np.zeros(1), captions=["x"], text_embeddings=None,
                            image_range=(0, 1))
     with pytest.raises(ValueError, match=r"codes outside \[0, 64\)"):
-        write_shard(tmp_path, 0, content, codebook_size=64)
+        CacheWriter(tmp_path, header_for(1, 1, codebook_size=64)).write_shard(0, content)
 
 
 def test_a_shard_whose_images_were_all_unreadable_is_empty_but_valid(tmp_path):
@@ -66,7 +69,7 @@ def test_cache_of_another_tokenizer_or_codebook_size_is_refused_naming_both(tmp_
 
 
 def test_incomplete_or_unknown_caches_are_refused(tmp_path):
-    prepare_cache_dir(tmp_path / "partial", header_for(10, 4), overwrite=False)
+    CacheWriter(tmp_path / "partial", header_for(10, 4), overwrite=False).prepare()
     with pytest.raises(CacheError, match="incomplete .* re-run the same"):
         CodeCache(tmp_path / "partial")
     with pytest.raises(CacheError, match="manifest.json is missing"):
@@ -83,23 +86,23 @@ def test_output_folder_holding_another_cache_is_refused_unless_overwrite(tmp_pat
     (tmp_path / "c" / "notes.txt").write_text("mine")
     other = header_for(10, 4, codebook_size=4096)
     with pytest.raises(CacheError, match=r"(?s)codebook_size: the cache has 1000, this run has 4096.*overwrite=true"):
-        prepare_cache_dir(tmp_path / "c", other, overwrite=False)
-    prepare_cache_dir(tmp_path / "c", other, overwrite=True)
+        CacheWriter(tmp_path / "c", other, overwrite=False).prepare()
+    CacheWriter(tmp_path / "c", other, overwrite=True).prepare()
     assert not list((tmp_path / "c" / "shards").iterdir())
     assert json.loads((tmp_path / "c" / "manifest.json").read_text()) == other
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"  # only the cache's own files are removed
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "photo.png").write_bytes(b"x")
     with pytest.raises(CacheError, match="not empty and holds no cache manifest"):
-        prepare_cache_dir(tmp_path / "d", other, overwrite=False)
+        CacheWriter(tmp_path / "d", other, overwrite=False).prepare()
 
 
 def test_same_cache_resumes_and_stale_temporary_files_are_removed(tmp_path):
     header = header_for(10, 4)
-    prepare_cache_dir(tmp_path, header, overwrite=False)
+    CacheWriter(tmp_path, header, overwrite=False).prepare()
     stale = tmp_path / "shards" / ".00001.safetensors.abc.tmp"
     stale.write_bytes(b"half a shard")
-    prepare_cache_dir(tmp_path, {**header, "tokenizer": {**header["tokenizer"], "path": "/moved"}}, overwrite=False)
+    CacheWriter(tmp_path, {**header, "tokenizer": {**header["tokenizer"], "path": "/moved"}}, overwrite=False).prepare()
     assert not stale.exists()
 
 
@@ -206,7 +209,8 @@ def test_check_names_a_shard_holding_a_code_past_the_codebook(tmp_path):
     content = ShardContent(codes=shard["codes"].reshape(-1, 2, 3), labels=shard["labels"],
                            image_index=shard["image_index"], view=shard["view"], caption_ids=shard["caption_ids"],
                            captions=["x"] * manifest["shards"][1]["captions"], text_embeddings=None, image_range=(4, 8))
-    record = write_shard(tmp_path, 1, content, codebook_size=101)  # the writer believes K = 101
+    believes_101 = CacheWriter(tmp_path, {**manifest, "codebook_size": 101})  # the writer believes K = 101
+    record = believes_101.write_shard(1, content)
     write_manifest(tmp_path, {**manifest, "shards": [manifest["shards"][0], record, *manifest["shards"][2:]]})
     problems = check_cache(tmp_path).problems
     assert problems == ["shards/00001.safetensors: 1 code(s) outside [0, 100), e.g. 100"]

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import nccl_rules
-from pipelines import pretokenize as pretokenize_module
 from pipelines.cli import build_parser, command_overrides, main
 from pipelines.pretokenize import PretokenizeConfig, pretokenize
 from simvq_common import distributed
@@ -25,7 +24,10 @@ from simvq_common.errors import UserError
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.data import BadImageWarning, load_emoji, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage2_generator.cache import CacheError, CodeCache, check_cache
+from stage2_generator.cache_check import check_cache
+from stage2_generator.cache_format import CacheError
+from stage2_generator.cache_reader import CodeCache
+from stage2_generator.cache_writer import CacheWriter
 
 REPO = Path(__file__).resolve().parents[1]
 K = 64
@@ -92,20 +94,20 @@ def test_cache_holds_the_tokenizers_codes_of_each_view(tmp_path, tokenizer_dir, 
 def test_crashed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, tokenizer_dir, one_thread, monkeypatch):
     args = ["max_images=50", "images_per_shard=10", "batch_size=4", "aug=flip"]
     pretokenize(config(tokenizer_dir, tmp_path / "straight", *args))
-    real_write_shard, written = pretokenize_module.write_shard, []
+    real_write_shard, written = CacheWriter.write_shard, []
 
-    def write_then_crash(cache_dir, index, content, codebook_size):
+    def write_then_crash(writer, index, content):
         if len(written) == 2:
             raise KeyboardInterrupt  # the third shard never reaches the disk
         written.append(index)
-        return real_write_shard(cache_dir, index, content, codebook_size)
+        return real_write_shard(writer, index, content)
 
-    monkeypatch.setattr(pretokenize_module, "write_shard", write_then_crash)
+    monkeypatch.setattr(CacheWriter, "write_shard", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
         pretokenize(config(tokenizer_dir, tmp_path / "resumed", *args))
     with pytest.raises(CacheError, match="incomplete"):
         CodeCache(tmp_path / "resumed")
-    monkeypatch.setattr(pretokenize_module, "write_shard", real_write_shard)
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write_shard)
     pretokenize(config(tokenizer_dir, tmp_path / "resumed", *args))
     assert cache_bytes(tmp_path / "resumed") == cache_bytes(tmp_path / "straight")
     runs = json.loads((tmp_path / "resumed" / "provenance.json").read_text())["runs"]
@@ -146,13 +148,13 @@ def _worker(rank, world, port, tokenizer_dir, out):
     torch.set_num_threads(1)
     nccl_rules.install()  # every collective of ours as a GPU run would make it
     if rank == 1:  # a slower rank: rank 0 must wait for its shards before writing the manifest
-        write_shard = pretokenize_module.write_shard
+        write_shard = CacheWriter.write_shard
 
         def slow_write_shard(*args):
             time.sleep(0.3)
             return write_shard(*args)
 
-        pretokenize_module.write_shard = slow_write_shard
+        CacheWriter.write_shard = slow_write_shard  # this spawned process's class only
     try:
         pretokenize(config(tokenizer_dir, out, "max_images=70", "images_per_shard=10", "batch_size=4", "aug=flip"))
     finally:

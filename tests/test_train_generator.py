@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
-from stage2_generator.cache import CacheError, ShardContent, caption_table, finish_manifest, prepare_cache_dir, \
-    write_manifest, write_shard
+from stage2_generator.cache_format import CacheError
+from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
 from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
 from stage2_generator.sampling import SamplingConfig, generate
@@ -39,7 +39,8 @@ def learnable_cache(path, num_images=24, k=50, grid=(2, 3)):
     """Codes that are a function of the class (class c: codes c, c+1, ...): a model that learns gets far
     below the uniform loss ln K."""
     header = header_for(num_images, num_images, codebook_size=k, grid=grid)
-    prepare_cache_dir(path, header, overwrite=False)
+    writer = CacheWriter(path, header, overwrite=False)
+    writer.prepare()
     images = np.arange(num_images)
     labels = images % 3
     codes = (labels[:, None] * 7 + np.arange(grid[0] * grid[1])[None]).reshape(num_images, *grid) % k
@@ -47,7 +48,8 @@ def learnable_cache(path, num_images=24, k=50, grid=(2, 3)):
     content = ShardContent(codes=codes, labels=labels, image_index=images, view=np.zeros(num_images),
                            caption_ids=ids, captions=table, text_embeddings=None, image_range=(0, num_images),
                            skipped=[])
-    write_manifest(path, finish_manifest(header, [write_shard(path, 0, content, k)]))
+    writer.write_shard(0, content)
+    writer.finish()
     return codes.reshape(num_images, -1), labels
 
 
