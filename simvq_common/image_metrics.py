@@ -1,31 +1,6 @@
-"""Per-image reconstruction metrics: PSNR and SSIM.
+"""Per-image reconstruction metrics, PSNR and SSIM (skimage's Gaussian convention); see docs/IMAGE_METRICS.md.
 
-Both functions return one value per image, shape (B,); the caller averages (mean of per-image values).
-The SimVQ reference code computes PSNR once over the whole batch (the MSE pooled over all images); that
-number is not the mean of per-image PSNRs and depends on how the evaluation set is batched, so we don't.
-
-Images are float tensors (B, C, H, W) (a single (C, H, W) image is accepted and treated as B=1), in the
-model range [-1, 1] by default: `data_range` is max - min of the range the images live in (2.0 for
-[-1, 1], 1.0 for [0, 1], 255.0 for [0, 255]). Computation is in float64 whatever the input dtype.
-
-SSIM convention (Wang, Bovik, Sheikh, Simoncelli 2004, "Image quality assessment: from error visibility to
-structural similarity"), chosen to match `skimage.metrics.structural_similarity(x, y, data_range=...,
-channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`:
-
-- local statistics from an 11x11 Gaussian window, sigma 1.5 (normalised to sum 1; skimage's truncate=3.5
-  gives radius int(3.5 * 1.5 + 0.5) = 5, i.e. the same 11 taps);
-- means mu_x, mu_y; population (biased, 1/N-weighted) variances and covariance
-  sigma_x^2 = E_w[x^2] - mu_x^2, sigma_xy = E_w[xy] - mu_x mu_y;
-- C1 = (0.01 * L)^2, C2 = (0.03 * L)^2 with L = data_range;
-- SSIM map = ((2 mu_x mu_y + C1)(2 sigma_xy + C2)) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2));
-- only "valid" window positions (the window lies fully inside the image, no padding): skimage filters
-  with reflection padding and then crops (win_size - 1) // 2 pixels from every border before averaging,
-  which is the same set of positions;
-- each channel separately (no RGB->Y conversion), then the mean over channels and valid positions.
-
-Images must be at least 11x11. Note that SSIM numbers in papers vary with these choices (uniform 7x7
-window vs Gaussian 11x11, luminance channel vs RGB, downsampling first as in Wang's MATLAB code);
-record the convention beside every number.
+Images are float (B, C, H, W) or (C, H, W), in [-1, 1] unless `data_range` says otherwise; results are (B,).
 """
 from __future__ import annotations
 
@@ -64,11 +39,7 @@ def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> to
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-image SSIM, shape (B,), Gaussian 11x11 window (sigma 1.5), valid positions, mean over channels.
-
-    See the module docstring for the exact convention (that of skimage's structural_similarity with
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False).
-    """
+    """Per-image SSIM, shape (B,): Gaussian 11x11 window (sigma 1.5), valid positions, mean over channels."""
     x, y = _as_batch(x, y)
     b, c, h, w = x.shape
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
