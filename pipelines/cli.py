@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
@@ -12,88 +13,84 @@ from simvq_common.errors import UserError
 OVERRIDES_HELP = "config overrides as key=value (dotted keys for nested fields, e.g. autoencoder.ch=64)"
 
 
-def _collapse_study(args: argparse.Namespace) -> None:
-    from studies.collapse import CollapseStudyConfig, run_collapse_study
+def _collapse_study(cfg) -> None:
+    from studies.collapse import run_collapse_study
 
-    cfg = load_config(CollapseStudyConfig, args.config, args.overrides)
     run_collapse_study(cfg)
     console.print(f"[green]done[/]: results in {cfg.out_dir}/results.md"
                   + (f" and {cfg.results_md}" if cfg.results_md else ""))
 
 
-def _train_tokenizer(args: argparse.Namespace) -> None:
-    from stage1_tokenizer.config import TokenizerTrainConfig
+def _train_tokenizer(cfg) -> None:
     from stage1_tokenizer.train import train_tokenizer
 
-    out = train_tokenizer(load_config(TokenizerTrainConfig, args.config, args.overrides))
+    out = train_tokenizer(cfg)
     console.print(f"[green]done[/]: tokenizer (EMA weights) in {out}")
 
 
-def _eval_tokenizer(args: argparse.Namespace) -> None:
-    from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer, result_table
+def _eval_tokenizer(cfg) -> None:
+    from stage1_tokenizer.evaluate import evaluate_tokenizer, result_table
 
-    console.print(result_table(evaluate_tokenizer(load_config(TokenizerEvalConfig, args.config, args.overrides))))
+    console.print(result_table(evaluate_tokenizer(cfg)))
 
 
-def _compare_tokenizers(args: argparse.Namespace) -> None:
-    from studies.tokenizer_comparison import TokenizerComparisonConfig, run_comparison
+def _compare_tokenizers(cfg) -> None:
+    from studies.tokenizer_comparison import run_comparison
 
-    cfg = load_config(TokenizerComparisonConfig, args.config, args.overrides)
     run_comparison(cfg)
     console.print(f"[green]done[/]: {cfg.out_dir}/results.json" + (f" and {cfg.results_md}" if cfg.results_md else ""))
 
 
-def _pretokenize(args: argparse.Namespace) -> None:
-    from pipelines.pretokenize import PretokenizeConfig, pretokenize
+def _pretokenize(cfg) -> None:
+    from pipelines.pretokenize import pretokenize
     from simvq_common.distributed import rank
 
-    out = pretokenize(load_config(PretokenizeConfig, args.config, command_overrides(args)))
+    out = pretokenize(cfg)
     if rank() == 0:
         console.print(f"[green]done[/]: check it with `simvq verify-cache {out}`")
 
 
-def _train_generator(args: argparse.Namespace) -> None:
+def _train_generator(cfg) -> None:
     from simvq_common.distributed import rank
-    from stage2_generator.config import GeneratorTrainConfig
     from stage2_generator.train import train_generator
 
-    out = train_generator(load_config(GeneratorTrainConfig, args.config, args.overrides))
+    out = train_generator(cfg)
     if rank() == 0:
         console.print(f"[green]done[/]: generator (consolidated fp32 weights + config) in {out}")
 
 
-def _sample(args: argparse.Namespace) -> None:
-    from pipelines.sample import SampleConfig, sample
+def _sample(cfg) -> None:
+    from pipelines.sample import sample
     from simvq_common.distributed import rank
 
-    s = sample(load_config(SampleConfig, args.config, command_overrides(args)))
+    s = sample(cfg)
     if rank() == 0:
         console.print(f"[green]done[/]: {s['num_samples']} samples in {s['out']} (generator "
                       f"{s['generator_fingerprint']}, tokenizer {s['tokenizer_fingerprint']})")
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from pipelines.evaluate import EvaluateConfig, evaluate, result_table
+def _evaluate(cfg) -> None:
+    from pipelines.evaluate import evaluate, result_table
 
-    console.print(result_table(evaluate(load_config(EvaluateConfig, args.config, command_overrides(args)))))
-
-
-def _run(args: argparse.Namespace) -> None:
-    from pipelines.run import PipelineConfig, run_pipeline
-
-    run_pipeline(load_config(PipelineConfig, args.config, args.overrides))
+    console.print(result_table(evaluate(cfg)))
 
 
-def _verify_cache(args: argparse.Namespace) -> None:
-    from pipelines.verify import VerifyCacheConfig, verify_cache
+def _run(cfg) -> None:
+    from pipelines.run import run_pipeline
 
-    s = verify_cache(load_config(VerifyCacheConfig, args.config, command_overrides(args)))
+    run_pipeline(cfg)
+
+
+def _verify_cache(cfg) -> None:
+    from pipelines.verify import verify_cache
+
+    s = verify_cache(cfg)
     console.print(f"[green]cache OK[/]: {s['shards']} shards, {s['sequences']:,} sequences, {s['tokens']:,} tokens, "
                   f"K = {s['codebook_size']:,} ({s['utilisation']:.1%} of the codes used), fingerprint "
                   f"{s['fingerprint']}" + (f"; decoded sequences in {s['grid']}" if s["grid"] else ""))
 
 
-def _dataset_info(args: argparse.Namespace) -> None:
+def _dataset_info(_) -> None:
     from rich.table import Table
 
     from stage1_tokenizer.data import load_emoji
@@ -109,48 +106,58 @@ def _dataset_info(args: argparse.Namespace) -> None:
     console.print(f"source: {train.source}")
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, bool]] = {
-    # name: (function, help, takes a config)
+COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
+    # name: (function of the command's config, help)
     "collapse-study": (_collapse_study,
                        "train a small autoencoder with plain VQ, EMA VQ and SimVQ at several codebook sizes on the "
-                       "bundled emoji (same budget each) and tabulate codebook utilisation, perplexity, MSE and PSNR",
-                       True),
+                       "bundled emoji (same budget each) and tabulate codebook utilisation, perplexity, MSE and PSNR"),
     "train-tokenizer": (_train_tokenizer,
                         "train a SimVQ tokenizer (stage 1); resumes from the run directory's last checkpoint; "
-                        "run under torchrun for several processes", True),
+                        "run under torchrun for several processes"),
     "eval-tokenizer": (_eval_tokenizer,
                        "rFID, PSNR, SSIM, LPIPS, codebook utilisation and perplexity of a tokenizer over a "
-                       "validation split, written to eval.json with their provenance (e.g. tokenizer=DIR resolution=32)",
-                       True),
+                       "validation split, written to eval.json with their provenance (e.g. tokenizer=DIR resolution=32)"),
     "compare-tokenizers": (_compare_tokenizers,
                            "train and evaluate one tokenizer per (quantizer kind, codebook size) under the same "
-                           "budget and tabulate rFID, PSNR, SSIM, LPIPS and utilisation", True),
+                           "budget and tabulate rFID, PSNR, SSIM, LPIPS and utilisation"),
     "pretokenize": (_pretokenize,
                     "encode a dataset with a tokenizer into a code cache (shards + manifest.json) for stage 2; "
                     "resumes an interrupted run; run under torchrun for several processes "
-                    "(e.g. --tokenizer DIR --data emoji --out CACHE --aug flip resolution=32)", True),
+                    "(e.g. --tokenizer DIR --data emoji --out CACHE --aug flip resolution=32)"),
     "train-generator": (_train_generator,
                         "train an autoregressive generator (stage 2) on a code cache with DeepSpeed (ZeRO stage from "
                         "run.deepspeed); resumes from the run's latest checkpoint; run under the deepspeed launcher "
-                        "or torchrun for several processes or nodes", True),
+                        "or torchrun for several processes or nodes"),
     "sample": (_sample,
                "draw samples from a generator (class ids or names, text prompts, or an image prefix) and decode "
                "them with its tokenizer into samples.npz, grid.png and sampling.json; seeds follow each sample's "
                "global index; run under torchrun for several processes (e.g. --generator DIR --out DIR "
-               "num_samples=64 sampling.guidance_scale=2)", True),
+               "num_samples=64 sampling.guidance_scale=2)"),
     "evaluate": (_evaluate,
                  "FID, IS, KID and precision/recall of samples (a `simvq sample` directory) against a reference "
                  "(reference=emoji, an image folder, or saved statistics .npz), written to metrics.json with "
-                 "the suite, Inception weights hash, resize, counts and reference", True),
+                 "the suite, Inception weights hash, resize, counts and reference"),
     "run": (_run,
             "the whole system from one config: tokenizer, pre-tokenization, generators, samples, FID against "
             "the val split beside a unigram baseline and the tokenizer's rFID, and report.md; a stage whose "
-            "inputs are unchanged is skipped, an interrupted one resumed (e.g. -c configs/pipeline/emoji32_demo.yaml)",
-            True),
+            "inputs are unchanged is skipped, an interrupted one resumed (e.g. -c configs/pipeline/emoji32_demo.yaml)"),
     "verify-cache": (_verify_cache,
                      "check a code cache (checksums, counts, codes < K) and decode a few sequences into a PNG grid "
-                     "with the tokenizer it records", True),
-    "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes", False),
+                     "with the tokenizer it records"),
+    "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes"),
+}
+# The config schema of each command that takes one ("module:class", imported when the command runs).
+SCHEMAS: dict[str, str] = {
+    "collapse-study": "studies.collapse:CollapseStudyConfig",
+    "train-tokenizer": "stage1_tokenizer.config:TokenizerTrainConfig",
+    "eval-tokenizer": "stage1_tokenizer.evaluate:TokenizerEvalConfig",
+    "compare-tokenizers": "studies.tokenizer_comparison:TokenizerComparisonConfig",
+    "pretokenize": "pipelines.pretokenize:PretokenizeConfig",
+    "train-generator": "stage2_generator.config:GeneratorTrainConfig",
+    "sample": "pipelines.sample:SampleConfig",
+    "evaluate": "pipelines.evaluate:EvaluateConfig",
+    "run": "pipelines.run:PipelineConfig",
+    "verify-cache": "pipelines.verify:VerifyCacheConfig",
 }
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
 # them win), and the key its positional argument sets.
@@ -168,19 +175,27 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
     return given + args.overrides
 
 
+def config_of(args: argparse.Namespace):
+    """The command's config: its schema's defaults <- the -c file <- flags and key=value overrides."""
+    if args.command not in SCHEMAS:
+        return None
+    module, name = SCHEMAS[args.command].split(":")
+    return load_config(getattr(importlib.import_module(module), name), args.config, command_overrides(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simvq",
         description="simvq-gen: SimVQ tokenizers, code caches, autoregressive generators and FID pipelines.",
         epilog="Every run writes its merged config, metrics.jsonl and outputs into its run directory.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (function, help_text, takes_config) in COMMANDS.items():
+    for name, (function, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name in POSITIONAL_KEY:
             command.add_argument(POSITIONAL_KEY[name], help=f"sets {POSITIONAL_KEY[name]}")
         for key in FLAG_KEYS.get(name, ()):
             command.add_argument(f"--{key}", dest=f"flag_{key}", metavar=key.upper(), help=f"same as {key}=...")
-        if takes_config:
+        if name in SCHEMAS:
             command.add_argument("-c", "--config", help="YAML config (schema defaults are used for absent keys)")
             command.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
         command.set_defaults(function=function, flag_keys=FLAG_KEYS.get(name, ()),
@@ -188,10 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with key=value overrides allowed anywhere (also after flags: argparse alone would
+    stop collecting positionals at the first flag)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [word for word in extra if word.startswith("-") or "=" not in word]
+    if unknown or (extra and args.command not in SCHEMAS):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if args.command in SCHEMAS:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
-        args.function(args)
+        args.function(config_of(args))
     except UserError as err:  # the project's own: the message says what to fix; anything else is a bug
         console.print(f"[red]error[/]: {err}")
         return 2
