@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from simvq_common.console import console, progress
 from simvq_common.errors import ConfigError, NonFiniteLoss
+from simvq_common.image_metrics import psnr
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.metrics import RunDir
@@ -63,12 +64,6 @@ class RunResult:
     final_loss: float
 
 
-def psnr_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR of each image in [-1, 1] (peak-to-peak 2), computed per image, not over the batch."""
-    mse = (reconstruction.clamp(-1, 1) - target).square().flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-
-
 @torch.no_grad()
 def evaluate(model: VQAutoencoder, images: ImageSet, batch_size: int) -> tuple[CodebookUsage, float, float]:
     """Usage over all tokens of `images`, and mean per-image MSE and PSNR of the reconstructions."""
@@ -80,7 +75,7 @@ def evaluate(model: VQAutoencoder, images: ImageSet, batch_size: int) -> tuple[C
         reconstruction, q = model(x)
         usage.update(q.indices)
         mse_sum += float((reconstruction.clamp(-1, 1) - x).square().flatten(1).mean(1).sum())
-        psnr_sum += float(psnr_per_image(reconstruction, x).sum())
+        psnr_sum += float(psnr(reconstruction.clamp(-1, 1), x).sum())
     model.train()
     return usage.merged(), mse_sum / len(images), psnr_sum / len(images)
 
