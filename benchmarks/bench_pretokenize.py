@@ -43,7 +43,8 @@ from pipelines.pretokenize import PretokenizeConfig, base_resolution, make_views
 from simvq_common.config import load_config  # noqa: E402
 from simvq_common.markdown import write_section  # noqa: E402
 from stage1_tokenizer.config import TokenizerTrainConfig  # noqa: E402
-from stage1_tokenizer.data import build_image_dataset, load_emoji  # noqa: E402
+from stage1_tokenizer.datasets import build_image_dataset  # noqa: E402
+from stage1_tokenizer.emoji import load_emoji  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 RESULTS_PATH = REPO / "benchmarks" / "results" / "pretokenize.json"

@@ -93,7 +93,7 @@ def _verify_cache(cfg) -> None:
 def _dataset_info(_) -> None:
     from rich.table import Table
 
-    from stage1_tokenizer.data import load_emoji
+    from stage1_tokenizer.emoji import load_emoji
 
     table = Table(title="bundled emoji (Noto, Apache-2.0)")
     for column in ("class", "name", "train", "val"):

@@ -27,7 +27,10 @@ from simvq_common.fid import compute_metrics, reference_stats
 from simvq_common.fid_reference import load_reference_stats, save_reference_stats
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
-from stage1_tokenizer.data import build_image_dataset, collate_skip_none, load_emoji, to_uint8
+from stage1_tokenizer.datasets import build_image_dataset
+from stage1_tokenizer.emoji import load_emoji
+from stage1_tokenizer.loading import collate_skip_none
+from stage1_tokenizer.transforms import to_uint8
 
 METRICS = ("fid", "isc", "kid", "prc")
 

@@ -30,7 +30,9 @@ from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line, environment
-from stage1_tokenizer.data import EMOJI_NATIVE_RESOLUTION, build_image_dataset, center_crop_offset
+from stage1_tokenizer.datasets import build_image_dataset
+from stage1_tokenizer.emoji import EMOJI_NATIVE_RESOLUTION
+from stage1_tokenizer.transforms import center_crop_offset
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_format import (AUGMENTATION_VIEWS, PROVENANCE_FILE, code_dtype, manifest_header,
                                            shard_image_range)

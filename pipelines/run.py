@@ -40,7 +40,7 @@ from simvq_common.distributed import barrier, broadcast_object, rank
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line
 from stage1_tokenizer.config import TokenizerTrainConfig
-from stage1_tokenizer.data import to_uint8
+from stage1_tokenizer.transforms import to_uint8
 from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer

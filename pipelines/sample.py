@@ -35,7 +35,7 @@ from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
 from simvq_common.provenance import command_line, environment
-from stage1_tokenizer.data import center_crop_offset, image_to_rgb, resize_shorter_side, to_model_range, to_uint8
+from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.visualize import grid_image
 from stage2_generator.config import GeneratorConfig
@@ -180,9 +180,7 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
     except (OSError, ValueError) as err:  # missing, unreadable or truncated file
         raise UserError(f"prefix_image {path} cannot be read ({type(err).__name__}: {err}): "
                         f"pass an image file") from None
-    rgb = resize_shorter_side(rgb, resolution)
-    left, top = center_crop_offset(rgb.width, rgb.height, resolution)
-    pixels = np.array(rgb.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    pixels = np.array(center_crop(rgb, resolution), dtype=np.uint8)
     return to_model_range(torch.from_numpy(pixels).permute(2, 0, 1))[None]
 
 

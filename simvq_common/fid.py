@@ -59,7 +59,7 @@ def _as_dataset(images: ImagesLike) -> Dataset:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3):
-        raise ValueError("images must be uint8 (N, 3, H, W) (convert with stage1_tokenizer.data.to_uint8) "
+        raise ValueError("images must be uint8 (N, 3, H, W) (convert with stage1_tokenizer.transforms.to_uint8) "
                          f"or a folder; got {getattr(images, 'dtype', type(images))} "
                          f"{tuple(getattr(images, 'shape', ()))}")
     if images.shape[0] < 2:

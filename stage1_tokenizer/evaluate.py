@@ -20,7 +20,9 @@ from simvq_common.image_metrics import psnr, ssim
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 
-from .data import build_image_dataset, collate_skip_none, to_uint8
+from .datasets import build_image_dataset
+from .loading import collate_skip_none
+from .transforms import to_uint8
 from .perceptual import PerceptualBackendUnavailable, build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer

@@ -27,7 +27,8 @@ from simvq_common.metrics import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16
 
 from .config import TokenizerTrainConfig
-from .data import EpochSampler, build_image_dataset, collate_skip_none
+from .datasets import build_image_dataset
+from .loading import EpochSampler, collate_skip_none
 from .losses import (PatchDiscriminator, adaptive_generator_weight, gan_weight_at, generator_adversarial_loss,
                      hinge_d_loss)
 from .perceptual import build_perceptual_loss

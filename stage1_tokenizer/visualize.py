@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import to_uint8
+from .transforms import to_uint8
 
 
 def grid_image(images, layout: list[list[int]]) -> np.ndarray:

@@ -25,7 +25,8 @@ from simvq_common.provenance import command_line, environment
 
 from stage1_tokenizer.autoencoder import VQAutoencoder
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig
-from stage1_tokenizer.data import ImageSet, load_emoji, to_model_range
+from stage1_tokenizer.emoji import ImageSet, load_emoji
+from stage1_tokenizer.transforms import to_model_range
 from stage1_tokenizer.quantizers import CodebookUsage
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from stage1_tokenizer.data import load_emoji, to_model_range, to_uint8
+from stage1_tokenizer.emoji import load_emoji
+from stage1_tokenizer.transforms import to_model_range, to_uint8
 
 
 def test_emoji_splits_are_disjoint_stratified_and_complete():

@@ -10,7 +10,7 @@ from simvq_common.errors import UserError
 from simvq_common.fid import extract_features
 from simvq_common.fid_reference import load_reference_stats
 from simvq_common.inception import FEATURE_LAYER, resolve_inception
-from stage1_tokenizer.data import load_emoji
+from stage1_tokenizer.emoji import load_emoji
 
 N = 12
 

@@ -16,7 +16,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from simvq_common import fid, fid_reference, inception
 from simvq_common.downloads import url_reachable
 from simvq_common.fingerprint import file_sha256
-from stage1_tokenizer.data import load_emoji
+from stage1_tokenizer.emoji import load_emoji
 
 OFFLINE = "offline-torchscript"
 

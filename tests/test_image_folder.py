@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from stage1_tokenizer.data import (BadImageWarning, EmojiDataset, EpochSampler, ImageFolderDataset,
-                                   build_image_dataset, collate_skip_none, load_emoji, random_crop_offset,
-                                   to_model_range)
+from stage1_tokenizer.datasets import build_image_dataset
+from stage1_tokenizer.emoji import EmojiDataset, load_emoji
+from stage1_tokenizer.image_folder import BadImageWarning, ImageFolderDataset
+from stage1_tokenizer.loading import EpochSampler, collate_skip_none
+from stage1_tokenizer.transforms import random_crop_offset, to_model_range
 
 
 def model_value(v: float) -> float:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from simvq_common.image_metrics import psnr, ssim
-from stage1_tokenizer.data import load_emoji, to_model_range
+from stage1_tokenizer.emoji import load_emoji
+from stage1_tokenizer.transforms import to_model_range
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage1_tokenizer.data import load_emoji, to_model_range
+from stage1_tokenizer.emoji import load_emoji
 from stage1_tokenizer.losses import (
     PatchDiscriminator,
     adaptive_generator_weight,
@@ -17,6 +17,7 @@ from stage1_tokenizer.losses import (
     hinge_d_loss,
 )
 from stage1_tokenizer.perceptual import PERCEPTUAL_BACKENDS, PerceptualBackendUnavailable, build_perceptual_loss
+from stage1_tokenizer.transforms import to_model_range
 
 # torchvision VGG16 `features` conv layers: (index in features, in channels, out channels)
 VGG16_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),

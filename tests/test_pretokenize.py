@@ -22,7 +22,9 @@ from simvq_common import distributed
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-from stage1_tokenizer.data import BadImageWarning, load_emoji, to_model_range, to_uint8
+from stage1_tokenizer.emoji import load_emoji
+from stage1_tokenizer.image_folder import BadImageWarning
+from stage1_tokenizer.transforms import to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_format import CacheError

@@ -15,7 +15,7 @@ from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.metrics import RunDir
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-from stage1_tokenizer.data import ImageFolderDataset
+from stage1_tokenizer.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.config import GeneratorConfig
 from stage2_generator.model import Generator

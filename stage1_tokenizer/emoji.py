@@ -1,0 +1,90 @@
+"""The bundled Noto emoji set: real images with class labels and captions, offline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .image_folder import BadFileLog, check_index
+from .transforms import to_model_range
+
+EMOJI_PATH = Path(__file__).resolve().parent / "assets" / "noto_emoji_64.npz"
+EMOJI_NATIVE_RESOLUTION = 64
+SPLITS = ("train", "val", "all")
+
+
+@dataclass
+class ImageSet:
+    """Images held in memory as uint8 (N, 3, H, W), with labels and captions."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    captions: list[str]
+    class_names: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@lru_cache(maxsize=1)
+def _emoji_arrays() -> dict[str, np.ndarray]:
+    if not EMOJI_PATH.is_file():
+        raise FileNotFoundError(f"bundled emoji dataset missing at {EMOJI_PATH}: rebuild it with "
+                                f"`python scripts/build_emoji_dataset.py` (needs npm) or reinstall the package")
+    with np.load(EMOJI_PATH) as data:
+        return {key: data[key] for key in data.files}
+
+
+def load_emoji(split: str = "train", resolution: int = 64) -> ImageSet:
+    """The bundled emoji at `resolution` px (area-downsampled from 64), split 'train', 'val' or 'all'."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}': expected one of {SPLITS}")
+    if not 1 <= resolution <= EMOJI_NATIVE_RESOLUTION:
+        raise ValueError(f"emoji resolution must lie in [1, {EMOJI_NATIVE_RESOLUTION}] px, got {resolution}")
+    arrays = _emoji_arrays()
+    keep = np.ones(len(arrays["labels"]), bool) if split == "all" else arrays["split"] == SPLITS.index(split)
+    images = torch.from_numpy(arrays["images"][keep]).permute(0, 3, 1, 2).contiguous()
+    if resolution != EMOJI_NATIVE_RESOLUTION:
+        resized = F.interpolate(images.float(), size=(resolution, resolution), mode="area")
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(
+        images=images,
+        labels=torch.from_numpy(arrays["labels"][keep]),
+        captions=[str(name) for name in arrays["names"][keep]],
+        class_names=[str(name) for name in arrays["categories"]],
+        source=f"{arrays['source']}; split={split}; {resolution}px",
+    )
+
+
+class EmojiDataset(Dataset):
+    """The bundled emoji (load_emoji) as a Dataset with ImageFolderDataset's item format and interface."""
+
+    def __init__(self, split: str = "train", resolution: int = 64) -> None:
+        self.image_set = load_emoji(split, resolution)
+        self.split, self.resolution, self.epoch = split, resolution, 0
+        self.class_names = self.image_set.class_names
+        self.captions = self.image_set.captions  # item i's caption (its emoji name), aligned with the items
+        self.bad_files = BadFileLog()  # always empty: the images are in memory
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)  # no randomness to reseed: images are already at `resolution`
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    @property
+    def labels(self) -> list[int]:
+        return self.image_set.labels.tolist()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = check_index(index, len(self))
+        return to_model_range(self.image_set.images[index]), int(self.image_set.labels[index])
+
+    def __repr__(self) -> str:
+        return f"EmojiDataset(split={self.split!r}, {len(self)} images, {self.resolution}px)"
