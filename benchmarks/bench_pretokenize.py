@@ -37,9 +37,9 @@ from PIL import Image
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DOC_INTRO, DOC_PATH, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
-                               provenance)
-from pipelines.pretokenize import PretokenizeConfig, base_resolution, make_views, pretokenize  # noqa: E402
+from benchmarks.common import DOC_INTRO, DOC_PATH, REPO, cpu_times, markdown_table, other_cpu_share, provenance  # noqa: E402
+from pipelines.config import PretokenizeConfig
+from pipelines.pretokenize import base_resolution, make_views, pretokenize
 from simvq_common.config import load_config  # noqa: E402
 from simvq_common.markdown import write_section  # noqa: E402
 from stage1_tokenizer.config import TokenizerTrainConfig  # noqa: E402

@@ -43,12 +43,11 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DOC_INTRO, DOC_PATH, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
-                               provenance)
+from benchmarks.common import DOC_INTRO, DOC_PATH, REPO, cpu_times, markdown_table, other_cpu_share, provenance  # noqa: E402
 from simvq_common.markdown import write_section  # noqa: E402
-from stage2_generator.config import GeneratorConfig, swiglu_hidden  # noqa: E402
+from stage2_generator.config import GeneratorConfig, SamplingConfig, swiglu_hidden  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
-from stage2_generator.sampling import SamplingConfig, generate  # noqa: E402
+from stage2_generator.sampling import generate
 
 RESULTS_PATH = REPO / "benchmarks" / "results" / "sampling.json"
 NUM_CLASSES = 1000

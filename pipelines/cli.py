@@ -148,16 +148,16 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
 }
 # The config schema of each command that takes one ("module:class", imported when the command runs).
 SCHEMAS: dict[str, str] = {
-    "collapse-study": "studies.collapse:CollapseStudyConfig",
+    "collapse-study": "studies.config:CollapseStudyConfig",
     "train-tokenizer": "stage1_tokenizer.config:TokenizerTrainConfig",
-    "eval-tokenizer": "stage1_tokenizer.evaluate:TokenizerEvalConfig",
-    "compare-tokenizers": "studies.tokenizer_comparison:TokenizerComparisonConfig",
-    "pretokenize": "pipelines.pretokenize:PretokenizeConfig",
+    "eval-tokenizer": "stage1_tokenizer.config:TokenizerEvalConfig",
+    "compare-tokenizers": "studies.config:TokenizerComparisonConfig",
+    "pretokenize": "pipelines.config:PretokenizeConfig",
     "train-generator": "stage2_generator.config:GeneratorTrainConfig",
-    "sample": "pipelines.sample:SampleConfig",
-    "evaluate": "pipelines.evaluate:EvaluateConfig",
-    "run": "pipelines.run:PipelineConfig",
-    "verify-cache": "pipelines.verify:VerifyCacheConfig",
+    "sample": "pipelines.config:SampleConfig",
+    "evaluate": "pipelines.config:EvaluateConfig",
+    "run": "pipelines.config:PipelineConfig",
+    "verify-cache": "pipelines.config:VerifyCacheConfig",
 }
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
 # them win), and the key its positional argument sets.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from simvq_common import distributed
-from simvq_common.console import console
 from simvq_common.artifacts import expect_kind
+from simvq_common.console import console
 from simvq_common.errors import ArtifactError, UserError
 from simvq_common.fid import compute_metrics, reference_stats
 from simvq_common.fid_reference import load_reference_stats, save_reference_stats
@@ -32,21 +32,9 @@ from stage1_tokenizer.emoji import load_emoji
 from stage1_tokenizer.loading import collate_skip_none
 from stage1_tokenizer.transforms import to_uint8
 
+from .config import EvaluateConfig
+
 METRICS = ("fid", "isc", "kid", "prc")
-
-
-@dataclass
-class EvaluateConfig:
-    samples: str = ""  # a `simvq sample` directory, or its samples.npz
-    reference: str = "emoji"  # "emoji" (bundled), an image folder (ImageNet layout), or a statistics .npz (FID only)
-    reference_split: str = "val"
-    max_reference: int = 0  # the first N reference images (0 = all)
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])  # isc needs torch-fidelity's Inception
-    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
-    batch_size: int = 64
-    device: str = "auto"  # where the Inception runs: auto = this process's GPU if there is one, else cpu
-    out: str = ""  # metrics.json path ("" = beside samples.npz)
-    save_reference_stats: str = ""  # also write the reference's FID statistics to this .npz
 
 
 def load_samples(path: str | Path) -> tuple[torch.Tensor, Path, dict]:

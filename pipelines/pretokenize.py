@@ -16,7 +16,7 @@ import json
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.config import PretokenizeConfig
 from pipelines.text import TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
@@ -32,29 +33,18 @@ from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.datasets import build_image_dataset
 from stage1_tokenizer.emoji import EMOJI_NATIVE_RESOLUTION
-from stage1_tokenizer.transforms import center_crop_offset
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage2_generator.cache_format import (AUGMENTATION_VIEWS, PROVENANCE_FILE, code_dtype, manifest_header,
-                                           shard_image_range)
+from stage1_tokenizer.transforms import center_crop_offset
+from stage2_generator.cache_format import (
+    AUGMENTATION_VIEWS,
+    PROVENANCE_FILE,
+    code_dtype,
+    manifest_header,
+    shard_image_range,
+)
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
 
 TENCROP_SCALE = 1.1  # ten-crop takes crops of `resolution` from the image resized to 1.1x (as LlamaGen)
-
-
-@dataclass
-class PretokenizeConfig:
-    tokenizer: str = ""  # a tokenizer directory (train-tokenizer's output: EMA weights, or save_pretrained)
-    data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
-    split: str = "train"
-    resolution: int = 0  # required: the image size to encode at (e.g. 128 for the paper's configs)
-    out: str = ""  # the cache directory
-    aug: str = "none"  # none | flip (image + mirror) | tencrop (corners + centre of the 1.1x image, + mirrors)
-    max_images: int = 0  # 0 = the whole split; N = its first N images
-    images_per_shard: int = 8192
-    batch_size: int = 64  # images per encode call (each with its views)
-    num_workers: int = 2  # DataLoader processes that decode images
-    text_embeddings: bool = False  # also store all-MiniLM-L6-v2 embeddings of the captions
-    overwrite: bool = False  # replace what `out` holds if it is another cache (or not a cache)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,71 +24,37 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from simvq_common import distributed
 from simvq_common.artifacts import write_kind
 from simvq_common.config import load_config, to_yaml
-from simvq_common.errors import ConfigError
 from simvq_common.console import console
-from simvq_common import distributed
 from simvq_common.distributed import barrier, broadcast_object, rank
+from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line
-from stage1_tokenizer.config import TokenizerTrainConfig
-from stage1_tokenizer.transforms import to_uint8
-from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
+from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
+from stage1_tokenizer.transforms import to_uint8
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
-from stage2_generator.sampling import SamplingConfig
 from stage2_generator.train import train_generator
 
 from .baseline import code_frequencies, unigram_codes
-from .evaluate import EvaluateConfig, evaluate
-from .pretokenize import PretokenizeConfig, pretokenize
+from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeConfig, SampleConfig
+from .evaluate import evaluate
+from .pretokenize import pretokenize
 from .report import write_report, write_results_section
-from .sample import SampleConfig, sample, write_samples
-
-
-@dataclass
-class GeneratorStage:
-    name: str = "class"
-    config: str = "configs/generator/emoji32_class_tiny_cpu.yaml"
-    overrides: list[str] = field(default_factory=list)  # data.cache / val_cache / run.out_dir are set by the run
-    prompts: list[str] = field(default_factory=list)  # text generators: prompts shown in the report's grid
-
-
-@dataclass
-class PipelineConfig:
-    """One file describes the whole experiment (configs/pipeline/*.yaml)."""
-
-    out_dir: str = "runs/pipeline"
-    data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
-    resolution: int = 32
-    tokenizer: str = "configs/tokenizer/emoji32_simvq_8k_cpu.yaml"  # a stage-1 training config
-    tokenizer_overrides: list[str] = field(default_factory=list)
-    aug: str = "flip"  # pre-tokenization views of the train split: none | flip | tencrop
-    max_images: int = 0  # the first N train images (0 = all): for quick runs
-    pretokenize_batch_size: int = 64
-    generators: list[GeneratorStage] = field(default_factory=lambda: [GeneratorStage()])
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    sample_batch_size: int = 64
-    fid_samples: int = 0  # samples per generator for FID (0 = as many as the val split has images)
-    grid_per_class: int = 8  # samples per class / per prompt in the report's grids
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
-    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
-    max_reference: int = 0  # val images used as the reference (0 = all)
-    eval_perceptual: str = "auto"  # LPIPS backend of the tokenizer evaluation
-    baseline: bool = True  # the unigram-codes baseline
-    results_md: str = ""  # also write the quality table and grids as a section of this file (docs/RESULTS.md)
-    command: str = ""
+from .sample import sample, write_samples
 
 
 def identity_hash(identity: dict) -> str:

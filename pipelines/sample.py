@@ -21,13 +21,14 @@ import datetime
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.config import SampleConfig
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common import distributed
 from simvq_common.artifacts import write_kind
@@ -35,37 +36,18 @@ from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
 from simvq_common.provenance import command_line, environment
-from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
 from stage1_tokenizer.visualize import grid_image
-from stage2_generator.config import GeneratorConfig
+from stage2_generator.config import GeneratorConfig, SamplingConfig
 from stage2_generator.model import Generator
-from stage2_generator.sampling import SamplingConfig, generate
+from stage2_generator.sampling import generate
 
 SEEDS_RULE = ("sample with global index g: its code draws are uniforms from numpy default_rng([seed, g]), one per "
               "code position; its condition is conditions[g mod len(conditions)]")
 GRID_MAX_ROWS, GRID_MAX_COLS = 16, 8  # grid.png with several conditions: this many conditions x samples each
 GRID_MAX_SQUARE = 64  # grid.png with one condition (or none): the first this many samples
 NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
-
-
-@dataclass
-class SampleConfig:
-    generator: str = ""  # a generator directory (`simvq train-generator` output)
-    tokenizer: str = ""  # "" = the tokenizer directory the generator records; its fingerprint must match either way
-    out: str = ""  # the output directory
-    classes: list[str] = field(default_factory=list)  # class ids or names; empty = all (class-conditional only)
-    num_samples: int = 0  # total over the conditions, round-robin; 0 = per_class (per_prompt) x their number
-    per_class: int = 8  # class-conditional and unconditional generators (unconditional = one class)
-    prompts: list[str] = field(default_factory=list)  # text-conditional generators: required
-    per_prompt: int = 8
-    prefix_image: str = ""  # an image file whose top prefix_rows rows of codes every sample keeps
-    prefix_rows: int = 0  # in [1, grid rows - 1] when prefix_image is set
-    batch_size: int = 32  # samples per generate call (per process)
-    first_index: int = 0  # the global index of the first sample (sample i has index first_index + i)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    save_pngs: bool = False  # also write png/{index:06d}.png per sample
-    device: str = "auto"  # auto = this process's GPU if there is one, else cpu
 
 
 @dataclass

@@ -7,26 +7,18 @@ over the whole cache, with the tokenizer the manifest records (whose fingerprint
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipelines.config import VerifyCacheConfig
 from simvq_common.errors import UserError
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.visualize import save_image_grid
 from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_format import VERIFY_GRID_FILE, CacheError
 from stage2_generator.cache_reader import CodeCache
-
-
-@dataclass
-class VerifyCacheConfig:
-    cache: str = ""  # the cache directory
-    tokenizer: str = ""  # default: the tokenizer directory the manifest records
-    decode: int = 16  # sequences decoded into the grid, evenly spread over the cache (0: no decoding)
-    grid: str = ""  # the PNG grid; default <cache>/verify.png
 
 
 def verify_cache(cfg: VerifyCacheConfig) -> dict:

@@ -93,3 +93,17 @@ class TokenizerTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class TokenizerEvalConfig:
+    tokenizer: str = ""  # a tokenizer directory (save_pretrained / train-tokenizer output)
+    data: str = "emoji"  # "emoji" or an image folder (ImageNet layout)
+    split: str = "val"
+    resolution: int = 0  # the evaluation resolution (required: e.g. 128 for the paper's configs)
+    batch_size: int = 64
+    max_images: int = 0  # 0 = the whole split
+    perceptual: str = "auto"  # auto (lpips-vgg if its weights load, else stlpips-vgg) | lpips-vgg | stlpips-vgg | none
+    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    device: str = "auto"  # auto = this process's GPU if there is one, else cpu
+    out: str = ""  # eval.json path; default <tokenizer>/eval.json

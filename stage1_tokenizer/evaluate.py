@@ -6,7 +6,7 @@ FID Inception (simvq_common.fid). Everything lands in eval.json with its provena
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,27 +20,14 @@ from simvq_common.image_metrics import psnr, ssim
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 
+from .config import TokenizerEvalConfig
 from .datasets import build_image_dataset
 from .loading import collate_skip_none
-from .transforms import to_uint8
 from .perceptual import PerceptualBackendUnavailable, build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer
+from .transforms import to_uint8
 from .visualize import save_image_grid
-
-
-@dataclass
-class TokenizerEvalConfig:
-    tokenizer: str = ""  # a tokenizer directory (save_pretrained / train-tokenizer output)
-    data: str = "emoji"  # "emoji" or an image folder (ImageNet layout)
-    split: str = "val"
-    resolution: int = 0  # the evaluation resolution (required: e.g. 128 for the paper's configs)
-    batch_size: int = 64
-    max_images: int = 0  # 0 = the whole split
-    perceptual: str = "auto"  # auto (lpips-vgg if its weights load, else stlpips-vgg) | lpips-vgg | stlpips-vgg | none
-    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
-    device: str = "auto"  # auto = this process's GPU if there is one, else cpu
-    out: str = ""  # eval.json path; default <tokenizer>/eval.json
 
 
 def perceptual_for_eval(backend: str):

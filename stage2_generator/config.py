@@ -132,3 +132,26 @@ class GeneratorTrainConfig:
     data: GeneratorDataConfig = field(default_factory=GeneratorDataConfig)
     optim: GeneratorOptimConfig = field(default_factory=GeneratorOptimConfig)
     run: GeneratorRunConfig = field(default_factory=GeneratorRunConfig)
+
+
+@dataclass
+class SamplingConfig:
+    guidance_scale: float = 1.0  # s: 1 = no guidance, 0 = unconditional, typical 1.5-4
+    guidance_schedule: str = "constant"  # constant | linear (1 at the first code up to s at the last)
+    temperature: float = 1.0  # 0 = argmax
+    top_k: int = 0  # keep the k most likely codes; 0 = all
+    top_p: float = 1.0  # keep the smallest set of codes whose probability reaches p; 1 = all
+    seed: int = 0
+
+    def check(self, conditional: bool) -> None:
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale={self.guidance_scale}: must be >= 0 (1 = off, 0 = unconditional)")
+        if self.guidance_schedule not in ("constant", "linear"):
+            raise ConfigError(f"guidance_schedule={self.guidance_schedule!r}: choose constant or linear")
+        if not conditional and self.guidance_scale != 1.0:
+            raise ConfigError("guidance needs a conditional generator; this one is unconditional: set guidance_scale=1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and "
+                              f"top_p={self.top_p} (in (0, 1]) out of range")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,35 +22,12 @@ from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.metrics import RunDir
 from simvq_common.provenance import command_line, environment
-
 from stage1_tokenizer.autoencoder import VQAutoencoder
-from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig
+from stage1_tokenizer.config import QuantizerConfig
 from stage1_tokenizer.emoji import ImageSet, load_emoji
-from stage1_tokenizer.transforms import to_model_range
 from stage1_tokenizer.quantizers import CodebookUsage
-
-
-def _small_autoencoder() -> AutoencoderConfig:
-    return AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=32, norm_groups=8)
-
-
-@dataclass
-class CollapseStudyConfig:
-    out_dir: str = "runs/collapse_study"
-    methods: list[str] = field(default_factory=lambda: ["vq", "ema_vq", "simvq"])
-    codebook_sizes: list[int] = field(default_factory=lambda: [1024, 8192, 65536])
-    resolution: int = 32
-    autoencoder: AutoencoderConfig = field(default_factory=_small_autoencoder)
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # kind and size set per run
-    steps: int = 400
-    batch_size: int = 32
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    eval_batch_size: int = 256
-    log_every: int = 25
-    seed: int = 0
-    results_md: str = ""  # a markdown file whose collapse-study section is rewritten ("" = none)
-    command: str = ""  # the command line, recorded with the results
+from stage1_tokenizer.transforms import to_model_range
+from studies.config import CollapseStudyConfig
 
 
 @dataclass

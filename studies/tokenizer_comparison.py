@@ -5,30 +5,17 @@ unfinished runs and re-evaluates finished ones) built from one base config with 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from simvq_common.config import load_config
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.provenance import command_line, environment
-
-from stage1_tokenizer.config import TokenizerTrainConfig
-from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
+from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.train import train_tokenizer
-
-
-@dataclass
-class TokenizerComparisonConfig:
-    base_config: str = "configs/tokenizer/emoji32_simvq_8k_cpu.yaml"
-    overrides: list[str] = field(default_factory=list)  # applied to the base config of every run
-    kinds: list[str] = field(default_factory=lambda: ["vq", "simvq"])
-    codebook_sizes: list[int] = field(default_factory=lambda: [1024, 8192, 65536])
-    out_dir: str = "runs/tokenizer_comparison"
-    eval_perceptual: str = "auto"
-    eval_fid_source: str = "auto"
-    results_md: str = ""
-    command: str = ""
+from studies.config import TokenizerComparisonConfig
 
 
 def run_comparison(cfg: TokenizerComparisonConfig) -> list[dict]:

@@ -58,11 +58,10 @@ def test_missing_file_is_clear(tmp_path):
 
 
 def _schema_for(path):
-    from studies.collapse import CollapseStudyConfig
-    from studies.tokenizer_comparison import TokenizerComparisonConfig
+    from pipelines.config import PipelineConfig
     from stage1_tokenizer.config import TokenizerTrainConfig
-    from pipelines.run import PipelineConfig
     from stage2_generator.config import GeneratorTrainConfig
+    from studies.config import CollapseStudyConfig, TokenizerComparisonConfig
 
     schemas = {"study/collapse": CollapseStudyConfig, "study/tokenizers": TokenizerComparisonConfig,
                "tokenizer/": TokenizerTrainConfig, "generator/": GeneratorTrainConfig,

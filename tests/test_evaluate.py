@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.evaluate import EvaluateConfig, evaluate
+from pipelines.config import EvaluateConfig
+from pipelines.evaluate import evaluate
 from simvq_common.errors import UserError
 from simvq_common.fid import extract_features
 from simvq_common.fid_reference import load_reference_stats

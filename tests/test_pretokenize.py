@@ -9,23 +9,24 @@ import sys
 import time
 from pathlib import Path
 
+import nccl_rules
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-import nccl_rules
 from pipelines.cli import build_parser, command_overrides, main
-from pipelines.pretokenize import PretokenizeConfig, pretokenize
+from pipelines.config import PretokenizeConfig
+from pipelines.pretokenize import pretokenize
 from simvq_common import distributed
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.emoji import load_emoji
 from stage1_tokenizer.image_folder import BadImageWarning
-from stage1_tokenizer.transforms import to_model_range, to_uint8
 from stage1_tokenizer.tokenizer import Tokenizer
+from stage1_tokenizer.transforms import to_model_range, to_uint8
 from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_format import CacheError
 from stage2_generator.cache_reader import CodeCache

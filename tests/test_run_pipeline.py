@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.run import GeneratorStage, PipelineConfig, identity_hash, run_pipeline
+from pipelines.config import GeneratorStage, PipelineConfig
+from pipelines.run import identity_hash, run_pipeline
 from simvq_common.config import load_config
 
 TINY_TOKENIZER = [
@@ -95,14 +96,14 @@ def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypat
     """tokenizer-eval and the baseline move the tokenizer (and FID) to this process's device: under torchrun
     that is the rank's GPU, not hours of CPU work. cpu:0 stands in for it: distinguishable from plain cpu."""
     import torch
+    from synthetic_cache import make_cache
 
     from pipelines.run import baseline_samples
     from simvq_common import distributed
     from stage1_tokenizer import evaluate as evaluate_module
-    from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-    from stage1_tokenizer.evaluate import TokenizerEvalConfig, evaluate_tokenizer
+    from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig, TokenizerEvalConfig
+    from stage1_tokenizer.evaluate import evaluate_tokenizer
     from stage1_tokenizer.tokenizer import Tokenizer
-    from synthetic_cache import make_cache
 
     gpu = torch.device("cpu", 0)
     monkeypatch.setattr(distributed, "setup", lambda group_of_one=False: gpu)

@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.sample import (SEEDS_RULE, Conditions, SampleConfig, draw, grid_layout, RankParts, sample,
-                              write_samples)
+from pipelines.config import SampleConfig
+from pipelines.sample import SEEDS_RULE, Conditions, RankParts, draw, grid_layout, sample, write_samples
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.metrics import RunDir
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage2_generator.config import GeneratorConfig
+from stage2_generator.config import GeneratorConfig, SamplingConfig
 from stage2_generator.model import Generator
-from stage2_generator.sampling import SamplingConfig, generate
+from stage2_generator.sampling import generate
 
 K, GRID, PIXELS = 64, [4, 4], 8  # the tiny tokenizer downsamples by 2: 4 x 4 codes <-> 8 x 8 px
 CLASS_NAMES = ["ant", "bee", "cat"]
@@ -242,6 +242,7 @@ def _sampling_worker(rank, world, port, generator_dir, out):
     import os
 
     import nccl_rules
+
     from simvq_common import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -278,7 +279,8 @@ def test_two_processes_write_through_the_disk_what_one_process_writes(dirs, tmp_
 
 
 def test_a_samples_file_that_is_not_an_npz_is_named_as_such(tmp_path):
-    from pipelines.evaluate import EvaluateConfig, evaluate
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate import evaluate
 
     (tmp_path / "samples.npz").write_bytes(b"\x80\x04not a zip archive")
     with pytest.raises(UserError, match=r"samples.npz is not an .npz archive") as err:

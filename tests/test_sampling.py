@@ -3,10 +3,10 @@ independent of the batch, the filters against brute force, and the inverse-CDF d
 import numpy as np
 import pytest
 import torch
-
-from stage2_generator.sampling import (SamplingConfig, filter_logits, generate, guidance_at, pick_codes,
-                                       sample_uniforms)
 from test_generator_model import condition_for, config, random_model
+
+from stage2_generator.config import SamplingConfig
+from stage2_generator.sampling import filter_logits, generate, guidance_at, pick_codes, sample_uniforms
 
 
 def by_hand(model, condition, indices, cfg: SamplingConfig, scale_of=None):

@@ -7,21 +7,21 @@ import os
 import socket
 from pathlib import Path
 
+import nccl_rules
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from synthetic_cache import header_for, make_cache
 
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
 from stage2_generator.cache_format import CacheError
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
-from stage2_generator.config import GeneratorTrainConfig
+from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
 from stage2_generator.model import Generator
-from stage2_generator.sampling import SamplingConfig, generate
+from stage2_generator.sampling import generate
 from stage2_generator.train import DeepSpeedConfigError, GeneratorTrainer, train_generator
-import nccl_rules
-from synthetic_cache import header_for, make_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -1,0 +1,97 @@
+"""Config schemas of the pipeline jobs (typed dataclasses; loaded with simvq_common.config.load_config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stage2_generator.config import SamplingConfig
+
+
+@dataclass
+class PretokenizeConfig:
+    tokenizer: str = ""  # a tokenizer directory (train-tokenizer's output: EMA weights, or save_pretrained)
+    data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
+    split: str = "train"
+    resolution: int = 0  # required: the image size to encode at (e.g. 128 for the paper's configs)
+    out: str = ""  # the cache directory
+    aug: str = "none"  # none | flip (image + mirror) | tencrop (corners + centre of the 1.1x image, + mirrors)
+    max_images: int = 0  # 0 = the whole split; N = its first N images
+    images_per_shard: int = 8192
+    batch_size: int = 64  # images per encode call (each with its views)
+    num_workers: int = 2  # DataLoader processes that decode images
+    text_embeddings: bool = False  # also store all-MiniLM-L6-v2 embeddings of the captions
+    overwrite: bool = False  # replace what `out` holds if it is another cache (or not a cache)
+
+
+@dataclass
+class VerifyCacheConfig:
+    cache: str = ""  # the cache directory
+    tokenizer: str = ""  # default: the tokenizer directory the manifest records
+    decode: int = 16  # sequences decoded into the grid, evenly spread over the cache (0: no decoding)
+    grid: str = ""  # the PNG grid; default <cache>/verify.png
+
+
+@dataclass
+class SampleConfig:
+    generator: str = ""  # a generator directory (`simvq train-generator` output)
+    tokenizer: str = ""  # "" = the tokenizer directory the generator records; its fingerprint must match either way
+    out: str = ""  # the output directory
+    classes: list[str] = field(default_factory=list)  # class ids or names; empty = all (class-conditional only)
+    num_samples: int = 0  # total over the conditions, round-robin; 0 = per_class (per_prompt) x their number
+    per_class: int = 8  # class-conditional and unconditional generators (unconditional = one class)
+    prompts: list[str] = field(default_factory=list)  # text-conditional generators: required
+    per_prompt: int = 8
+    prefix_image: str = ""  # an image file whose top prefix_rows rows of codes every sample keeps
+    prefix_rows: int = 0  # in [1, grid rows - 1] when prefix_image is set
+    batch_size: int = 32  # samples per generate call (per process)
+    first_index: int = 0  # the global index of the first sample (sample i has index first_index + i)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    save_pngs: bool = False  # also write png/{index:06d}.png per sample
+    device: str = "auto"  # auto = this process's GPU if there is one, else cpu
+
+
+@dataclass
+class EvaluateConfig:
+    samples: str = ""  # a `simvq sample` directory, or its samples.npz
+    reference: str = "emoji"  # "emoji" (bundled), an image folder (ImageNet layout), or a statistics .npz (FID only)
+    reference_split: str = "val"
+    max_reference: int = 0  # the first N reference images (0 = all)
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])  # isc needs torch-fidelity's Inception
+    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    batch_size: int = 64
+    device: str = "auto"  # where the Inception runs: auto = this process's GPU if there is one, else cpu
+    out: str = ""  # metrics.json path ("" = beside samples.npz)
+    save_reference_stats: str = ""  # also write the reference's FID statistics to this .npz
+
+
+@dataclass
+class GeneratorStage:
+    name: str = "class"
+    config: str = "configs/generator/emoji32_class_tiny_cpu.yaml"
+    overrides: list[str] = field(default_factory=list)  # data.cache / val_cache / run.out_dir are set by the run
+    prompts: list[str] = field(default_factory=list)  # text generators: prompts shown in the report's grid
+
+
+@dataclass
+class PipelineConfig:
+    """One file describes the whole experiment (configs/pipeline/*.yaml)."""
+
+    out_dir: str = "runs/pipeline"
+    data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
+    resolution: int = 32
+    tokenizer: str = "configs/tokenizer/emoji32_simvq_8k_cpu.yaml"  # a stage-1 training config
+    tokenizer_overrides: list[str] = field(default_factory=list)
+    aug: str = "flip"  # pre-tokenization views of the train split: none | flip | tencrop
+    max_images: int = 0  # the first N train images (0 = all): for quick runs
+    pretokenize_batch_size: int = 64
+    generators: list[GeneratorStage] = field(default_factory=lambda: [GeneratorStage()])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sample_batch_size: int = 64
+    fid_samples: int = 0  # samples per generator for FID (0 = as many as the val split has images)
+    grid_per_class: int = 8  # samples per class / per prompt in the report's grids
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
+    fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
+    max_reference: int = 0  # val images used as the reference (0 = all)
+    eval_perceptual: str = "auto"  # LPIPS backend of the tokenizer evaluation
+    baseline: bool = True  # the unigram-codes baseline
+    results_md: str = ""  # also write the quality table and grids as a section of this file (docs/RESULTS.md)
+    command: str = ""
