@@ -53,7 +53,7 @@ def plot_curves(out: Path, result: dict) -> Path:
 def plot_code_usage(out: Path, result: dict) -> tuple[Path, dict]:
     """How often each code occurs in the train cache, codes sorted by frequency (log scale)."""
     cache = CodeCache(result["caches"]["train"]["path"])
-    freq = np.sort(code_frequencies(cache))[::-1]
+    freq = np.sort(code_frequencies(cache))[::-1].copy()  # torch.from_numpy refuses negative strides
     used = int((freq > 0).sum())
     perplexity = usage_perplexity(torch.from_numpy(freq))
     fig, ax = plt.subplots(figsize=(6, 3.4))
