@@ -9,11 +9,14 @@ import torch
 _SHA256_MEMO: dict[tuple[str, int, int], str] = {}
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in blocks, memoised on (path, size, mtime)."""
+def file_sha256(path: str | Path, memo: bool = True) -> str:
+    """sha256 of a file, read in blocks; memoised on (path, size, mtime) unless memo=False (a check that must
+    see a file corrupted in place, which can keep both)."""
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if not memo:
+        _SHA256_MEMO.pop(key, None)
     if key not in _SHA256_MEMO:
         digest = hashlib.sha256()
         with open(path, "rb") as f:

@@ -1,11 +1,12 @@
 """The format-level half of `simvq verify-cache`: every check of a cache that needs no tokenizer."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from simvq_common.fingerprint import file_sha256
 
 from .cache_format import MANIFEST_FILE, CacheError, read_manifest, shard_image_range
 from .cache_reader import open_shard
@@ -23,14 +24,6 @@ class CacheCheck:
         return float((self.code_counts > 0).mean())
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_shard(cache_dir: Path, record: dict, m: dict, counts: np.ndarray) -> list[str]:
     """Problems of one shard against its record and the manifest; adds its codes to `counts`."""
     path, name = cache_dir / record["file"], record["file"]
@@ -39,7 +32,7 @@ def _check_shard(cache_dir: Path, record: dict, m: dict, counts: np.ndarray) -> 
     problems = []
     if path.stat().st_size != record["bytes"]:
         problems.append(f"{name}: {path.stat().st_size} bytes, the manifest records {record['bytes']}")
-    sha = _sha256_file(path)
+    sha = file_sha256(path, memo=False)
     if sha != record["sha256"]:
         problems.append(f"{name}: sha256 {sha[:16]}... differs from the manifest's {record['sha256'][:16]}...")
     try:
