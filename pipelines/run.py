@@ -196,7 +196,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
              "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts},
             out / f"samples_{stage.name}",
-            lambda g=gen, s=stage, c=gen_cfg: draw_samples(cfg, g["path"], c, s, fid_samples,
+            lambda g=gen, s=stage, c=gen_cfg: sample_generator(cfg, g["path"], c, s, fid_samples,
                                                            out / f"samples_{s.name}", caches["val"]["path"]))
         generators[stage.name] = {"generator": gen, "samples": samples, "metrics": evaluated(stage.name, samples),
                                   "run_dir": gen_cfg.run.out_dir, "conditioning": gen_cfg.model.conditioning,
@@ -227,8 +227,8 @@ def trained_generator(cfg: GeneratorTrainConfig) -> dict:
     return {"path": str(path), "fingerprint": Generator.from_pretrained(path).fingerprint()}
 
 
-def draw_samples(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
-                 num: int, folder: Path, val_cache: str) -> dict:
+def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
+                     num: int, folder: Path, val_cache: str) -> dict:
     """FID samples (class-balanced, or one per val caption for text) plus the report's grid samples."""
     common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=cfg.sampling, save_pngs=False)
     if gen_cfg.model.conditioning == "text":

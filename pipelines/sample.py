@@ -184,13 +184,13 @@ def prefix_codes(cfg: SampleConfig, model_cfg: GeneratorConfig, tokenizer: Token
 
 
 # ------------------------------------------------------------------------------------------------
-# Drawing
+# Generating
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def draw(generator: Generator, tokenizer: Tokenizer, conditions: Conditions, indices: np.ndarray,
-         sampling: SamplingConfig, batch_size: int, prefix: torch.Tensor | None = None,
-         on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+def generate_images(generator: Generator, tokenizer: Tokenizer, conditions: Conditions, indices: np.ndarray,
+                    sampling: SamplingConfig, batch_size: int, prefix: torch.Tensor | None = None,
+                    on_batch=None) -> tuple[np.ndarray, np.ndarray]:
     """(codes int32 (n, h*w), images uint8 (n, H, W, 3)) of the samples with global indices `indices`."""
     h, w = generator.config.grid
     codes_out, images_out = [], []
@@ -349,7 +349,7 @@ def sample(cfg: SampleConfig) -> dict:
     with progress(disable=rank != 0) as bar, \
             torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
         task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
-        codes, images = draw(generator, tokenizer, conditions, mine, cfg.sampling, cfg.batch_size, prefix,
+        codes, images = generate_images(generator, tokenizer, conditions, mine, cfg.sampling, cfg.batch_size, prefix,
                              on_batch=lambda n: bar.advance(task, n))
     if cfg.save_pngs:  # each rank its own
         write_pngs(Path(cfg.out), mine, images)

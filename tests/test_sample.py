@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipelines.config import SampleConfig
-from pipelines.sample import SEEDS_RULE, Conditions, RankParts, draw, grid_layout, sample, write_samples
+from pipelines.sample import SEEDS_RULE, Conditions, RankParts, generate_images, grid_layout, sample, write_samples
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.metrics import RunDir
@@ -139,7 +139,7 @@ def test_a_sample_depends_on_its_index_only(dirs, tmp_path, one_thread):
     tokenizer = Tokenizer.from_pretrained(dirs["tokenizer"])
     conditions = Conditions(CLASS_NAMES, [0, 1, 2], [""] * 3, torch.arange(3))
     indices = np.arange(6)
-    parts = [draw(model, tokenizer, conditions, indices[r::2], sampling, batch_size=2) for r in range(2)]
+    parts = [generate_images(model, tokenizer, conditions, indices[r::2], sampling, batch_size=2) for r in range(2)]
     np.testing.assert_array_equal(RankParts([codes for codes, _ in parts]).rows(0, 6), whole["codes"])
     np.testing.assert_array_equal(RankParts([images for _, images in parts]).rows(0, 6), whole["images"])
     letters = RankParts([np.array(list("aeim")), np.array(list("bfj")), np.array(list("cgk")), np.array(list("dhl"))])
