@@ -15,7 +15,6 @@ the cache_loader section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,15 +26,12 @@ import numpy as np
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DOC_INTRO, DOC_PATH, MIB, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
-                               provenance)
-from simvq_common.markdown import write_section  # noqa: E402
+from benchmarks.common import MIB, cpu_times, markdown_table, other_cpu_share, provenance, publish  # noqa: E402
 from stage2_generator.cache_format import manifest_header, shard_image_range  # noqa: E402
 from stage2_generator.cache_loader import CacheLoader  # noqa: E402
 from stage2_generator.cache_reader import CodeCache  # noqa: E402
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table  # noqa: E402
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "cache_loader.json"
 NUM_CLASSES, EMBED_DIM = 1000, 384
 TARGET = 1e6
 
@@ -125,8 +121,6 @@ def main() -> None:
     console.print(f"open: {open_s * 1e3:.1f} ms; other processes used {other:.0%} of the machine's CPU time")
     if args.quick:
         return
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s = results["provenance"], results["settings"]
     section = f"""## Cache loader (`stage2_generator.cache_loader.CacheLoader`)
 
@@ -142,8 +136,7 @@ Opening the cache (manifest, memory maps of every shard) took {open_s * 1e3:.1f}
 
 {markdown_table(header, rows)}
 """
-    write_section(DOC_PATH, "cache_loader", section, intro=DOC_INTRO)
-    console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+    publish("cache_loader", results, section)
 
 
 if __name__ == "__main__":

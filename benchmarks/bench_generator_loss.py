@@ -39,12 +39,10 @@ import torch.nn.functional as F
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DOC_INTRO, DOC_PATH, MIB, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
-                               proc_status_kib, provenance, reset_peak_rss)
-from simvq_common.markdown import write_section  # noqa: E402
+from benchmarks.common import (MIB, REPO, cpu_times, markdown_table, other_cpu_share, proc_status_kib,  # noqa: E402
+                               provenance, publish, reset_peak_rss)
 from stage2_generator.loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy  # noqa: E402
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "generator_loss.json"
 VARIANTS = ("chunked", "naive")
 GIB = 2**30
 # the issue's framing: the fp32 logits of one 32 x 256 batch at K = 262,144
@@ -192,8 +190,6 @@ def main() -> None:
         raise SystemExit("chunked and naive losses or gradients disagree beyond the tolerance")
     if args.quick:
         return
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s, e = results["provenance"], results["settings"], results["expected"]
     section = f"""## Generator loss over K = {k:,}: chunked vs naive cross-entropy (`stage2_generator.loss`)
 
@@ -223,8 +219,7 @@ absolute differences loss {d['loss']:.1e}, hidden-state gradient {d['grad_hidden
 {d['grad_weight']:.1e} (largest naive gradient entries {agree['naive_max_abs']['grad_hidden']:.1e} and
 {agree['naive_max_abs']['grad_weight']:.1e}).
 """
-    write_section(DOC_PATH, "generator_loss", section, intro=DOC_INTRO)
-    console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+    publish("generator_loss", results, section)
 
 
 if __name__ == "__main__":

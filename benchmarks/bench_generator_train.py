@@ -53,16 +53,13 @@ from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_cache_loader import build_cache  # noqa: E402
-from benchmarks.common import (DOC_INTRO, DOC_PATH, MIB, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
-                               proc_status_kib, provenance, reset_peak_rss)
+from benchmarks.common import (MIB, REPO, cpu_times, markdown_table, other_cpu_share, proc_status_kib,  # noqa: E402
+                               provenance, publish, reset_peak_rss)
 from simvq_common import distributed  # noqa: E402
 from simvq_common.distributed import free_port  # noqa: E402
-from simvq_common.markdown import write_section  # noqa: E402
 from simvq_common.metrics import read_metrics  # noqa: E402
-from stage2_generator.config import (GeneratorConfig, GeneratorDataConfig, GeneratorRunConfig,  # noqa: E402
-                                     GeneratorTrainConfig)
+from stage2_generator.config import GeneratorConfig, GeneratorDataConfig, GeneratorRunConfig, GeneratorTrainConfig  # noqa: E402
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "generator_train.json"
 DEEPSPEED = {0: REPO / "configs" / "deepspeed" / "zero0.yaml", 3: REPO / "configs" / "deepspeed" / "zero3.yaml"}
 SETTINGS = [(1, 0), (2, 0), (2, 3)]  # (processes, ZeRO stage); the first is the reference
 QUICK = {"size": "tiny", "codebook_size": 16384, "grid": 8, "batch": 2, "steps": 6, "log_every": 2}
@@ -252,8 +249,6 @@ def main() -> None:
                   f"machine's CPU time")
     if args.quick:
         return
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s = results["provenance"], results["settings"]
     bucket = int(OmegaConf.load(DEEPSPEED[3]).zero_optimization.reduce_bucket_size)
     section = f"""## Generator training (`stage2_generator.train`): ZeRO-0 vs ZeRO-3 on 2 CPU processes
@@ -281,8 +276,7 @@ ZeRO-3 / ZeRO-0 on 2 processes: tokens/s {ratios['zero3_over_zero0_tokens_per_s'
 {ratios['zero3_over_zero0_live_tensor_bytes']:.2f}x; peak RSS in training on rank 0
 {ratios['zero3_over_zero0_peak_training_bytes']:.2f}x.
 """
-    write_section(DOC_PATH, "generator_train", section, intro=DOC_INTRO)
-    console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+    publish("generator_train", results, section)
 
 
 if __name__ == "__main__":

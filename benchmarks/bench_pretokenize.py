@@ -37,17 +37,15 @@ from PIL import Image
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import DOC_INTRO, DOC_PATH, REPO, cpu_times, markdown_table, other_cpu_share, provenance  # noqa: E402
-from pipelines.config import PretokenizeConfig
-from pipelines.pretokenize import base_resolution, make_views, pretokenize
+from benchmarks.common import REPO, cpu_times, markdown_table, other_cpu_share, provenance, publish  # noqa: E402
+from pipelines.config import PretokenizeConfig  # noqa: E402
+from pipelines.pretokenize import base_resolution, make_views, pretokenize  # noqa: E402
 from simvq_common.config import load_config  # noqa: E402
-from simvq_common.markdown import write_section  # noqa: E402
 from stage1_tokenizer.config import TokenizerTrainConfig  # noqa: E402
 from stage1_tokenizer.datasets import build_image_dataset  # noqa: E402
 from stage1_tokenizer.emoji import load_emoji  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "pretokenize.json"
 TOKENIZER_CONFIG = REPO / "configs" / "tokenizer" / "emoji32_simvq_8k_cpu.yaml"
 RESOLUTION = 32
 TARGET = 0.85
@@ -155,8 +153,6 @@ def main() -> None:
                   f"machine's CPU time")
     if args.quick:
         return
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s = results["provenance"], results["settings"]
     data = {"folder": "the emoji train split written as 64 px PNG files in class folders, which the pipeline\n"
                       "decodes, resizes and crops",
@@ -188,8 +184,7 @@ preparing the pure-encode batches), the encode {encode:.2f} ms: when no core is 
 CPU comes out of the model's, and pre-tokenization cannot exceed {encode / (encode + decode):.0%} of pure encode.
 {threads_note}
 """
-    write_section(DOC_PATH, "pretokenize", section, intro=DOC_INTRO)
-    console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+    publish("pretokenize", results, section)
 
 
 if __name__ == "__main__":

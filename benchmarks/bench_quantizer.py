@@ -36,12 +36,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DOC_INTRO, DOC_PATH, GEMM_SIZE, MIB, REPO, cpu_times, gemm_rate,  # noqa: E402
-                               markdown_table, other_cpu_share, proc_status_kib, provenance, reset_peak_rss)
-from simvq_common.markdown import write_section  # noqa: E402
+from benchmarks.common import (GEMM_SIZE, MIB, REPO, cpu_times, gemm_rate, markdown_table,  # noqa: E402
+                               other_cpu_share, proc_status_kib, provenance, publish, reset_peak_rss)
 from stage1_tokenizer.quantizers.search import DEFAULT_MAX_BYTES  # noqa: E402
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "quantizer.json"
 IMPLS = ("ours", "ref", "ref_flat")
 CASES = [(1024, 128), (65536, 128), (262144, 8), (262144, 128)]  # (K, dim)
 BATCH, SIDE = 16, 16
@@ -299,10 +297,7 @@ def run_benchmark(argv: list[str], repeats: int, write: bool) -> None:
 
     print_tables(console, results)
     if write:
-        RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
-        write_section(DOC_PATH, "quantizer", markdown_section(results), intro=DOC_INTRO)
-        console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+        publish("quantizer", results, markdown_section(results))
 
 
 def main() -> None:

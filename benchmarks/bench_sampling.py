@@ -33,7 +33,6 @@ measure both cores on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,13 +42,11 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import DOC_INTRO, DOC_PATH, REPO, cpu_times, markdown_table, other_cpu_share, provenance  # noqa: E402
-from simvq_common.markdown import write_section  # noqa: E402
+from benchmarks.common import cpu_times, markdown_table, other_cpu_share, provenance, publish  # noqa: E402
 from stage2_generator.config import GeneratorConfig, SamplingConfig, swiglu_hidden  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
 from stage2_generator.sampling import generate
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "sampling.json"
 NUM_CLASSES = 1000
 GUIDANCE = 2.0
 NAMES = {"ours_cache": "(a) ours, KV cache", "ours_no_cache": "(b) ours, no cache (use_cache=False)",
@@ -169,8 +166,6 @@ def main() -> None:
                   f"of the machine's CPU time")
     if args.quick:
         return
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p, s = results["provenance"], results["settings"]
     section = f"""## Sampling (`stage2_generator.sampling.generate`) vs x-transformers' `AutoregressiveWrapper.generate`
 
@@ -191,8 +186,7 @@ processes used {other:.0%} of the machine's CPU time during the run.
 
 {markdown_table(header, rows)}
 """
-    write_section(DOC_PATH, "sampling", section, intro=DOC_INTRO)
-    console.log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+    publish("sampling", results, section)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the call. Writes benchmarks/results/tokenizer.json and the tokenizer section of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,13 +24,11 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (DOC_INTRO, DOC_PATH, MIB, REPO, cpu_times, gemm_rate, markdown_table,  # noqa: E402
-                               other_cpu_share, peak_rss_increase, provenance)
-from simvq_common.markdown import write_section  # noqa: E402
+from benchmarks.common import (MIB, cpu_times, gemm_rate, markdown_table, other_cpu_share,  # noqa: E402
+                               peak_rss_increase, provenance, publish)
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 
-RESULTS_PATH = REPO / "benchmarks" / "results" / "tokenizer.json"
 RESOLUTION = 128
 
 
@@ -99,8 +96,6 @@ def main() -> None:
     Console().print(table)
     if args.quick:
         return
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     p = results["provenance"]
     section = f"""## Tokenizer encode / decode (stage 1)
 
@@ -114,8 +109,7 @@ time during the run.
 
 {markdown_table(header, rows)}
 """
-    write_section(DOC_PATH, "tokenizer", section, intro=DOC_INTRO)
-    Console().log(f"wrote {RESULTS_PATH.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")
+    publish("tokenizer", results, section)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from simvq_common.markdown import write_section
 from simvq_common.provenance import package_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +108,12 @@ def provenance(script: str, argv: list[str], watched: str, packages: tuple[str, 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def publish(name: str, results: dict, section: str) -> None:
+    """The shared ending of a benchmark: benchmarks/results/NAME.json and the NAME section of docs/BENCHMARKS.md."""
+    path = REPO / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(DOC_PATH, name, section, intro=DOC_INTRO)
+    print(f"wrote {path.relative_to(REPO)} and {DOC_PATH.relative_to(REPO)}")

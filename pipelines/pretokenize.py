@@ -35,13 +35,8 @@ from stage1_tokenizer.datasets import build_image_dataset
 from stage1_tokenizer.emoji import EMOJI_NATIVE_RESOLUTION
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.transforms import center_crop_offset
-from stage2_generator.cache_format import (
-    AUGMENTATION_VIEWS,
-    PROVENANCE_FILE,
-    code_dtype,
-    manifest_header,
-    shard_image_range,
-)
+from stage2_generator.cache_format import (AUGMENTATION_VIEWS, PROVENANCE_FILE, code_dtype, manifest_header,
+                                           shard_image_range)
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
 
 TENCROP_SCALE = 1.1  # ten-crop takes crops of `resolution` from the image resized to 1.1x (as LlamaGen)

@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from stage1_tokenizer.emoji import load_emoji
-from stage1_tokenizer.losses import (
-    PatchDiscriminator,
-    adaptive_generator_weight,
-    gan_weight_at,
-    generator_adversarial_loss,
-    hinge_d_loss,
-)
+from stage1_tokenizer.losses import (PatchDiscriminator, adaptive_generator_weight, gan_weight_at,
+                                     generator_adversarial_loss, hinge_d_loss)
 from stage1_tokenizer.perceptual import PERCEPTUAL_BACKENDS, PerceptualBackendUnavailable, build_perceptual_loss
 from stage1_tokenizer.transforms import to_model_range
 
