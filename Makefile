@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench results clean
+.PHONY: install demo test test-fast bench results clean gpu-check gpu-check-rehearsal gpu-wheels
 
 install: $(INSTALLED)
 
@@ -41,6 +41,37 @@ bench: $(INSTALLED)
 
 results: $(INSTALLED)
 	$(BIN)/simvq collapse-study -c configs/study/collapse.yaml
+
+# GPU check (docs/BENCHMARKS.md, "GPU check"): every stage small on one GPU, then the CUDA benchmarks beside their
+# references, into docs/BENCHMARKS.md. It runs on the GPU machine, which has no venv and cannot download:
+# `make gpu-wheels` here first, then there (with .whl/ carried) `make gpu-check`.
+# The GPU machine's python3 lacks these (their dependencies it has): the versions installed here, which are
+# pyproject.toml's pins (transitive ones as pip resolved them here). Deepspeed's wheel is built from its sdist.
+GPU_WHEELS := x-transformers omegaconf torch-fidelity vector-quantize-pytorch \
+	einx loguru torch-einops-utils frozendict einops \
+	hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
+GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	--platform manylinux1_x86_64
+PINNED = $$($(BIN)/python -c 'import sys; from importlib.metadata import version; \
+	print(*(f"{p}=={version(p)}" for p in sys.argv[1:]))' $(1))
+
+gpu-wheels: $(INSTALLED)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: $(GPU_PLATFORMS) \
+		-d .whl $(call PINNED,$(GPU_WHEELS))
+	$(BIN)/python -m pip wheel --disable-pip-version-check -q --no-deps --no-build-isolation --no-cache-dir \
+		-w .whl $(call PINNED,deepspeed)
+	ls .whl && du -sh .whl
+
+# on the GPU machine (no venv, no `make install`): the wheels into /tmp/site, then the check on CUDA
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site:. DS_ACCELERATOR=cuda python3 scripts/gpu_check.py --doc docs/BENCHMARKS.md --out runs/gpu_check
+
+# the same script on this CPU at tiny sizes (a few minutes): runs/gpu_check_rehearsal/ (tests/test_gpu_check.py too)
+gpu-check-rehearsal: $(INSTALLED)
+	$(BIN)/python scripts/gpu_check.py --rehearsal
 
 clean:
 	rm -rf runs .pytest_cache
