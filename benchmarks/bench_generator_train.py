@@ -57,7 +57,7 @@ from benchmarks.common import (MIB, REPO, cpu_times, markdown_table, other_cpu_s
                                provenance, publish, reset_peak_rss)
 from simvq_common import distributed  # noqa: E402
 from simvq_common.distributed import free_port  # noqa: E402
-from simvq_common.metrics import read_metrics  # noqa: E402
+from simvq_common.run_dir import read_metrics  # noqa: E402
 from stage2_generator.config import GeneratorConfig, GeneratorDataConfig, GeneratorRunConfig, GeneratorTrainConfig  # noqa: E402
 
 DEEPSPEED = {0: REPO / "configs" / "deepspeed" / "zero0.yaml", 3: REPO / "configs" / "deepspeed" / "zero3.yaml"}

@@ -301,7 +301,7 @@ def train(device: torch.device, size: str, codebook_size: int, grid: int, batch:
     from benchmarks.bench_generator_train import throughput
     from benchmarks.common import REPO
     from simvq_common import distributed
-    from simvq_common.metrics import read_metrics
+    from simvq_common.run_dir import read_metrics
     from stage2_generator.config import (GeneratorConfig, GeneratorDataConfig, GeneratorOptimConfig,
                                          GeneratorRunConfig, GeneratorTrainConfig)
     from stage2_generator.train import GeneratorTrainer

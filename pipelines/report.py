@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from simvq_common.io import write_json_atomic, write_text_atomic  # noqa: E402
 from simvq_common.markdown import write_section  # noqa: E402
-from simvq_common.metrics import read_metrics  # noqa: E402
+from simvq_common.run_dir import read_metrics  # noqa: E402
 from simvq_common.provenance import environment  # noqa: E402
 from stage1_tokenizer.quantizers.health import perplexity as usage_perplexity  # noqa: E402
 from stage2_generator.cache_reader import CodeCache  # noqa: E402

@@ -23,7 +23,7 @@ from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
-from simvq_common.metrics import RunDir
+from simvq_common.run_dir import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16
 
 from .config import TokenizerTrainConfig

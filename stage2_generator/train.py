@@ -24,7 +24,7 @@ from simvq_common import distributed
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
 from simvq_common.io import write_json_atomic
-from simvq_common.metrics import RunDir
+from simvq_common.run_dir import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16
 
 from .cache_loader import CacheLoader

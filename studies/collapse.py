@@ -20,7 +20,7 @@ from simvq_common.errors import ConfigError, NonFiniteLoss
 from simvq_common.image_metrics import psnr
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
-from simvq_common.metrics import RunDir
+from simvq_common.run_dir import RunDir
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.autoencoder import VQAutoencoder
 from stage1_tokenizer.config import QuantizerConfig

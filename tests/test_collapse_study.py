@@ -1,7 +1,7 @@
 import json
 
 from pipelines.cli import main
-from simvq_common.metrics import read_metrics
+from simvq_common.run_dir import read_metrics
 
 
 def test_collapse_study_end_to_end_through_the_cli(tmp_path):

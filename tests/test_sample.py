@@ -13,7 +13,7 @@ from pipelines.config import SampleConfig
 from pipelines.sample import SEEDS_RULE, Conditions, RankParts, generate_images, grid_layout, sample, write_samples
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
-from simvq_common.metrics import RunDir
+from simvq_common.run_dir import RunDir
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
