@@ -11,6 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from simvq_common.artifacts import expect_kind
+
 from .cache_format import MANIFEST_FILE, SAFETENSORS_DTYPES, CacheError, read_manifest
 
 
@@ -63,6 +65,8 @@ class CodeCache:
     def __init__(self, path: str | Path, *, expect_codebook_size: int | None = None,
                  expect_tokenizer: str | None = None) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            expect_kind(self.path, "code-cache")
         self.manifest = read_manifest(self.path)
         if not self.manifest["complete"]:
             raise CacheError(f"cache {self.path} is incomplete (pre-tokenization was interrupted): re-run the same "

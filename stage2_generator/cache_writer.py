@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simvq_common.artifacts import KIND_FILE, write_kind
 from simvq_common.io import atomic_write, write_json_atomic
 
 from .cache_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, PROVENANCE_FILE, SAFETENSORS_DTYPES, SHARD_DIR,
@@ -107,10 +108,11 @@ class CacheWriter:
         if problem and not self.overwrite:
             raise CacheError(problem + "\nchoose another output folder, or pass overwrite=true to replace it")
         if problem:
-            for name in (MANIFEST_FILE, PROVENANCE_FILE, SHARD_DIR, VERIFY_GRID_FILE):
+            for name in (MANIFEST_FILE, PROVENANCE_FILE, SHARD_DIR, VERIFY_GRID_FILE, KIND_FILE):
                 ours = cache_dir / name
                 shutil.rmtree(ours) if ours.is_dir() else ours.unlink(missing_ok=True)
         (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        write_kind(cache_dir, "code-cache")
         for stale in (cache_dir / SHARD_DIR).glob(".*.tmp"):  # a write interrupted before its rename
             stale.unlink()
         if not (cache_dir / MANIFEST_FILE).is_file():

@@ -238,3 +238,14 @@ def test_shards_are_standard_safetensors_files(tmp_path):
     for name in ours:
         assert theirs[name].dtype == ours[name].dtype, name
         np.testing.assert_array_equal(theirs[name].reshape(ours[name].shape), ours[name])
+
+
+def test_a_directory_of_another_kind_is_named_when_given_as_a_cache(tmp_path):
+    from simvq_common.errors import ArtifactError
+    from simvq_common.run_dir import RunDir
+
+    make_cache(tmp_path / "cache")
+    assert (tmp_path / "cache" / "kind.txt").read_text() == "code-cache\n"
+    RunDir(tmp_path / "run", kind="tokenizer-run")
+    with pytest.raises(ArtifactError, match=r"run is a tokenizer training run .*, not a code cache"):
+        CodeCache(tmp_path / "run")
