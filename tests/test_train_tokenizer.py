@@ -161,3 +161,19 @@ def test_an_unreadable_batch_on_one_rank_is_dropped_on_every_rank_and_resume_sta
     assert all(torch.equal(a[k], b[k]) for k in a)
     logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["skipped_images"] == 2 and logged[-1]["dropped_batches"] == 1  # counts survive the resume
+
+
+def test_deterministic_mode_uses_deterministic_kernels_and_resumes_bitwise(tmp_path, one_thread, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        train_tokenizer(tiny_config(tmp_path / "straight", "run.steps=4", "run.deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's fixed workspace, for CUDA runs
+        train_tokenizer(tiny_config(tmp_path / "resumed", "run.steps=2", "run.deterministic=true"))
+        train_tokenizer(tiny_config(tmp_path / "resumed", "run.steps=4", "run.deterministic=true"))
+        assert_bitwise_equal(states(tmp_path / "straight")[0], states(tmp_path / "resumed")[0])
+    finally:
+        from simvq_common.numerics import set_deterministic
+
+        set_deterministic(False)
+    assert not torch.are_deterministic_algorithms_enabled()
