@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .io import write_json_atomic
 
 
@@ -66,9 +66,11 @@ def setup(group_of_one: bool = False) -> torch.device:
 
 
 def device_for(name: str) -> torch.device:
-    """A job's `device` setting: auto = this process's device (after joining its group), else the one named."""
+    """A job's `device` setting, after joining the launcher's group: auto = this process's device, else the one
+    named."""
+    own = setup()
     if name == "auto":
-        return setup()
+        return own
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
@@ -164,8 +166,8 @@ def rank0_decides(decide: Callable[[], object]) -> object:
     return value
 
 
-class Rank0Failed(RuntimeError):
-    pass
+class Rank0Failed(UserError, RuntimeError):
+    """On the other ranks: what stopped rank 0 (which printed it in full)."""
 
 
 def run_on_rank0(work: Callable[[], object], record: Path, poll_s: float = 2.0) -> object:
