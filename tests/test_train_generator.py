@@ -252,3 +252,20 @@ def test_bf16_training_of_every_conditioning_takes_finite_steps_that_move_the_we
     conditioning_weights = {"class": "condition.classes.weight", "text": "condition.project.weight",
                             "none": "condition.start"}[conditioning]
     assert conditioning_weights in moved and len(moved) > len(before) // 2
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from simvq_common.errors import NonFiniteLoss
+
+    real_forward, calls = Generator.forward, {"n": 0}
+
+    def diverging(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_forward(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(Generator, "forward", diverging)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite (loss|gradients) at step 2.*last good checkpoint"):
+        train_generator(tiny(tmp_path, "run.steps=4", "run.checkpoint_every=1", "run.val_every=100"))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [1, 2]
