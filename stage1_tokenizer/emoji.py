@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from simvq_common.errors import ArtifactError, ConfigError
+
 from .image_folder import BadFileLog, check_index
 from .transforms import to_model_range
 
@@ -35,8 +37,8 @@ class ImageSet:
 @lru_cache(maxsize=1)
 def _emoji_arrays() -> dict[str, np.ndarray]:
     if not EMOJI_PATH.is_file():
-        raise FileNotFoundError(f"bundled emoji dataset missing at {EMOJI_PATH}: rebuild it with "
-                                f"`python scripts/build_emoji_dataset.py` (needs npm) or reinstall the package")
+        raise ArtifactError(f"bundled emoji dataset missing at {EMOJI_PATH}: rebuild it with "
+                            f"`python scripts/build_emoji_dataset.py` (needs npm) or reinstall the package")
     with np.load(EMOJI_PATH) as data:
         return {key: data[key] for key in data.files}
 
@@ -44,9 +46,9 @@ def _emoji_arrays() -> dict[str, np.ndarray]:
 def load_emoji(split: str = "train", resolution: int = 64) -> ImageSet:
     """The bundled emoji at `resolution` px (area-downsampled from 64), split 'train', 'val' or 'all'."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}': expected one of {SPLITS}")
+        raise ConfigError(f"unknown split '{split}': expected one of {SPLITS}")
     if not 1 <= resolution <= EMOJI_NATIVE_RESOLUTION:
-        raise ValueError(f"emoji resolution must lie in [1, {EMOJI_NATIVE_RESOLUTION}] px, got {resolution}")
+        raise ConfigError(f"emoji resolution must lie in [1, {EMOJI_NATIVE_RESOLUTION}] px, got {resolution}")
     arrays = _emoji_arrays()
     keep = np.ones(len(arrays["labels"]), bool) if split == "all" else arrays["split"] == SPLITS.index(split)
     images = torch.from_numpy(arrays["images"][keep]).permute(0, 3, 1, 2).contiguous()

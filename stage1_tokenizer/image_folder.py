@@ -11,6 +11,8 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from simvq_common.errors import ArtifactError, ConfigError
+
 from .transforms import center_crop, image_to_rgb, random_crop, to_model_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -81,9 +83,9 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, resolution: int, train: bool, seed: int = 0) -> None:
         if int(resolution) < 1:
-            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+            raise ConfigError(f"resolution must be a positive number of pixels, got {resolution}")
         if int(seed) < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise ConfigError(f"seed must be >= 0, got {seed}")
         self.root = Path(root)
         self.resolution, self.train, self.seed, self.epoch = int(resolution), bool(train), int(seed), 0
         self.class_names, self.samples = self._scan(self.root)
@@ -95,7 +97,7 @@ class ImageFolderDataset(Dataset):
     @staticmethod
     def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         if not root.exists():
-            raise FileNotFoundError(f"image folder {root} does not exist")
+            raise ArtifactError(f"image folder {root} does not exist")
         if not root.is_dir():
             raise NotADirectoryError(f"image folder {root} is not a directory")
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -115,7 +117,7 @@ class ImageFolderDataset(Dataset):
             return classes, samples
         if loose:
             return [root.resolve().name or "images"], [(path, 0) for path in loose]
-        raise FileNotFoundError(
+        raise ArtifactError(
             f"no images found under {root} (expected class subfolders of {'/'.join(IMAGE_EXTENSIONS)} files, "
             f"or such files directly in it)")
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq_common.errors import ConfigError
+
 
 class PatchDiscriminator(nn.Module):
     """The pix2pix / VQGAN NLayerDiscriminator with BatchNorm: (B, C, H, W) -> patch logits (B, 1, H', W').
@@ -76,7 +78,7 @@ def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str = "non_satur
         return F.softplus(-logits_fake).mean()
     if kind == "hinge":
         return -logits_fake.mean()
-    raise ValueError(f"unknown generator loss kind '{kind}': expected one of {GENERATOR_LOSS_KINDS}")
+    raise ConfigError(f"unknown generator loss kind '{kind}': expected one of {GENERATOR_LOSS_KINDS}")
 
 
 def adaptive_generator_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from simvq_common.downloads import download_checked, hub_cache_path, name_hash_prefix
-from simvq_common.errors import UserError
+from simvq_common.errors import ConfigError, UserError
 from simvq_common.fingerprint import file_sha256
 from simvq_common.provenance import package_version
 
@@ -217,6 +217,6 @@ def build_perceptual_loss(backend: str, weights_path: str = "", *,
         return _build_lpips_vgg(weights_path, allow_download)
     if backend == "stlpips-vgg":
         if weights_path:
-            raise ValueError("weights_path applies to 'lpips-vgg' only; 'stlpips-vgg' uses its shipped weights")
+            raise ConfigError("weights_path applies to 'lpips-vgg' only; 'stlpips-vgg' uses its shipped weights")
         return _build_stlpips_vgg()
-    raise ValueError(f"unknown perceptual backend '{backend}': expected one of {PERCEPTUAL_BACKENDS}")
+    raise ConfigError(f"unknown perceptual backend '{backend}': expected one of {PERCEPTUAL_BACKENDS}")

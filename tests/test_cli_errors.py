@@ -1,0 +1,59 @@
+"""Bad input through the CLI: exit status 2 and a message naming the problem, never a traceback; a bug (any
+other exception) is not caught."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+from pipelines.sample import write_samples
+from test_sample import tiny_tokenizer
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    tiny_tokenizer(0).save_pretrained(tmp_path / "tokenizer")
+    return tmp_path / "tokenizer"
+
+
+def run_cli(capsys, argv) -> str:
+    assert main(argv) == 2
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_a_data_folder_that_does_not_exist(tmp_path, tokenizer_dir, capsys):
+    err = run_cli(capsys, ["eval-tokenizer", f"tokenizer={tokenizer_dir}", "resolution=16", "data=/no/such/folder",
+                           "perceptual=none"])
+    assert "/no/such/folder" in err and "neither 'emoji' nor an image folder" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.perceptual=bogus", "unknown perceptual backend 'bogus'"),
+    ("data.resolution=99", "emoji resolution must lie in [1, 64] px, got 99"),
+    ("loss.gan_kind=bogus", "unknown generator loss kind 'bogus'"),
+])
+def test_training_settings_that_cannot_work(tmp_path, capsys, override, message):
+    tiny = ["tokenizer.autoencoder.ch=8", "tokenizer.autoencoder.ch_mult=[1,2]", "tokenizer.autoencoder.z_channels=8",
+            "tokenizer.autoencoder.norm_groups=4", "tokenizer.quantizer.codebook_size=64", "data.batch_size=2",
+            "data.resolution=16", "loss.disc_layers=2", "loss.perceptual=none", "loss.gan_start_step=0"]
+    err = run_cli(capsys, ["train-tokenizer", f"run.out_dir={tmp_path / 'run'}", "run.steps=1", *tiny, override])
+    assert message in err
+
+
+def test_a_reference_file_that_is_no_statistics_file(tmp_path, capsys):
+    write_samples(tmp_path / "s", np.zeros((2, 8, 8, 3), np.uint8), labels=[0, 0], indices=[0, 1], codes=[[0], [0]],
+                  prompts=["", ""], meta={})
+    np.savez(tmp_path / "stats.npz", weights=np.zeros(3))
+    err = run_cli(capsys, ["evaluate", str(tmp_path / "s"), "--reference", str(tmp_path / "stats.npz")])
+    assert "stats.npz is not a reference statistics file" in err
+
+
+def test_a_bug_is_not_caught(monkeypatch):
+    import pipelines.cli as cli
+
+    def broken(_):
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "dataset-info", (broken, "help"))
+    with pytest.raises(KeyError, match="a bug"):
+        main(["dataset-info"])
