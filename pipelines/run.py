@@ -38,6 +38,7 @@ from simvq_common.console import console
 from simvq_common.distributed import barrier, broadcast_object, rank
 from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
+from simvq_common.numerics import fix_cublas_workspace
 from simvq_common.provenance import command_line
 from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
@@ -142,8 +143,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if len(set(names)) != len(names):
         raise ConfigError(f"generator names must be unique, got {names}")
 
-    # stage 1: the tokenizer and its reconstruction metrics (the floor under every generator's FID)
     tok_cfg = tokenizer_config(cfg)
+    gen_cfgs = {g.name: generator_config(cfg, g, {"train": out / "cache_train", "val": out / "cache_val"})
+                for g in cfg.generators}
+    if tok_cfg.run.deterministic or any(c.run.deterministic for c in gen_cfgs.values()):
+        fix_cublas_workspace()  # before this process's first GPU matmul, whichever stage asks
+
+    # stage 1: the tokenizer and its reconstruction metrics (the floor under every generator's FID)
 
     def train_tok() -> dict:
         path = train_tokenizer(tok_cfg)
@@ -158,8 +164,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         everywhere=False)
 
     # pre-tokenization: text embeddings when any generator is text-conditioned
-    gen_cfgs = {g.name: generator_config(cfg, g, {"train": out / "cache_train", "val": out / "cache_val"})
-                for g in cfg.generators}
     text = any(c.model.conditioning == "text" for c in gen_cfgs.values())
     caches = {}
     for split, aug in (("train", cfg.aug), ("val", "none")):
@@ -179,7 +183,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     def evaluated(name: str, samples: dict) -> dict:
         npz = Path(samples["path"]) / "samples.npz"
-        return stages.run(f"eval-{name}", {"samples": samples_hash(npz), **eval_base}, None,
+        key = distributed.rank0_decides(lambda: samples_hash(npz))  # one rank reads the ~10 GB of pixels
+        return stages.run(f"eval-{name}", {"samples": key, **eval_base}, None,
                           lambda: evaluate(EvaluateConfig(samples=str(npz), **eval_base)), everywhere=False)
 
     # stage 2: each generator, its samples and their metrics

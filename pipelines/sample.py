@@ -48,6 +48,7 @@ SEEDS_RULE = ("sample with global index g: its code draws are uniforms from nump
 GRID_MAX_ROWS, GRID_MAX_COLS = 16, 8  # grid.png with several conditions: this many conditions x samples each
 GRID_MAX_SQUARE = 64  # grid.png with one condition (or none): the first this many samples
 NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
+RANK0_DONE = ".rank0-done.json"  # under torchrun: rank 0's record that the run's files are written
 
 
 @dataclass
@@ -235,7 +236,8 @@ class RankParts:
         out = np.empty((stop - start, *self.shape[1:]), self.dtype)
         for r in range(self.world):
             first = start + (r - start) % self.world  # the first position >= start that rank r drew
-            out[first - start::self.world] = self.parts[r][first // self.world:(stop - r + self.world - 1) // self.world]
+            last = (stop - r + self.world - 1) // self.world  # one past rank r's last row before stop
+            out[first - start::self.world] = self.parts[r][first // self.world:last]
         return out
 
 
@@ -245,15 +247,16 @@ def _parts_through_disk(out: Path, **arrays: np.ndarray) -> dict[str, RankParts]
     Through the disk, not a gather: 50,000 images at 256 px are ~10 GB, which would pass through one
     process's memory as pickles (and, under nccl, through one GPU's).
     """
-    parts = out / "parts"
-    for name, array in arrays.items():
-        write_npy_atomic(parts / f"{name}.rank{distributed.rank():05d}.npy", array)
+    parts, rank = out / "parts", distributed.rank()
+    if rank != 0:  # rank 0's own part stays in its memory
+        for name, array in arrays.items():
+            write_npy_atomic(parts / f"{name}.rank{rank:05d}.npy", array)
     distributed.barrier()
-    if distributed.rank() != 0:
+    if rank != 0:
         return None
     world = distributed.world_size()
-    return {name: RankParts([np.load(parts / f"{name}.rank{r:05d}.npy", mmap_mode="r") for r in range(world)])
-            for name in arrays}
+    return {name: RankParts([array, *(np.load(parts / f"{name}.rank{r:05d}.npy", mmap_mode="r")
+                                      for r in range(1, world))]) for name, array in arrays.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,12 +289,12 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels, indices, codes, prompts: list[str],
-                  meta: dict, save_pngs: bool = False) -> Path:
-    """Write samples.npz, grid.png, png/ (save_pngs) and, last, sampling.json (= meta) into `out`.
+                  meta: dict) -> Path:
+    """Write samples.npz, grid.png and, last, sampling.json (= meta) into `out` (PNGs: write_pngs).
 
-    images: uint8, numpy (N, H, W, 3), torch (N, 3, H, W) (to_uint8's layout) or RankParts; labels: class ids (-1 = none);
-    indices: global sample indices; codes: (N, h*w); prompts: N strings ("" = none). sampling.json comes last,
-    so a directory holding it is complete.
+    images: uint8, numpy (N, H, W, 3), torch (N, 3, H, W) (to_uint8's layout) or RankParts; labels: class ids
+    (-1 = none); indices: global sample indices; codes: (N, h*w); prompts: N strings ("" = none).
+    sampling.json comes last, so a directory holding it is complete.
     """
     if isinstance(images, torch.Tensor):
         images = images.permute(0, 2, 3, 1).cpu().numpy()
@@ -309,8 +312,6 @@ def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels,
               codes=codes)
     if len(images):
         write_png(out / "grid.png", grid_image(images, grid_layout(grid_rows(labels, prompts))))
-    if save_pngs:
-        write_pngs(out, indices, images)
     write_json_atomic(out / "sampling.json", meta)
     return out
 
@@ -332,10 +333,7 @@ def sample(cfg: SampleConfig) -> dict:
     rank, world = distributed.rank(), distributed.world_size()
     generator = Generator.from_pretrained(cfg.generator).to(device)
     model_cfg = generator.config
-    try:
-        cfg.sampling.check(model_cfg.conditioning != "none")
-    except ValueError as err:
-        raise UserError(f"sampling: {err}") from None
+    cfg.sampling.check(model_cfg.conditioning != "none")
     tokenizer, tokenizer_dir = load_matching_tokenizer(cfg.tokenizer, cfg.generator, model_cfg, device)
     conditions = build_conditions(cfg, model_cfg, device)
     prefix = prefix_codes(cfg, model_cfg, tokenizer, device)
@@ -351,18 +349,11 @@ def sample(cfg: SampleConfig) -> dict:
         task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
         codes, images = generate_images(generator, tokenizer, conditions, mine, cfg.sampling, cfg.batch_size, prefix,
                              on_batch=lambda n: bar.advance(task, n))
-    if cfg.save_pngs:  # each rank its own
-        write_pngs(Path(cfg.out), mine, images)
-    if world > 1:
-        parts = _parts_through_disk(Path(cfg.out), codes=codes, images=images)
-        codes, images = (None, None) if parts is None else (parts["codes"], parts["images"])
-    summary = {"out": str(cfg.out), "num_samples": num_samples, "generator_fingerprint": generator.fingerprint(),
-               "tokenizer_fingerprint": model_cfg.tokenizer_fingerprint}
-    if images is None:
-        return summary
-
+    seconds = time.perf_counter() - start  # loading, sampling and decoding; writing the files not included
     slots = conditions.slots(indices)
     is_class = model_cfg.conditioning == "class"
+    summary = {"out": str(cfg.out), "num_samples": num_samples, "generator_fingerprint": generator.fingerprint(),
+               "tokenizer_fingerprint": model_cfg.tokenizer_fingerprint}
     meta = {
         "command": command_line(),
         "config": asdict(cfg),
@@ -380,11 +371,23 @@ def sample(cfg: SampleConfig) -> dict:
                    "image_size": list(images.shape[1:3]), "world_size": world, "batch_size": cfg.batch_size},
         "environment": environment(),
         "started": started_at.isoformat(timespec="seconds"),
-        "seconds": time.perf_counter() - start,  # loading, sampling and decoding; writing the files not included
+        "seconds": seconds,
     }
-    write_samples(cfg.out, images, labels=np.array(conditions.class_ids, np.int64)[slots], indices=indices,
-                  codes=codes, prompts=[conditions.prompts[s] for s in slots], meta=meta)
-    shutil.rmtree(Path(cfg.out) / "parts", ignore_errors=True)
-    console.print(f"{num_samples} samples ({len(conditions.names)} condition(s)) in {meta['seconds']:.1f} s -> "
-                  f"{cfg.out}")
-    return summary
+    out, done = Path(cfg.out), Path(cfg.out) / RANK0_DONE
+    if cfg.save_pngs:  # each rank its own
+        write_pngs(out, mine, images)
+    if rank == 0:
+        done.unlink(missing_ok=True)  # before the ranks meet below: the others then wait for this run's
+    if world > 1:
+        parts = _parts_through_disk(out, codes=codes, images=images)
+        codes, images = (None, None) if parts is None else (parts["codes"], parts["images"])
+
+    def write() -> dict:
+        write_samples(out, images, labels=np.array(conditions.class_ids, np.int64)[slots], indices=indices,
+                      codes=codes, prompts=[conditions.prompts[s] for s in slots], meta=meta)
+        shutil.rmtree(out / "parts", ignore_errors=True)
+        console.print(f"{num_samples} samples ({len(conditions.names)} condition(s)) in {seconds:.1f} s -> {out}")
+        return summary
+
+    # rank 0 streams ~10 GB at 50k x 256 px: the others wait for its record, not in a collective that times out
+    return distributed.run_on_rank0(write, done)

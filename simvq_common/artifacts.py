@@ -34,7 +34,8 @@ def kind_of(directory: str | Path) -> str | None:
 def expect_kind(directory: str | Path, kind: str) -> None:
     """Refuse a directory that records another kind, saying what it is and what is wanted."""
     if not Path(directory).is_dir():
-        raise ArtifactError(f"{directory} does not exist: pass {KINDS[kind]}")
+        state = "is a file, not a directory" if Path(directory).exists() else "does not exist"
+        raise ArtifactError(f"{directory} {state}: pass {KINDS[kind]}")
     found = kind_of(directory)
     if found is not None and found != kind:
         raise ArtifactError(f"{directory} is {KINDS.get(found, found)}, not {KINDS[kind]}")

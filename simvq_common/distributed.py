@@ -180,7 +180,7 @@ def run_on_rank0(work: Callable[[], object], record: Path, poll_s: float = 2.0) 
         return work()
     if rank() == 0:
         try:
-            result = work()
+            result = json.loads(json.dumps(work()))  # what the other ranks read: the same on every rank
             write_json_atomic(record, {"result": result})
         except BaseException as err:  # the others must not wait for a result that never comes
             write_json_atomic(record, {"error": f"{type(err).__name__}: {err}"})

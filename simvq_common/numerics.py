@@ -24,7 +24,13 @@ def set_deterministic(enabled: bool) -> None:
     kernel, and cuBLAS needs a fixed workspace (read when its handle is made: set before the first matmul).
     """
     if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        fix_cublas_workspace()
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
+
+
+def fix_cublas_workspace() -> None:
+    """cuBLAS's deterministic workspace; it is read when the first cuBLAS handle is made, so a process that runs
+    several jobs (simvq run) sets it at its start when any of them will ask for determinism."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

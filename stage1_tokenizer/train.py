@@ -200,8 +200,9 @@ class TokenizerTrainer:
                     adv_weight = adv_weight * adaptive_generator_weight(
                         rec_loss, g_adv, self.tokenizer.decoder.conv_out.weight)
             loss_g = rec_loss + adv_weight * g_adv + loss_cfg.quantizer_weight * q.loss
-        if not torch.isfinite(loss_g):
-            raise NonFiniteLoss(f"non-finite generator loss at step {self.step} (l1 {l1.item()}, perceptual "
+        # the step's one host sync, decided by all ranks together: one rank stopping alone would hang the others
+        if distributed.any_rank(not bool(torch.isfinite(loss_g))):
+            raise NonFiniteLoss(f"non-finite generator loss at step {self.step} (this rank: l1 {l1.item()}, perceptual "
                                 f"{perceptual.item()}, quantizer {q.loss.item()}, gan {g_adv.item()}); training "
                                 f"stopped, the last good checkpoint is in {self.checkpoints}. Lower optim.lr, set "
                                 f"optim.grad_clip, or raise loss.gan_start_step")
@@ -222,14 +223,15 @@ class TokenizerTrainer:
         # EMA of the tokenizer weights
         update_ema(self.ema, self.tokenizer, cfg.optim.ema_decay)
         self.step += 1
-        return {"loss": loss_g.item(), "l1": l1.item(), "perceptual": perceptual.item(),
-                "quantizer_loss": q.loss.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
-                "gan_weight": float(adv_weight), "lr": lr, "grad_norm": g_norm, "indices": q.indices}
+        # device tensors: read back on log steps only, so the next step can be queued while this one runs
+        return {"loss": loss_g.detach(), "l1": l1.detach(), "perceptual": perceptual.detach(),
+                "quantizer_loss": q.loss.detach(), "g_adv": g_adv.detach(), "d_loss": d_loss.detach(),
+                "gan_weight": adv_weight.detach(), "lr": lr, "grad_norm": g_norm, "indices": q.indices}
 
-    def _clip(self, module: torch.nn.Module) -> float:
+    def _clip(self, module: torch.nn.Module) -> torch.Tensor | float:
         if self.cfg.optim.grad_clip <= 0:
             return float("nan")
-        return float(torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.grad_clip))
+        return torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.grad_clip)
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -245,6 +247,7 @@ class TokenizerTrainer:
                 usage.update(stats.pop("indices"))
                 images_seen += x.shape[0] * world_size()
                 if self.step % run.log_every == 0 or self.step == run.steps:
+                    stats = {k: float(v) for k, v in stats.items()}
                     window = usage.merged().summary()
                     bad = int(distributed.sum_over_ranks(self.skipped_images))
                     if rank() == 0:

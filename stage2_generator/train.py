@@ -41,8 +41,8 @@ TAG = re.compile(r"step_(\d+)")
 IDENTITY_FILE = "identity.json"
 
 
-class DeepSpeedConfigError(UserError, ValueError):
-    pass
+class DeepSpeedConfigError(ConfigError):
+    """A DeepSpeed file that sets what the experiment config owns, or is missing."""
 
 
 # -- set-up ------------------------------------------------------------------------------------
