@@ -35,7 +35,6 @@ from simvq_common import distributed
 from simvq_common.artifacts import write_kind
 from simvq_common.config import load_config, to_yaml
 from simvq_common.console import console
-from simvq_common.distributed import barrier, broadcast_object, rank
 from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
 from simvq_common.numerics import fix_cublas_workspace
@@ -78,14 +77,14 @@ class Stages:
     def run(self, name: str, identity: dict, folder: Path | None, work: Callable[[], dict],
             everywhere: bool = True) -> dict:
         path, key = self.records / f"{name}.json", identity_hash(identity)
-        barrier()  # rank 0's last record is on disk before anyone reads it
+        distributed.barrier()  # rank 0's last record is on disk before anyone reads it
         record = json.loads(path.read_text()) if path.is_file() else None
         if record and record["identity"] == key and "result" in record:
-            if rank() == 0:
+            if distributed.rank() == 0:
                 console.print(f"[dim]{name}: unchanged, skipped (identity {key})[/]")
             self.timings[name] = record.get("seconds", 0.0)
             return record["result"]
-        if rank() == 0:
+        if distributed.rank() == 0:
             if record and record["identity"] != key and folder is not None and folder.exists():
                 console.print(f"[yellow]{name}[/]: inputs changed ({record['identity']} -> {key}): starting it afresh")
                 shutil.rmtree(folder)
@@ -94,14 +93,14 @@ class Stages:
                 console.print(f"[bold]{name}[/]: {'resuming' if resuming else 'running'}")
             write_json_atomic(path, {"identity": key, "inputs": identity, "started": time.time()})
             self.rank0_record(name).unlink(missing_ok=True)
-        barrier()
+        distributed.barrier()
         tic = time.time()
         if everywhere:
-            result = broadcast_object(work())
+            result = distributed.broadcast_object(work())
         else:
             result = distributed.run_on_rank0(work, self.rank0_record(name))
         self.timings[name] = round(time.time() - tic, 1)
-        if rank() == 0:
+        if distributed.rank() == 0:
             write_json_atomic(path, {"identity": key, "inputs": identity, "seconds": self.timings[name],
                                      "result": result})
         return result
@@ -134,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     cfg = replace(cfg, command=cfg.command or command_line())
     device = distributed.setup()  # one process group for every stage when launched by torchrun
     out = Path(cfg.out_dir)
-    if rank() == 0:
+    if distributed.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_kind(out, "pipeline-run")
         (out / "config.yaml").write_text(to_yaml(cfg))
@@ -218,12 +217,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
               "caches": caches, "generators": generators, "baseline": baseline, "timings": stages.timings}
-    if rank() == 0:
+    if distributed.rank() == 0:
         reported = write_report(out, result)
         if cfg.results_md:
             write_results_section(cfg.results_md, out, reported)
         console.print(f"[green]done[/]: {out / 'report.md'}")
-    barrier()
+    distributed.barrier()
     return result
 
 

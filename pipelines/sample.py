@@ -242,7 +242,8 @@ class RankParts:
 
 
 def _parts_through_disk(out: Path, **arrays: np.ndarray) -> dict[str, RankParts] | None:
-    """Every rank writes its part under out/parts; rank 0 gets all of them back lazily (None on the others).
+    """Ranks > 0 write their parts under out/parts; rank 0 gets all of them back, its own from memory and the
+    others memory-mapped (None on the others).
 
     Through the disk, not a gather: 50,000 images at 256 px are ~10 GB, which would pass through one
     process's memory as pickles (and, under nccl, through one GPU's).
