@@ -5,7 +5,9 @@
 Without --package-dir the script runs `npm pack` itself (needs npm and the registry). The
 output is one compressed .npz: 64x64 RGB images composited on white, category labels (the
 9 real categories; "Component" swatches are dropped), subcategories, names usable as
-captions, codepoints, and a fixed, category-stratified 90/10 train/val split.
+captions, codepoints, the variant group of every image, and a fixed 90/10 train/val split of whole
+groups, stratified by category: every variant of one emoji (skin tones, gender, hair, direction,
+presentation selectors) falls on one side, so val holds no sibling of a train image (docs/DATA.md).
 The images are Apache-2.0 (Google Noto emoji); see stage1_tokenizer/assets/NOTICE_noto_emoji.txt.
 """
 from __future__ import annotations
@@ -26,6 +28,29 @@ SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium",
 VAL_FRACTION = 0.1
 SPLIT_SEED = 0
 
+# Modifiers that make a variant of the same emoji rather than another one (inside sequences).
+SKIN_TONE_CODEPOINTS = set(SKIN_TONES)
+PRESENTATION = {"FE0E", "FE0F"}
+ZWJ = "200D"
+GENDER_SIGNS = {"2640", "2642"}
+HAIR = {"1F9B0", "1F9B1", "1F9B2", "1F9B3"}  # red, curly, white hair, bald
+FACING_RIGHT = "27A1"
+# The person codepoints a gendered sequence starts from: adults, children, elders are each one person.
+PERSON_CLASSES = {"1F468": "adult", "1F469": "adult", "1F9D1": "adult", "1F466": "child", "1F467": "child",
+                  "1F9D2": "child", "1F474": "elder", "1F475": "elder", "1F9D3": "elder"}
+# Gender variants Unicode encodes as separate codepoints, keyed to one of their siblings' keys.
+GENDERED_SIBLINGS = {
+    ("1F46C",): ("1F46B",), ("1F46D",): ("1F46B",),  # two men / two women / man and woman holding hands
+    ("adult", "1F91D", "adult"): ("1F46B",),  # people holding hands
+    ("1F934",): ("1F478",), ("1FAC5",): ("1F478",),  # prince / person with crown / princess
+    ("1FAC3",): ("1F930",), ("1FAC4",): ("1F930",),  # pregnant man / person / woman
+    ("1F936",): ("1F385",), ("adult", "1F384"): ("1F385",),  # mrs claus / mx claus / santa
+    ("1F57A",): ("1F483",),  # man dancing / woman dancing
+    ("adult", "2764", "1F48B", "adult"): ("1F48F",),  # kiss: woman, man ... / kiss
+    ("adult", "2764", "adult"): ("1F491",),  # couple with heart: woman, man ... / couple with heart
+    ("adult", "adult", "child"): ("1F46A",),  # family: man, woman, boy ... / family
+}
+
 
 def fetch_package(workdir: Path) -> Path:
     subprocess.run(["npm", "pack", PACKAGE], cwd=workdir, check=True, capture_output=True)
@@ -42,6 +67,7 @@ def list_entries(package_dir: Path) -> list[dict]:
         if emoji["category"] == "Component" or not emoji["has_img_google"]:
             continue
         base = dict(category=emoji["category"], subcategory=emoji["subcategory"])
+        base["family"] = emoji["unified"]  # the entry a skin-tone variant belongs to
         rows.append(dict(base, name=emoji["name"].lower(), image=emoji["image"], unified=emoji["unified"]))
         for tones, variant in sorted(emoji.get("skin_variations", {}).items()):
             if not variant["has_img_google"]:
@@ -52,6 +78,31 @@ def list_entries(package_dir: Path) -> list[dict]:
     return rows
 
 
+def variant_key(unified: str) -> tuple[str, ...]:
+    """What all variants of one emoji share: its codepoints without tone, gender, hair, direction,
+    presentation and joiners, with the person it is built on reduced to adult / child / elder; a joined
+    sequence on a non-person emoji reduces to that emoji (its recolourings and attributes are variants)."""
+    codepoints = unified.upper().split("-")
+    in_sequence = ZWJ in codepoints
+    dropped = SKIN_TONE_CODEPOINTS | PRESENTATION | {ZWJ}
+    if in_sequence:
+        dropped |= GENDER_SIGNS | HAIR | {FACING_RIGHT}
+    key = tuple(PERSON_CLASSES.get(c, c) for c in codepoints if c not in dropped)
+    if in_sequence and key[0] not in PERSON_CLASSES.values():
+        key = key[:1]  # a joined sequence drawn on another emoji (black cat, heart on fire) goes with it
+    return GENDERED_SIBLINGS.get(key, key)
+
+
+def variant_groups(rows: list[dict]) -> np.ndarray:
+    """One group id per row (0, 1, ... in order of first appearance), rows of one emoji's variants alike.
+
+    Skin tones go with the entry they are listed under (some, like handshake's, use other codepoints);
+    the entries themselves are grouped by `variant_key`.
+    """
+    ids: dict[tuple[str, ...], int] = {}
+    return np.array([ids.setdefault(variant_key(r["family"]), len(ids)) for r in rows], dtype=np.int64)
+
+
 def load_on_white(path: Path, size: int) -> np.ndarray:
     rgba = Image.open(path).convert("RGBA")
     if rgba.size != (size, size):
@@ -60,13 +111,23 @@ def load_on_white(path: Path, size: int) -> np.ndarray:
     return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
 
 
-def stratified_split(labels: np.ndarray) -> np.ndarray:
-    """0 = train, 1 = val: VAL_FRACTION of every category, chosen by a fixed seed."""
+def grouped_split(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """0 = train, 1 = val: whole groups, about VAL_FRACTION of every category's images, by a fixed seed.
+
+    Groups are visited in a seeded random order and go to val while they fit the category's quota, so val
+    gets the quota (or just under) without splitting any group. A group's category is its first row's (a few
+    groups span two, e.g. eye / eye in speech bubble, so a category's val share can differ by an image or so).
+    """
     rng = np.random.default_rng(SPLIT_SEED)
     split = np.zeros(len(labels), dtype=np.uint8)
+    group_ids, first_rows, sizes = np.unique(groups, return_index=True, return_counts=True)
     for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        split[members[: max(1, round(VAL_FRACTION * len(members)))]] = 1
+        quota = max(1, round(VAL_FRACTION * int((labels == c).sum())))
+        taken = 0
+        for g in rng.permutation(np.flatnonzero(labels[first_rows] == c)):
+            if taken + sizes[g] <= quota:
+                split[groups == group_ids[g]] = 1
+                taken += sizes[g]
     return split
 
 
@@ -74,6 +135,7 @@ def build(package_dir: Path, out: Path, size: int = 64) -> None:
     rows = list_entries(package_dir)
     categories = sorted({r["category"] for r in rows})
     labels = np.array([categories.index(r["category"]) for r in rows], dtype=np.int64)
+    groups = variant_groups(rows)
     images = np.stack([load_on_white(package_dir / "img" / "google" / "64" / r["image"], size) for r in rows])
     version = json.loads((package_dir / "package.json").read_text())["version"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,14 +143,16 @@ def build(package_dir: Path, out: Path, size: int = 64) -> None:
         out,
         images=images,
         labels=labels,
-        split=stratified_split(labels),
+        split=grouped_split(labels, groups),
+        groups=groups,
         categories=np.array(categories),
         subcategories=np.array([r["subcategory"] for r in rows]),
         names=np.array([r["name"] for r in rows]),
         codepoints=np.array([r["unified"] for r in rows]),
         source=np.array(f"npm emoji-datasource-google@{version}, img/google/64, composited on white"),
     )
-    print(f"wrote {out}: {len(rows)} images, {len(categories)} categories, {out.stat().st_size / 1e6:.1f} MB")
+    print(f"wrote {out}: {len(rows)} images in {groups.max() + 1} variant groups, {len(categories)} categories, "
+          f"{out.stat().st_size / 1e6:.1f} MB")
 
 
 def main() -> None:

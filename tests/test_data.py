@@ -1,7 +1,12 @@
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from stage1_tokenizer.emoji import load_emoji
+from stage1_tokenizer.emoji import _emoji_arrays, load_emoji
 from stage1_tokenizer.transforms import to_model_range, to_uint8
 
 
@@ -9,13 +14,69 @@ def test_emoji_splits_are_disjoint_stratified_and_complete():
     train, val, everything = load_emoji("train"), load_emoji("val"), load_emoji("all")
     assert len(train) + len(val) == len(everything) == 3781
     assert len(train.class_names) == 9 and "Component" not in train.class_names
-    # every category has ~10% of its images in val
+    # every category has 10% +- 1 point of its images in val (whole variant groups, a few spanning two categories)
     for c in range(9):
         n_val, n_all = int((val.labels == c).sum()), int((everything.labels == c).sum())
-        assert n_val == max(1, round(0.1 * n_all))
+        assert 0.09 * n_all <= n_val <= 0.11 * n_all
     # disjoint: no val caption+image pair appears in train
     train_keys = {(cap, img.numpy().tobytes()) for cap, img in zip(train.captions, train.images)}
     assert not any((cap, img.numpy().tobytes()) in train_keys for cap, img in zip(val.captions, val.images))
+
+
+def _build_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_emoji_dataset.py"
+    spec = importlib.util.spec_from_file_location("build_emoji_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_emoji_split_keeps_every_variant_group_on_one_side():
+    arrays = _emoji_arrays()
+    groups, split = arrays["groups"], arrays["split"]
+    assert not set(groups[split == 0]) & set(groups[split == 1])
+    # independently of the stored groups: no val image's name, stripped of its skin tone, names a train image's
+    base = [re.sub(r": [a-z, -]+ skin tones?$", "", str(n)) for n in arrays["names"]]
+    train_bases = {b for b, s in zip(base, split) if s == 0}
+    assert not [b for b, s in zip(base, split) if s == 1 and b in train_bases]
+    # gender variants too: man / woman / person running share a side
+    names = [str(n) for n in arrays["names"]]
+    runners = [names.index(n) for n in ("runner", "man running", "woman running")]
+    assert len({int(split[i]) for i in runners}) == 1 and len({int(groups[i]) for i in runners}) == 1
+
+
+@pytest.mark.parametrize("unified, sibling", [
+    ("1F3C3-200D-2642-FE0F", "1F3C3"),  # man running / person running
+    ("1F468-200D-1F9B0", "1F9D1"),  # man: red hair / person
+    ("1F469-200D-1F9AF-200D-27A1-FE0F", "1F9D1-200D-1F9AF"),  # woman with white cane facing right / person with
+    ("1FAC3", "1F930"),  # pregnant man / pregnant woman
+    ("1F408-200D-2B1B", "1F408"),  # black cat / cat
+    ("263A-FE0F", "263A"),  # presentation selector
+])
+def test_variant_key_joins_variants(unified, sibling):
+    build = _build_script()
+    assert build.variant_key(unified) == build.variant_key(sibling)
+
+
+@pytest.mark.parametrize("unified, other", [
+    ("1F1F1-1F1E8", "1F1E8-1F1F1"),  # flags of Saint Lucia and Chile: the same letters, another order
+    ("1F466", "1F468"),  # boy / man: a child is not a gender variant of an adult
+    ("1F468-200D-2695-FE0F", "1F468"),  # man health worker / man
+    ("0031-FE0F-20E3", "0032-FE0F-20E3"),  # keycaps 1 and 2
+])
+def test_variant_key_keeps_other_emoji_apart(unified, other):
+    build = _build_script()
+    assert build.variant_key(unified) != build.variant_key(other)
+
+
+def test_grouped_split_meets_each_category_quota_with_whole_groups():
+    build = _build_script()
+    labels = np.array([0] * 20 + [1] * 10)
+    groups = np.array([0, 0, 0, 1, 1] + list(range(2, 17)) + [17] * 5 + list(range(18, 23)))
+    split = build.grouped_split(labels, groups)
+    assert int(split[labels == 0].sum()) == 2 and int(split[labels == 1].sum()) == 1
+    for g in np.unique(groups):
+        assert len(set(split[groups == g])) == 1
 
 
 def test_emoji_images_are_composited_on_white():
