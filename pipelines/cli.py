@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Callable
+
+from rich.markup import escape
 
 from simvq_common.config import load_config
 from simvq_common.console import console
 from simvq_common.errors import UserError
 
+# A key=value override: a dotted key (list items as key[0]), then '=' and the value (a path has no '=' there).
+OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")
 OVERRIDES_HELP = "config overrides as key=value (dotted keys for nested fields, e.g. autoencoder.ch=64)"
 
 
@@ -203,16 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other words, the key=value overrides) of a command line, overrides taken from anywhere: argparse
+    alone would give one that comes first to the positional argument, and refuse those after a flag. The word
+    after an option is that option's value even when it holds a '='."""
+    rest, overrides = [], []
+    for index, word in enumerate(argv):
+        previous = argv[index - 1] if index else ""
+        is_option_value = previous.startswith("-") and "=" not in previous and previous not in ("-h", "--help")
+        (overrides if OVERRIDE.match(word) and not is_option_value else rest).append(word)
+    return rest, overrides
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with key=value overrides allowed anywhere (also after flags: argparse alone would
-    stop collecting positionals at the first flag)."""
+    """The command line, with key=value overrides before, between or after the flags and positionals."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    unknown = [word for word in extra if word.startswith("-") or "=" not in word]
-    if unknown or (extra and args.command not in SCHEMAS):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-    if args.command in SCHEMAS:
-        args.overrides = [*args.overrides, *extra]
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    if overrides and args.command not in SCHEMAS:
+        parser.error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")
+    # Words argparse put where the overrides go are not key=value: often a value the shell split at a space.
+    if getattr(args, "overrides", None):
+        parser.error(f"unrecognized arguments: {' '.join(args.overrides)} (overrides are key=value; quote one "
+                     "whose value holds spaces or shell characters as a whole, e.g. 'classes=[Animals & Nature]')")
+    args.overrides = overrides
     return args
 
 
@@ -221,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.function(config_of(args))
     except UserError as err:  # the project's own: the message says what to fix; anything else is a bug
-        console.print(f"[red]error[/]: {err}")
+        # one line, however long; escaped, as a message may quote [a, b] values (rich markup otherwise)
+        console.print(f"[red]error[/]: {escape(str(err))}", soft_wrap=True)
         return 2
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+import yaml  # omegaconf's parser (a dependency of omegaconf): its grammar errors are not OmegaConf's
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -25,6 +26,28 @@ def _describe(err: OmegaConfBaseException, source: str) -> str:
     return f"{source}: {str(err).splitlines()[0]}"
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
+
+
+def _parse_overrides(overrides: Sequence[str]):
+    """The overrides as one config. A value YAML cannot read (often a list the shell cut at a space or an
+    `&`: `classes=[Animals`) is named with its key and how to quote it, not shown as a parser traceback."""
+    parsed = OmegaConf.create()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            parsed.merge_with_dotlist([item])
+        except yaml.YAMLError as err:
+            key, _, value = item.partition("=")
+            raise ConfigError(
+                f"override {key}: cannot read the value {value!r} ({_yaml_problem(err)}); "
+                f"quote the whole override for the shell when its value holds spaces or any of & | ; < > ( ), "
+                f"e.g. '{key}=[a b, c & d]'") from None
+    return parsed
+
+
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Schema defaults <- YAML file <- `a.b=value` overrides, validated, as a dataclass instance."""
     cfg = OmegaConf.structured(schema)
@@ -36,11 +59,12 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as err:
             raise ConfigError(_describe(err, str(path))) from None
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {_yaml_problem(err)}") from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, _parse_overrides(overrides))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, "override")) from None

@@ -48,6 +48,20 @@ def test_a_reference_file_that_is_no_statistics_file(tmp_path, capsys):
     assert "stats.npz is not a reference statistics file" in err
 
 
+def test_an_override_value_yaml_cannot_read_is_one_line_naming_key_and_value(capsys):
+    # what reaches the CLI of `simvq sample ... classes=[Animals & Nature]` typed unquoted: the shell cut it at '&'
+    assert main(["sample", "--generator", "GEN", "--out", "runs/s", "classes=[Animals"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "override classes: cannot read the value '[Animals'" in err and "quote the whole override" in err
+
+
+def test_a_config_file_yaml_cannot_read(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("decode: 2\ngrid: [a\n")
+    err = run_cli(capsys, ["verify-cache", "C", "-c", str(tmp_path / "bad.yaml")])
+    assert f"{tmp_path / 'bad.yaml'} is not valid YAML at line 3" in err and "Traceback" not in err
+
+
 def test_a_bug_is_not_caught(monkeypatch):
     import pipelines.cli as cli
 
