@@ -47,7 +47,9 @@ class LossConfig:
     perceptual_weight: float = 1.0
     gan_weight: float = 0.1  # the paper's fixed generator weight
     gan_adaptive: bool = False  # VQGAN's adaptive weight (grad-norm ratio) times gan_weight
-    gan_kind: str = "non_saturating"  # generator side: non_saturating | hinge
+    # generator side: non_saturating_image_mean (the paper's code) | non_saturating_per_patch | hinge;
+    # the default keeps the CPU demo's numbers (docs/DISCRIMINATOR.md)
+    gan_kind: str = "non_saturating_per_patch"
     gan_start_step: int = 0  # the paper trains the GAN from step 0; later starts are often steadier
     disc_ndf: int = 64
     disc_layers: int = 3

@@ -1,8 +1,9 @@
 """Stage-1 adversarial losses: the PatchGAN discriminator and the GAN losses and weights.
 
 The SimVQ paper's recipe: L1 + 1.0 * LPIPS(VGG) + 0.1 * non-saturating GAN loss for the
-generator (fixed weight, from step 0) + 1.0 * quantizer loss; the discriminator is a 3-layer PatchGAN (ndf 64)
-trained with the hinge loss. The perceptual distance is in `perceptual.py`.
+generator (fixed weight, from step 0; on each image's mean patch logit, as the paper's code) + 1.0 *
+quantizer loss; the discriminator is a 3-layer PatchGAN (ndf 64) trained with the hinge loss. The
+perceptual distance is in `perceptual.py`.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class PatchDiscriminator(nn.Module):
 # GAN losses and weights
 # ----------------------------------------------------------------------------------------------------
 
-GENERATOR_LOSS_KINDS = ("non_saturating", "hinge")
+# generator sides: docs/DISCRIMINATOR.md says which config uses which, and why
+GENERATOR_LOSS_KINDS = ("non_saturating_image_mean", "non_saturating_per_patch", "hinge")
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -67,18 +69,26 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
-    """The generator's adversarial loss on D's logits for its reconstructions.
+def check_generator_loss_kind(kind: str) -> None:
+    if kind not in GENERATOR_LOSS_KINDS:
+        raise ConfigError(f"unknown generator loss kind '{kind}' (loss.gan_kind): expected one of "
+                          f"{', '.join(GENERATOR_LOSS_KINDS)}")
 
-    kind='non_saturating' (default; the paper: non-saturating G loss with a hinge D):
-        mean(softplus(-logits_fake)) = mean(-log sigmoid(logits_fake))
+
+def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator's adversarial loss on D's patch logits (B, 1, H', W') for its reconstructions.
+
+    kind='non_saturating_image_mean' (the SimVQ code's `non_saturate_gen_loss`): each image's
+        patch logits averaged first, then mean over images of softplus(-mean_logit) = -log sigmoid(mean_logit)
+    kind='non_saturating_per_patch': mean(softplus(-logits_fake)) over every patch logit of the batch
     kind='hinge': -mean(logits_fake), the generator side of the hinge GAN as used by VQGAN.
     """
-    if kind == "non_saturating":
+    check_generator_loss_kind(kind)
+    if kind == "non_saturating_image_mean":
+        return F.softplus(-logits_fake.flatten(1).mean(dim=1)).mean()
+    if kind == "non_saturating_per_patch":
         return F.softplus(-logits_fake).mean()
-    if kind == "hinge":
-        return -logits_fake.mean()
-    raise ConfigError(f"unknown generator loss kind '{kind}': expected one of {GENERATOR_LOSS_KINDS}")
+    return -logits_fake.mean()
 
 
 def adaptive_generator_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,

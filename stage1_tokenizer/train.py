@@ -29,8 +29,8 @@ from simvq_common.numerics import set_deterministic, use_bf16
 from .config import TokenizerTrainConfig
 from .datasets import build_image_dataset
 from .loading import EpochSampler, collate_skip_none
-from .losses import (PatchDiscriminator, adaptive_generator_weight, gan_weight_at, generator_adversarial_loss,
-                     hinge_d_loss)
+from .losses import (PatchDiscriminator, adaptive_generator_weight, check_generator_loss_kind, gan_weight_at,
+                     generator_adversarial_loss, hinge_d_loss)
 from .perceptual import build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer
@@ -61,6 +61,7 @@ def check_resumable(saved: dict, cfg: TokenizerTrainConfig) -> None:
 class TokenizerTrainer:
     def __init__(self, cfg: TokenizerTrainConfig):
         self.cfg = cfg
+        check_generator_loss_kind(cfg.loss.gan_kind)  # now, not at gan_start_step hours into the run
         self.device = distributed.setup()
         set_deterministic(cfg.run.deterministic)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank

@@ -1,16 +1,14 @@
-"""Stage-1 losses: perceptual backends (real weights or a clear error), PatchGAN, GAN losses, adaptive weight."""
-import math
+"""Stage-1 losses: perceptual backends (real weights or a clear error), PatchGAN, D hinge loss, adaptive weight
+(the generator's GAN losses: test_gan_loss.py)."""
 import socket
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stage1_tokenizer.emoji import load_emoji
-from stage1_tokenizer.losses import (PatchDiscriminator, adaptive_generator_weight, gan_weight_at,
-                                     generator_adversarial_loss, hinge_d_loss)
+from stage1_tokenizer.losses import PatchDiscriminator, adaptive_generator_weight, gan_weight_at, hinge_d_loss
 from stage1_tokenizer.perceptual import PERCEPTUAL_BACKENDS, PerceptualBackendUnavailable, build_perceptual_loss
 from stage1_tokenizer.transforms import to_model_range
 
@@ -245,27 +243,6 @@ def test_hinge_d_loss_values_and_gradient_signs():
     assert torch.allclose(fake.grad, torch.tensor([0.0, 0.5 / 3, 0.5 / 3]))    # push fakes below -1
     assert hinge_d_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)).item() == 0.0
     assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 1.0
-
-
-def test_generator_losses_values_and_gradient_signs():
-    logits = torch.tensor([-2.0, 0.0, 1.5], requires_grad=True)
-    ns = generator_adversarial_loss(logits)  # default: non-saturating
-    expected = (math.log(1 + math.exp(2.0)) + math.log(2.0) + math.log(1 + math.exp(-1.5))) / 3
-    assert ns.item() == pytest.approx(expected, rel=1e-6)
-    assert ns.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits, torch.ones(3)).item(), rel=1e-6)
-    ns.backward()
-    sig = torch.sigmoid(-logits.detach())
-    assert torch.allclose(logits.grad, -sig / 3) and (logits.grad < 0).all()  # G raises D's logits
-    # it does not saturate: a confidently rejected fake still gets a strong gradient
-    assert logits.grad[0].item() == pytest.approx(-(1 / (1 + math.exp(-2.0))) / 3)
-
-    logits.grad = None
-    hinge = generator_adversarial_loss(logits, kind="hinge")
-    assert hinge.item() == pytest.approx(-(-2.0 + 0.0 + 1.5) / 3)
-    hinge.backward()
-    assert torch.allclose(logits.grad, torch.full((3,), -1 / 3))
-    with pytest.raises(ValueError, match="non_saturating"):
-        generator_adversarial_loss(logits, kind="wgan")
 
 
 def test_adaptive_generator_weight_matches_hand_computation():
