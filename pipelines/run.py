@@ -123,6 +123,20 @@ def generator_config(cfg: PipelineConfig, stage: GeneratorStage, caches: dict[st
         f"run.out_dir={Path(cfg.out_dir) / f'generator_{stage.name}'}"])
 
 
+def tokenizer_eval_config(cfg: PipelineConfig, tokenizer_dir: str) -> TokenizerEvalConfig:
+    """The tokenizer-eval stage's job: the run's val split, its first max_reference images (as the eval stages)."""
+    return TokenizerEvalConfig(tokenizer=tokenizer_dir, data=cfg.data, split="val", resolution=cfg.resolution,
+                               perceptual=cfg.eval_perceptual, fid_source=cfg.fid_source,
+                               max_images=cfg.max_reference)
+
+
+def tokenizer_job_identity(job: TokenizerEvalConfig | PretokenizeConfig, tokenizer_fingerprint: str) -> dict:
+    """Every field of a job that reads the tokenizer, but where it runs and writes; the tokenizer by its
+    fingerprint. All the rest by default, so a field added to the job's config joins its identity."""
+    fields = {k: v for k, v in asdict(job).items() if k not in ("tokenizer", "out", "device")}
+    return {"tokenizer": tokenizer_fingerprint, **fields}
+
+
 def samples_hash(npz: Path) -> str:
     """The samples' identity: their pixels (an .npz file's bytes also hold zip timestamps)."""
     with np.load(npz, allow_pickle=False) as data:
@@ -154,13 +168,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         path = train_tokenizer(tok_cfg)
         return {"path": str(path), "fingerprint": Tokenizer.from_pretrained(path).fingerprint()}
     tok = stages.run("tokenizer", {"config": to_yaml(tok_cfg)}, out / "tokenizer", train_tok)
-    tok_eval = stages.run(
-        "tokenizer-eval", {"tokenizer": tok["fingerprint"], "fid_source": cfg.fid_source,
-                           "perceptual": cfg.eval_perceptual, "split": "val", "resolution": cfg.resolution}, None,
-        lambda: evaluate_tokenizer(TokenizerEvalConfig(
-            tokenizer=tok["path"], data=cfg.data, split="val", resolution=cfg.resolution,
-            perceptual=cfg.eval_perceptual, fid_source=cfg.fid_source, max_images=cfg.max_reference)),
-        everywhere=False)
+    tok_eval_cfg = tokenizer_eval_config(cfg, tok["path"])
+    tok_eval = stages.run("tokenizer-eval", tokenizer_job_identity(tok_eval_cfg, tok["fingerprint"]), None,
+                          lambda: evaluate_tokenizer(tok_eval_cfg), everywhere=False)
 
     # pre-tokenization: text embeddings when any generator is text-conditioned
     text = any(c.model.conditioning == "text" for c in gen_cfgs.values())
@@ -171,9 +181,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                       max_images=cfg.max_images if split == "train" else cfg.max_reference,
                                       batch_size=cfg.pretokenize_batch_size, num_workers=0)
         caches[split] = stages.run(
-            f"cache-{split}", {"tokenizer": tok["fingerprint"], **{k: v for k, v in asdict(cache_cfg).items()
-                                                                 if k not in ("tokenizer", "out")}},
-            out / f"cache_{split}",
+            f"cache-{split}", tokenizer_job_identity(cache_cfg, tok["fingerprint"]), out / f"cache_{split}",
             lambda c=cache_cfg: {"path": str(pretokenize(c)), "fingerprint": CodeCache(c.out).fingerprint,
                                  "sequences": len(CodeCache(c.out))})
     fid_samples = cfg.fid_samples or caches["val"]["sequences"]  # as many as the reference has images
@@ -195,10 +203,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             {"config": to_yaml(gen_cfg), "cache_train": caches["train"]["fingerprint"],
              "cache_val": caches["val"]["fingerprint"]},
             Path(gen_cfg.run.out_dir), lambda c=gen_cfg: trained_generator(c))
+        # a text generator's FID samples are conditioned on the val cache's captions
+        captions = {"captions": caches["val"]["fingerprint"]} if gen_cfg.model.conditioning == "text" else {}
         samples = stages.run(
             f"samples-{stage.name}",
             {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
-             "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts},
+             "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **captions},
             out / f"samples_{stage.name}",
             lambda g=gen, s=stage, c=gen_cfg: sample_generator(cfg, g["path"], c, s, fid_samples,
                                                            out / f"samples_{s.name}", caches["val"]["path"]))

@@ -2,12 +2,14 @@
 every stage, a changed generator config reruns only that generator and what follows it, and an interrupted
 stage resumes."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from pipelines import run as run_module
 from pipelines.config import GeneratorStage, PipelineConfig
-from pipelines.run import identity_hash, run_pipeline
+from pipelines.run import Stages, identity_hash, run_pipeline
 from simvq_common.config import load_config
 
 TINY_TOKENIZER = [
@@ -90,6 +92,65 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
 def test_identity_hash_is_order_independent_and_sensitive():
     assert identity_hash({"a": 1, "b": [1, 2]}) == identity_hash({"b": [1, 2], "a": 1})
     assert identity_hash({"a": 1}) != identity_hash({"a": 2})
+
+
+class Stop(Exception):
+    """Ends run_pipeline once the stage a test looks at has its identity."""
+
+
+def stage_identities(cfg: PipelineConfig, monkeypatch, stop_at: str, tokenizer_fingerprint: str = "tokenizer",
+                     val_cache_fingerprint: str = "val-cache") -> dict:
+    """The identity run_pipeline gives each stage up to `stop_at`, every stage faked: nothing trains or runs."""
+    results = {"tokenizer": {"path": "tokenizer", "fingerprint": tokenizer_fingerprint},
+               "cache-train": {"path": "cache_train", "fingerprint": "train-cache", "sequences": 8},
+               "cache-val": {"path": "cache_val", "fingerprint": val_cache_fingerprint, "sequences": 8}}
+    identities = {}
+
+    def run(self, name, identity, folder, work, everywhere=True):
+        identities[name] = identity
+        if name == stop_at:
+            raise Stop
+        return results.get(name, {"path": name, "fingerprint": name})
+
+    monkeypatch.setattr(Stages, "run", run)
+    monkeypatch.setattr(run_module, "samples_hash", lambda npz: str(npz))
+    with pytest.raises(Stop):
+        run_pipeline(cfg)
+    return identities
+
+
+# what the tokenizer-eval numbers (rFID, PSNR, ...) depend on, and pipeline settings they do not
+CHANGES_TOKENIZER_EVAL = [("max_reference", 16), ("data", "/data/imagenet"), ("resolution", 32),
+                          ("eval_perceptual", "stlpips-vgg"), ("fid_source", "torch-fidelity")]
+LEAVES_TOKENIZER_EVAL = [("max_images", 32), ("aug", "none"), ("fid_samples", 16), ("metrics", ["fid", "kid"]),
+                         ("baseline", False), ("sample_batch_size", 4), ("pretokenize_batch_size", 16),
+                         ("grid_per_class", 4)]
+
+
+@pytest.mark.parametrize("field, value", CHANGES_TOKENIZER_EVAL + LEAVES_TOKENIZER_EVAL)
+def test_tokenizer_eval_identity_holds_every_input_of_its_numbers(tmp_path, monkeypatch, field, value):
+    base = tiny_pipeline(tmp_path / "run")
+    before = stage_identities(base, monkeypatch, "tokenizer-eval")["tokenizer-eval"]
+    after = stage_identities(replace(base, **{field: value}), monkeypatch, "tokenizer-eval")["tokenizer-eval"]
+    changes = (field, value) in CHANGES_TOKENIZER_EVAL
+    assert (identity_hash(after) != identity_hash(before)) == changes, f"{field}: {before} -> {after}"
+
+
+def test_tokenizer_eval_identity_holds_the_tokenizer(tmp_path, monkeypatch):
+    cfg = tiny_pipeline(tmp_path / "run")
+    identities = [stage_identities(cfg, monkeypatch, "tokenizer-eval", tokenizer_fingerprint=fingerprint)
+                  for fingerprint in ("tokenizer-a", "tokenizer-b")]
+    assert identity_hash(identities[0]["tokenizer-eval"]) != identity_hash(identities[1]["tokenizer-eval"])
+
+
+def test_text_samples_identity_holds_the_val_captions_they_are_conditioned_on(tmp_path, monkeypatch):
+    """A new val cache may leave a retrained generator's weights as they were (val only measures), yet the
+    text generator's FID samples take their captions from it; class-conditional samples do not."""
+    cfg = tiny_pipeline(tmp_path / "run")
+    first, second = (stage_identities(cfg, monkeypatch, "samples-text", val_cache_fingerprint=fingerprint)
+                     for fingerprint in ("val-cache-a", "val-cache-b"))
+    assert identity_hash(first["samples-text"]) != identity_hash(second["samples-text"])
+    assert first["samples-class"] == second["samples-class"]
 
 
 def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypatch):
