@@ -51,11 +51,13 @@ class SampleConfig:
 
 @dataclass
 class EvaluateConfig:
-    samples: str = ""  # a `simvq sample` directory, or its samples.npz
-    reference: str = "emoji"  # "emoji" (bundled), an image folder (ImageNet layout), or a statistics .npz (FID only)
+    samples: str = ""  # a `simvq sample` directory, its samples.npz, or any .npz with arr_0 (uint8 NHWC)
+    # "emoji" (bundled), an image folder (ImageNet layout), an ADM reference batch .npz, or a statistics .npz
+    reference: str = "emoji"
     reference_split: str = "val"
     max_reference: int = 0  # the first N reference images (0 = all)
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])  # isc needs torch-fidelity's Inception
+    metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "kid", "prc"])  # isc: torch-fidelity weights
+    kid_subset_size: int = 0  # 0 = min(1000, N / 2)
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
     batch_size: int = 64
     device: str = "auto"  # where the Inception runs: auto = this process's GPU if there is one, else cpu

@@ -1,11 +1,13 @@
-"""`simvq evaluate`: FID, IS, KID and precision/recall of generated samples against a reference.
+"""`simvq evaluate`: FID, sFID, IS, KID and precision/recall of generated samples against a reference.
 
-The samples are a `simvq sample` directory (its samples.npz: uint8 NHWC). The reference is the bundled
-emoji or an image folder (a split of it, centre-cropped to the samples' resolution, as stage 1 evaluates),
-or reference statistics saved earlier (FID only). Features come from the standard FID Inception through
-torch-fidelity (simvq_common.fid: online weights or the offline TorchScript copy); reference statistics are
-cached on disk by content. metrics.json records the suite and its version, the extractor and its weights'
-hash, the resizing, the sample counts, the reference and the fingerprints of the models that made the samples.
+The samples are a `simvq sample` directory or any .npz with `arr_0` (uint8 NHWC, the ADM suite's layout,
+so other systems' samples are measured by the same code). The reference is the bundled emoji or an image
+folder (a split of it, centre-cropped to the samples' resolution, as stage 1 evaluates), an ADM reference
+batch (VIRTUAL_imagenet256_labeled.npz: its stored statistics, its images for KID and precision/recall), or
+statistics saved earlier. Features come from the standard FID Inception through torch-fidelity
+(simvq_common.fid); reference statistics are cached on disk by content. metrics.json records the suite and
+its version, the extractor and its weights' hash, the resizing, where every reference statistic came from,
+the sample counts and class histograms, the reference and the fingerprints of the models behind the samples.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from simvq_common.artifacts import expect_kind
 from simvq_common.console import console
 from simvq_common.errors import ArtifactError, UserError
 from simvq_common.fid import compute_metrics, reference_stats
-from simvq_common.fid_reference import load_reference_stats, save_reference_stats
+from simvq_common.fid_reference import ADM_IMAGES, load_reference_file, save_reference_stats
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 from stage1_tokenizer.datasets import build_image_dataset
@@ -34,45 +36,71 @@ from stage1_tokenizer.transforms import to_uint8
 
 from .config import EvaluateConfig
 
-METRICS = ("fid", "isc", "kid", "prc")
+METRICS = ("fid", "sfid", "isc", "kid", "prc")
+LEGACY_IMAGES = "images"  # where samples.npz kept its images before it used ADM's arr_0
 
 
-def load_samples(path: str | Path) -> tuple[torch.Tensor, Path, dict]:
-    """(uint8 (N, 3, H, W), the samples.npz path, its sampling.json or {})."""
+def load_samples(path: str | Path) -> tuple[torch.Tensor, Path, dict, np.ndarray | None]:
+    """(uint8 (N, 3, H, W), the .npz path, its sampling.json or {}, its class labels or None).
+
+    path: a `simvq sample` directory, its samples.npz, or any .npz with arr_0 (another system's samples).
+    """
     path = Path(path)
     if path.is_dir():
         expect_kind(path, "samples")
     npz = path / "samples.npz" if path.is_dir() else path
     if not npz.is_file():
-        raise ArtifactError(f"no samples at {path}: give a `simvq sample` output directory or its samples.npz")
+        raise ArtifactError(f"no samples at {path}: give a `simvq sample` output directory or an .npz with "
+                            f"{ADM_IMAGES} (uint8 N x H x W x 3)")
     if not zipfile.is_zipfile(npz):  # np.load would try it as a pickle and advise allow_pickle: never do that
         raise ArtifactError(f"{npz} is not an .npz archive (a zip of .npy arrays, as `simvq sample` writes)")
     with np.load(npz, allow_pickle=False) as data:
-        if "images" not in data.files:
-            raise UserError(f"{npz} has no 'images' array (uint8 N x H x W x 3)")
-        images = data["images"]
+        key = next((k for k in (ADM_IMAGES, LEGACY_IMAGES) if k in data.files), None)
+        if key is None:
+            raise UserError(f"{npz} has no {ADM_IMAGES!r} array (uint8 N x H x W x 3); it holds {data.files}")
+        images = data[key]
+        labels = data["labels"] if "labels" in data.files else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"{npz}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise UserError(f"{npz}: {key} must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     sampling = npz.with_name("sampling.json")
-    meta = json.loads(sampling.read_text()) if sampling.is_file() else {}
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), npz, meta
+    meta = json.loads(sampling.read_text()) if sampling.is_file() and path.is_dir() else {}
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), npz, meta, labels
 
 
-def reference_images(source: str, split: str, resolution: int, max_images: int) -> tuple[torch.Tensor, dict]:
-    """uint8 (N, 3, r, r) reference images at the samples' resolution, and their description."""
+def class_mix(sample_labels: np.ndarray | None, reference_labels: np.ndarray | None,
+              class_names: list[str] | None) -> dict | None:
+    """Both class histograms and their total-variation distance (0 = the same mix), when both are known."""
+    if sample_labels is None or reference_labels is None or (sample_labels < 0).all():
+        return None
+    size = max(int(sample_labels.max()), int(reference_labels.max())) + 1
+    samples = np.bincount(sample_labels[sample_labels >= 0], minlength=size)
+    reference = np.bincount(reference_labels, minlength=size)
+    distance = 0.5 * float(np.abs(samples / samples.sum() - reference / reference.sum()).sum())
+    return {"samples": samples.tolist(), "reference": reference.tolist(), "class_names": class_names,
+            "total_variation": round(distance, 4)}
+
+
+def reference_images(source: str, split: str, resolution: int,
+                     max_images: int) -> tuple[torch.Tensor, np.ndarray, list[str], dict]:
+    """uint8 (N, 3, r, r) reference images at the samples' resolution, their labels, class names, description."""
     if source == "emoji":
-        images = load_emoji(split, resolution).images
+        emoji = load_emoji(split, resolution)
+        images, labels, class_names = emoji.images, emoji.labels.numpy(), emoji.class_names
     else:
         dataset = build_image_dataset(source, split, resolution, random_crop=False)
         count = min(len(dataset), max_images) if max_images else len(dataset)
         loader = DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=64,
                             collate_fn=collate_skip_none)
-        images = torch.cat([to_uint8(batch.images) for batch in loader if len(batch.images)])
+        batches = [batch for batch in loader if len(batch.images)]
+        images = torch.cat([to_uint8(batch.images) for batch in batches])
+        labels = torch.cat([batch.labels for batch in batches]).numpy()
+        class_names = list(dataset.class_names)
     if max_images:
-        images = images[:max_images]
-    return images, {"kind": "images", "source": source, "split": split, "resolution": resolution,
-                    "num_images": len(images), "preprocessing": "bundled area-downsampling" if source == "emoji"
-                    else "shorter side resized (bicubic) and centre-cropped, as stage 1 evaluates"}
+        images, labels = images[:max_images], labels[:max_images]
+    return images, labels, class_names, {
+        "kind": "images", "source": source, "split": split, "resolution": resolution, "num_images": len(images),
+        "preprocessing": "bundled area-downsampling" if source == "emoji"
+        else "shorter side resized (bicubic) and centre-cropped, as stage 1 evaluates"}
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -80,24 +108,27 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if unknown or not cfg.metrics:
         raise UserError(f"metrics={cfg.metrics}: choose from {list(METRICS)}")
     if not cfg.samples:
-        raise UserError("set samples=DIR (a `simvq sample` output directory)")
+        raise UserError("set samples=DIR (a `simvq sample` output directory, or an .npz with arr_0)")
     tic = time.time()
     device = distributed.device_for(cfg.device)
-    generated, npz, sampling = load_samples(cfg.samples)
+    generated, npz, sampling, sample_labels = load_samples(cfg.samples)
     resolution = generated.shape[-1]
-    if cfg.reference.endswith(".npz"):
-        reference = load_reference_stats(cfg.reference)
-        described = {"kind": "statistics", "path": str(Path(cfg.reference).resolve()),
-                     "description": reference.get("description", ""), "num_images": reference["num"]}
-    else:
-        reference, described = reference_images(cfg.reference, cfg.reference_split, resolution, cfg.max_reference)
     wanted = set(cfg.metrics)
-    result = compute_metrics(generated, reference, fid="fid" in wanted, isc="isc" in wanted, kid="kid" in wanted,
-                             prc="prc" in wanted, source=cfg.fid_source, batch_size=cfg.batch_size,
-                             device=device)
+    reference_labels = class_names = None
+    if cfg.reference.endswith(".npz"):
+        reference = load_reference_file(cfg.reference, wanted)
+        described = {"kind": reference["layout"], "path": str(Path(cfg.reference).resolve()),
+                     "arrays": reference["arrays"], "description": reference.get("description", ""),
+                     "num_images": reference["num"]}
+    else:
+        reference, reference_labels, class_names, described = reference_images(
+            cfg.reference, cfg.reference_split, resolution, cfg.max_reference)
+    result = compute_metrics(generated, reference, fid="fid" in wanted, sfid="sfid" in wanted, isc="isc" in wanted,
+                             kid="kid" in wanted, prc="prc" in wanted, source=cfg.fid_source,
+                             batch_size=cfg.batch_size, device=device, kid_subset_size=cfg.kid_subset_size or None)
     if cfg.save_reference_stats:
         if described["kind"] != "images":
-            raise UserError("save_reference_stats needs reference images, not a statistics file")
+            raise UserError("save_reference_stats needs reference images (a folder or split), not a .npz file")
         stats = reference_stats(reference, cfg.fid_source, cfg.batch_size, device=device)
         save_reference_stats(cfg.save_reference_stats, stats, json.dumps(described))
         described["saved_statistics"] = str(Path(cfg.save_reference_stats).resolve())
@@ -108,6 +139,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                     "generator_fingerprint": sampling.get("generator", {}).get("fingerprint"),
                     "tokenizer_fingerprint": sampling.get("tokenizer", {}).get("fingerprint")},
         "reference": {**described, "hash": result["reference_hash"]},
+        "class_mix": class_mix(sample_labels, reference_labels, class_names),
         "inception": result["provenance"],
         "config": asdict(cfg), "environment": environment(), "seconds": round(time.time() - tic, 1),
     }
@@ -120,7 +152,7 @@ def result_table(result: dict):
     """The headline metrics of an evaluate result, as a rich table."""
     from rich.table import Table
 
-    names = [k for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in result]
+    names = [k for k in ("fid", "sfid", "isc_mean", "kid_mean", "precision", "recall") if k in result]
     table = Table(title=f"{result['samples']['num']} samples vs {result['reference']['num_images']} reference images "
                         f"({result['inception_source']} Inception, {result['suite']})")
     for name in names:

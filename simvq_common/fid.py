@@ -1,7 +1,8 @@
-"""FID, IS, KID and precision/recall of an image set against a reference, with torch-fidelity's formulas.
+"""FID, sFID, IS, KID and precision/recall of an image set against a reference, with torch-fidelity's formulas.
 
-Inception features from `inception.resolve_inception`; the reference's statistics through `fid_reference`.
-Conventions, small-N bias and costs: docs/FID.md.
+Inception features from `inception.resolve_inception`; the reference's statistics through `fid_reference`
+(the keyed cache, our statistics files and ADM's reference batches). Conventions, small-N bias and costs:
+docs/FID.md.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
 
 from .errors import ArtifactError, ConfigError
 from .fid_reference import ReferenceCache, reference_cache_key
-from .inception import FEATURE_LAYER, LOGITS_LAYER, RESIZE, TORCH_FIDELITY_EXTRACTOR, resolve_inception
+from .inception import FEATURE_LAYER, LOGITS_LAYER, RESIZE, SPATIAL_LAYER, resolve_inception
 
 SUITE = f"torch-fidelity {torch_fidelity.__version__}"
 DEFAULT_BATCH_SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 ImagesLike = Union[torch.Tensor, np.ndarray, str, Path]
+# The statistics each Frechet metric compares, under the names our and ADM's files give them.
+STATISTICS = {"fid": (FEATURE_LAYER, "mu", "sigma"), "sfid": (SPATIAL_LAYER, "mu_s", "sigma_s")}
 
 
 class _UInt8Images(Dataset):
@@ -116,128 +119,204 @@ def extract_features(images: ImagesLike, feature_extractor: str, weights_path: s
                                          save_cpu_ram=True, verbose=False)
 
 
-def compute_metrics(generated: ImagesLike, reference: ImagesLike, *, fid: bool = True, isc: bool = False,
+def frechet_distance(features: torch.Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The Frechet distance of the features' Gaussian to (mu, sigma), torch-fidelity's formula, in float64
+    (ADM's files store float64 means; torch-fidelity's are float32 and it wants both sides alike)."""
+    stats = fid_features_to_statistics(features)
+    ours = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
+    theirs = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    return float(fid_statistics_to_metric(ours, theirs, verbose=False)[KEY_METRIC_FID])
+
+
+class ReferenceSide:
+    """The reference's statistics and features per layer: from its file where it holds them, else from the
+    cache, else computed from its images (all missing layers in one pass, then cached).
+
+    reference: images (tensor, array, folder) or a dict from `fid_reference.load_reference_file`: our
+    statistics file (mu/sigma, maybe mu_s/sigma_s; no images) or an ADM batch (`images` from arr_0, maybe
+    mu/sigma/mu_s/sigma_s). `origins` records where each metric's reference side came from.
+    """
+
+    def __init__(self, reference, extractor: str, provenance: dict, cache: ReferenceCache | None,
+                 batch_size: int, device):
+        self.file = reference if isinstance(reference, dict) else None
+        self.images = reference.get("images") if self.file is not None else reference
+        self.extractor, self.provenance, self.cache = extractor, provenance, cache
+        self.batch_size, self.device = batch_size, device
+        self.hash = self.file["reference_hash"] if self.file is not None else content_hash(reference)
+        self.stats: dict[str, dict] = {}
+        self.features: dict[str, torch.Tensor] = {}
+        self.origins: dict[str, str] = {}
+        self.cache_status = "disabled" if cache is None else "hit"
+        if self.file is not None and self.file.get("weights_sha256") not in (None, provenance["weights_sha256"]):
+            raise ConfigError(f"the reference statistics were computed with Inception weights "
+                              f"{self.file['weights_sha256'][:16]}, this run uses "
+                              f"{provenance['weights_sha256'][:16]} ({provenance['source']}): recompute them "
+                              "with the same weights")
+
+    def key(self, layer: str) -> str:
+        return reference_cache_key(self.hash, {**self.provenance, "feature_layer": layer})
+
+    def prepare(self, stats_for: list[str], features_for: list[str]) -> None:
+        """Make ready the statistics of the metrics in `stats_for` ("fid", "sfid") and the pool3 features
+        `features_for` lists metrics of ("kid", "prc")."""
+        missing = set()
+        for metric in stats_for:
+            layer, mu, sigma = STATISTICS[metric]
+            if self.file is not None and mu in self.file:
+                self.stats[layer] = {"mu": self.file[mu], "sigma": self.file[sigma]}
+                self.origins[metric] = f"reference file ({mu}, {sigma})"
+            elif self.cache is not None and (cached := self.cache.load_stats(self.key(layer))) is not None:
+                self.stats[layer] = cached
+                self.origins[metric] = "computed from the reference images (cached)"
+            else:
+                missing.add(layer)
+                self.origins[metric] = "computed from the reference images"
+        for metric in features_for:
+            if self.cache is not None and (cached := self.cache.load_features(self.key(FEATURE_LAYER))) is not None:
+                self.features[FEATURE_LAYER] = cached
+            else:
+                missing.add(FEATURE_LAYER)
+            self.origins[metric] = "computed from the reference images"
+        if missing:
+            self._compute(sorted(missing), keep_features=bool(features_for))
+
+    def _compute(self, layers: list[str], keep_features: bool) -> None:
+        if self.images is None:
+            needs = ", ".join(m for m, o in self.origins.items() if o.startswith("computed"))
+            raise ConfigError(f"{needs} need the reference images or statistics this reference file does not hold "
+                              f"({self.file.get('path', 'statistics file')} has {', '.join(self.file['arrays'])}): "
+                              "give the reference images (a folder, a split, or an ADM batch with arr_0)")
+        if self.cache is not None:
+            self.cache_status = "miss"
+        computed = extract_features(self.images, self.extractor, self.provenance["weights_path"], tuple(layers),
+                                    self.batch_size, self.device)
+        for layer in layers:
+            stats = {**fid_features_to_statistics(computed[layer]), "num": computed[layer].shape[0]}
+            self.stats.setdefault(layer, stats)
+            if self.cache is not None:
+                self.cache.save_stats(self.key(layer), stats, stats["num"])
+        if keep_features and FEATURE_LAYER in computed:
+            self.features[FEATURE_LAYER] = computed[FEATURE_LAYER]
+            if self.cache is not None:
+                self.cache.save_features(self.key(FEATURE_LAYER), computed[FEATURE_LAYER])
+
+    @property
+    def num(self) -> int | None:
+        if self.file is not None and self.file.get("num") is not None:
+            return self.file["num"]
+        for layer in (FEATURE_LAYER, SPATIAL_LAYER):
+            if layer in self.features:
+                return self.features[layer].shape[0]
+            if "num" in self.stats.get(layer, {}):
+                return self.stats[layer]["num"]
+        return None
+
+
+def choose_kid_subset_size(requested: int | None, num_generated: int, num_reference: int) -> int:
+    """KID's subset size: requested, else min(1000, N / 2) so that subsets differ and their spread means
+    something (torch-fidelity draws subsets without replacement: a subset of all N images is always the same)."""
+    smallest = min(num_generated, num_reference)
+    if requested:
+        if requested > smallest:
+            raise ConfigError(f"kid_subset_size={requested} exceeds the smaller image set ({smallest} images)")
+        return requested
+    return max(2, min(1000, smallest // 2))
+
+
+def compute_metrics(generated: ImagesLike, reference, *, fid: bool = True, sfid: bool = False, isc: bool = False,
                     kid: bool = False, prc: bool = False, source: str | None = "auto",
                     batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str | Path | None = None,
                     use_cache: bool = True, device: str | torch.device | None = None,
                     kid_subsets: int = 100, kid_subset_size: int | None = None, prc_neighborhood: int = 3,
                     isc_splits: int = 10, seed: int = 2020) -> dict:
-    """FID (and optionally IS, KID, precision/recall) of `generated` against `reference`, torch-fidelity's formulas.
+    """FID (and optionally sFID, IS, KID, precision/recall) of `generated` against `reference`.
 
-    generated/reference: uint8 (N, 3, H, W) tensors or arrays, or folders of same-size images; reference may
-    also be saved statistics (`fid_reference.load_reference_stats`), for FID only. All metrics use pool3
-    features; IS needs logits (source "torch-fidelity" only). KID subsets default to min(1000, N_gen, N_ref).
-    The reference's statistics come from the cache in `cache_dir` unless use_cache=False.
-    Returns the metrics plus everything needed to reproduce them (suite, extractor, weights hash, resize,
-    sample counts, reference hash, cache hit or miss).
+    generated: uint8 (N, 3, H, W) tensor or array, or a folder of same-size images. reference: the same, or
+    a file loaded by `fid_reference.load_reference_file` (our statistics, or an ADM reference batch, whose
+    stored statistics are used and whose arr_0 images serve KID and precision/recall). FID and sFID are
+    ADM's definitions on pool3 and `mixed_6/conv` features; IS needs torch-fidelity's weights (logits).
+    Returns the metrics, where each reference side came from, and everything needed to reproduce them.
     """
-    if not (fid or isc or kid or prc):
+    if not (fid or sfid or isc or kid or prc):
         raise ValueError("no metric requested")
     name, provenance = resolve_inception(source)
-    if isc and name != TORCH_FIDELITY_EXTRACTOR:
-        raise ConfigError("the Inception Score needs logits, which only torch-fidelity's own Inception has "
+    if isc and provenance["source"] != "torch-fidelity":
+        raise ConfigError("the Inception Score needs logits, which only torch-fidelity's own Inception weights have "
                           f"(resolved source: {provenance['source']})")
-    weights = provenance["weights_path"]
-    layers = (FEATURE_LAYER, LOGITS_LAYER) if isc else (FEATURE_LAYER,)
+    layers = [FEATURE_LAYER] * (fid or kid or prc) + [SPATIAL_LAYER] * sfid + [LOGITS_LAYER] * isc
+    gen = extract_features(generated, name, provenance["weights_path"], tuple(layers), batch_size, device)
+    num_generated = next(iter(gen.values())).shape[0]
 
-    gen = extract_features(generated, name, weights, layers, batch_size, device)
-    num_generated = gen[FEATURE_LAYER].shape[0]
-
-    need_ref_features = kid or prc
-    if isinstance(reference, dict):  # saved statistics (load_reference_stats): FID only
-        if need_ref_features:
-            raise ConfigError("KID and precision/recall need the reference images; saved statistics hold only "
-                              "the FID mean and covariance: give an image folder or split as the reference")
-        if reference["weights_sha256"] != provenance["weights_sha256"]:
-            raise ConfigError(f"the reference statistics were computed with Inception weights "
-                              f"{reference['weights_sha256'][:16]}, this run uses {provenance['weights_sha256'][:16]} "
-                              f"({provenance['source']}): recompute them with the same weights")
-        ref_stats, ref_features = reference, None
-        reference_hash, key, cache_status = reference["reference_hash"], "", "statistics file"
-    else:
-        reference_hash = content_hash(reference)
-        key = reference_cache_key(reference_hash, provenance)
-        cache = ReferenceCache(cache_dir) if use_cache else None
-        ref_stats = cache.load_stats(key) if (cache and fid) else None
-        ref_features = cache.load_features(key) if (cache and need_ref_features) else None
-        cache_status = "disabled" if cache is None else "hit"
-        if (fid and ref_stats is None) or (need_ref_features and ref_features is None):
-            cache_status = "disabled" if cache is None else "miss"
-            ref_features = extract_features(reference, name, weights, (FEATURE_LAYER,), batch_size,
-                                            device)[FEATURE_LAYER]
-            stats = fid_features_to_statistics(ref_features)
-            ref_stats = {**stats, "num": ref_features.shape[0]}
-            if cache is not None:
-                cache.save_stats(key, stats, ref_features.shape[0])
-                if need_ref_features:
-                    cache.save_features(key, ref_features)
-    num_reference = ref_stats["num"] if ref_stats is not None else ref_features.shape[0]
+    cache = ReferenceCache(cache_dir) if use_cache else None
+    ref = ReferenceSide(reference, name, provenance, cache, batch_size, device)
+    ref.prepare([m for m, wanted in (("fid", fid), ("sfid", sfid)) if wanted],
+                [m for m, wanted in (("kid", kid), ("prc", prc)) if wanted])
+    num_reference = ref.num
 
     out: dict = {}
-    if fid:
-        gen_stats = fid_features_to_statistics(gen[FEATURE_LAYER])
-        ref = {"mu": ref_stats["mu"], "sigma": ref_stats["sigma"]}
-        out["fid"] = float(fid_statistics_to_metric(gen_stats, ref, verbose=False)[KEY_METRIC_FID])
+    for metric, wanted in (("fid", fid), ("sfid", sfid)):
+        if wanted:
+            layer = STATISTICS[metric][0]
+            out[metric] = frechet_distance(gen[layer], ref.stats[layer]["mu"], ref.stats[layer]["sigma"])
     if isc:
         value = isc_features_to_metric(gen[LOGITS_LAYER], splits=isc_splits, shuffle=True, rng_seed=seed)
         out["isc_mean"], out["isc_std"] = value[KEY_METRIC_ISC_MEAN], value[KEY_METRIC_ISC_STD]
         out["isc_splits"] = isc_splits
     if kid:
-        subset = kid_subset_size or min(1000, num_generated, num_reference)
+        ref_features = ref.features[FEATURE_LAYER]
+        subset = choose_kid_subset_size(kid_subset_size, num_generated, ref_features.shape[0])
         value = kid_features_to_metric(gen[FEATURE_LAYER], ref_features, kid_subsets=kid_subsets,
                                        kid_subset_size=subset, rng_seed=seed, verbose=False)
         out["kid_mean"], out["kid_std"] = value[KEY_METRIC_KID_MEAN], value[KEY_METRIC_KID_STD]
         out["kid_subsets"], out["kid_subset_size"] = kid_subsets, subset
+        if subset == min(num_generated, ref_features.shape[0]):
+            out["kid_std"] = None
+            out["kid_std_note"] = (f"kid_subset_size={subset} holds every image of the smaller set: all "
+                                   "subsets are the same, so there is no spread to report")
     if prc:
-        value = prc_features_to_metric(gen[FEATURE_LAYER], ref_features, prc_neighborhood=prc_neighborhood,
-                                       save_cpu_ram=True, verbose=False)
+        value = prc_features_to_metric(gen[FEATURE_LAYER], ref.features[FEATURE_LAYER],
+                                       prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=False)
         out["precision"], out["recall"] = value[KEY_METRIC_PRECISION], value[KEY_METRIC_RECALL]
         out["f_score"] = value[KEY_METRIC_F_SCORE]
         out["prc_neighborhood"] = prc_neighborhood
     out.update({
         "num_generated": num_generated,
         "num_reference": num_reference,
+        "reference_statistics": ref.origins,
         "feature_extractor": name,
-        "feature_layer": FEATURE_LAYER,
+        "feature_layers": {"fid/kid/prc": FEATURE_LAYER, "sfid": SPATIAL_LAYER, "isc": LOGITS_LAYER},
         "inception_source": provenance["source"],
-        "weights_path": weights,
+        "weights_path": provenance["weights_path"],
         "weights_sha256": provenance["weights_sha256"],
         "resize": RESIZE,
         "suite": SUITE,
-        "reference_hash": reference_hash,
-        "reference_cache": cache_status,
-        "reference_cache_key": key,
+        "reference_hash": ref.hash,
+        "reference_cache": "statistics file" if ref.images is None else ref.cache_status,
+        "reference_cache_key": ref.key(FEATURE_LAYER),
         "provenance": provenance,
     })
-    if min(num_generated, num_reference) <= 2048:
-        out["note"] = (f"N={min(num_generated, num_reference)} <= 2048: singular covariance; FID is biased upward "
-                       "at small N and only comparable at equal N and reference")
+    smallest = min(num_generated, num_reference or num_generated)
+    if smallest <= 2048:
+        out["note"] = (f"N={smallest} <= 2048: singular covariance; FID is biased upward at small N and only "
+                       "comparable at equal N and reference")
     return out
 
 
 def reference_stats(reference: ImagesLike, source: str | None = "auto", batch_size: int = DEFAULT_BATCH_SIZE,
                     cache_dir: str | Path | None = None, device: str | torch.device | None = None) -> dict:
-    """FID statistics of a reference set, as `fid_reference.save_reference_stats` writes them (through the cache)."""
+    """FID and sFID statistics of a reference set, as `fid_reference.save_reference_stats` writes them."""
     name, provenance = resolve_inception(source)
-    reference_hash = content_hash(reference)
-    key = reference_cache_key(reference_hash, provenance)
-    cache = ReferenceCache(cache_dir)
-    stats = cache.load_stats(key)
-    if stats is None:
-        features = extract_features(reference, name, provenance["weights_path"], (FEATURE_LAYER,), batch_size,
-                                    device)[FEATURE_LAYER]
-        stats = {**fid_features_to_statistics(features), "num": features.shape[0]}
-        cache.save_stats(key, stats, stats["num"])
-    return {**stats, "weights_sha256": provenance["weights_sha256"], "reference_hash": reference_hash,
+    ref = ReferenceSide(reference, name, provenance, ReferenceCache(cache_dir), batch_size, device)
+    ref.prepare(["fid", "sfid"], [])
+    pool3, spatial = ref.stats[FEATURE_LAYER], ref.stats[SPATIAL_LAYER]
+    return {"mu": pool3["mu"], "sigma": pool3["sigma"], "mu_s": spatial["mu"], "sigma_s": spatial["sigma"],
+            "num": ref.num, "weights_sha256": provenance["weights_sha256"], "reference_hash": ref.hash,
             "inception_source": provenance["source"], "suite": SUITE}
 
 
-def compute_fid(generated: ImagesLike, reference: ImagesLike, source: str | None = "auto",
+def compute_fid(generated: ImagesLike, reference, source: str | None = "auto",
                 batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str | Path | None = None, **kwargs) -> dict:
-    """FID of `generated` against `reference` (uint8 (N, 3, H, W) or folders); see `compute_metrics` for the rest.
-
-    Returns {"fid", "num_generated", "num_reference", "feature_extractor", "weights_sha256", "resize",
-    "suite", "inception_source", "reference_cache", ...}.
-    """
+    """FID of `generated` against `reference` (uint8 (N, 3, H, W) or folders); see `compute_metrics` for the rest."""
     return compute_metrics(generated, reference, fid=True, source=source, batch_size=batch_size,
                            cache_dir=cache_dir, **kwargs)

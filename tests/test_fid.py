@@ -10,7 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 import torch_fidelity
-from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from simvq_common import fid, fid_reference, inception
@@ -48,46 +49,6 @@ def _load_torchscript():
         return torch.jit.load(str(inception.offline_torchscript_path()), map_location="cpu").eval()
 
 
-def _torch_fidelity_state_dict_from_torchscript(ts_state: dict) -> dict:
-    """Map default_1.pt's conv/BN tensors onto torch-fidelity's InceptionV3 (same 94 convs, same order).
-
-    TF's batch norm has no scale (gamma = 1); the TorchScript has no classifier, so fc is zero-filled: only the
-    pool3 ('2048') features of the result are meaningful.
-    """
-    target = _bare_torch_fidelity_inception()
-    convs = [name for name, module in target.named_modules() if isinstance(module, BasicConv2d)]
-    prefixes = [key[:-len(".weight")] for key in ts_state if key.endswith(".weight")]
-    assert len(convs) == len(prefixes) == 94
-    out = {}
-    for name, prefix in zip(convs, prefixes):
-        weight = ts_state[prefix + ".weight"]
-        assert tuple(target.get_submodule(name).conv.weight.shape) == tuple(weight.shape), (name, prefix)
-        out[f"{name}.conv.weight"] = weight
-        out[f"{name}.bn.weight"] = torch.ones_like(ts_state[prefix + ".beta"])
-        out[f"{name}.bn.bias"] = ts_state[prefix + ".beta"]
-        out[f"{name}.bn.running_mean"] = ts_state[prefix + ".mean"]
-        out[f"{name}.bn.running_var"] = ts_state[prefix + ".var"]
-        out[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
-    out["fc.weight"] = torch.zeros(1008, 2048)
-    out["fc.bias"] = torch.zeros(1008)
-    return out
-
-
-def _bare_torch_fidelity_inception():
-    """torch-fidelity's InceptionV3 module tree without loading (or downloading) any weights."""
-    module = FeatureExtractorInceptionV3.__new__(FeatureExtractorInceptionV3)
-    original_load = torch.load
-    original_load_state_dict = FeatureExtractorInceptionV3.load_state_dict
-    try:
-        torch.load = lambda *args, **kwargs: {}
-        FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
-        module.__init__("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-    finally:
-        torch.load = original_load
-        FeatureExtractorInceptionV3.load_state_dict = original_load_state_dict
-    return module
-
-
 @pytest.fixture(scope="module")
 def emoji():
     return load_emoji("val", 64)
@@ -112,57 +73,48 @@ def four_features(four_images, offline):
 # ----------------------------------------------------------------------------------------------- the network
 
 
-def test_torchscript_does_not_resize_inputs():
-    """default_1.pt has no resize: small inputs fail inside the graph, large ones run on the wrong geometry."""
-    net = _load_torchscript()
-    with torch.no_grad():
-        with pytest.raises(RuntimeError):
-            net(torch.zeros(1, 3, 64, 64))
-        # 598 px -> 16x16 final map -> its fixed 8x8 average pool leaves 2x2 positions -> 4 rows for one image
-        assert tuple(net(torch.zeros(1, 3, 598, 598)).shape) == (4, 2048)
-
-
 def test_preprocessing_matches_tf1_bilinear_definition():
+    """The resize inside torch-fidelity's extractor (ours too) is TF 1.x's bilinear resize, by its definition."""
     images = torch.randint(0, 256, (2, 3, 37, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    got = inception.preprocess_for_inception(images)
-    want = (_tf1_bilinear_reference(images.double().numpy()) - 128) / 128
-    assert got.dtype == torch.float32 and tuple(got.shape) == (2, 3, 299, 299)
-    assert np.abs(got.double().numpy() - want).max() < 2e-5
-    assert got.min() >= -1 and got.max() <= 127 / 128
-    # at 299 px the resize is the identity: exactly uint8 / 128 - 1
-    native = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    assert torch.equal(inception.preprocess_for_inception(native), native.float() / 128 - 1)
-    with pytest.raises(ValueError):
-        inception.preprocess_for_inception(images.float())
+    got = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+    assert np.abs(got.double().numpy() - _tf1_bilinear_reference(images.double().numpy())).max() < 3e-3
 
 
-def test_offline_extractor_features(four_images, four_features, offline):
+def test_offline_weights_reproduce_the_torchscript(four_images, four_features, offline):
+    """torch-fidelity's InceptionV3 code with default_1.pt's tensors mapped onto it gives the TorchScript's own
+    pool3 features on TF1-resized input: the two graphs (TF-compat pools included) and the resize are the same."""
     name, provenance = offline
-    assert name == inception.OFFLINE_EXTRACTOR and name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
+    assert name == inception.EXTRACTOR and name in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
     assert four_features.dtype == torch.float32 and tuple(four_features.shape) == (4, 2048)
     assert torch.isfinite(four_features).all() and (four_features >= 0).all()  # post-ReLU average pool
-    # deterministic: a second run (new batch split, so another code path through the DataLoader) agrees
     again = fid.extract_features(four_images, name, provenance["weights_path"], batch_size=2)[inception.FEATURE_LAYER]
     assert torch.allclose(again, four_features, rtol=0, atol=1e-5)
-    # same as calling the TorchScript directly on independently preprocessed 299x299 input
     x = (_tf1_bilinear_reference(four_images.double().numpy()) - 128) / 128
     with torch.no_grad():
         direct = _load_torchscript()(torch.from_numpy(x).float())
     assert torch.allclose(direct, four_features, rtol=1e-4, atol=1e-4)
-    # distinct images give distinct features
     distances = torch.cdist(four_features, four_features)
     assert distances[~torch.eye(4, dtype=torch.bool)].min() > 1.0
 
 
-def test_torch_fidelity_architecture_reproduces_torchscript(four_images, four_features, tmp_path):
-    """torch-fidelity's own InceptionV3 code and preprocessing, loaded with default_1.pt's weights, gives the
-    TorchScript's features: the two graphs (TF-compat pools included) and the resize are the same."""
-    weights = tmp_path / "inception-from-default_1.pth"
-    torch.save(_torch_fidelity_state_dict_from_torchscript(_load_torchscript().state_dict()), weights)
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+def test_spatial_features_are_adm_mixed_6_conv(four_images, offline):
+    """sFID's features: the first 7 channels of the 7th mixed block's 1x1 branch (TF's mixed_6/conv, a
+    192 x 17 x 17 map), flattened channel-last as ADM's NHWC graph does: 2,023 dimensions."""
+    name, provenance = offline
+    extractor = fid._extractor(name, provenance["weights_path"], (inception.FEATURE_LAYER, inception.SPATIAL_LAYER),
+                               cuda=False)
+    mixed_blocks = [n for n, _ in extractor.named_children() if n.startswith("Mixed_")]
+    assert mixed_blocks[6] == "Mixed_6d"
+    maps = []
+    hook = extractor.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: maps.append(out.clone()))
     with torch.no_grad():
-        (features,) = extractor(four_images)
-    assert torch.allclose(features, four_features, rtol=0, atol=1e-4)
+        pool3, spatial = extractor(four_images)
+    hook.remove()
+    assert tuple(maps[0].shape) == (4, 192, 17, 17) and tuple(spatial.shape) == (4, 2023)
+    want = torch.stack([maps[0][n, c, h, w] for n in range(4) for h in range(17) for w in range(17)
+                        for c in range(7)]).view(4, 2023)
+    assert torch.equal(spatial, want)
+    assert torch.allclose(pool3, fid.extract_features(four_images, name, provenance["weights_path"])["2048"], atol=1e-5)
 
 
 def test_torch_fidelity_weights_give_the_same_features(request, four_images):
@@ -177,7 +129,8 @@ def test_torch_fidelity_weights_give_the_same_features(request, four_images):
                     "checked against torch-fidelity's architecture in the test above")
     four_features = request.getfixturevalue("four_features")
     own = torch.load(path, map_location="cpu", weights_only=False)
-    converted = _torch_fidelity_state_dict_from_torchscript(_load_torchscript().state_dict())
+    offline_net = fid._extractor(inception.EXTRACTOR, str(inception.offline_torchscript_path()), ("2048",), False)
+    converted = inception._state_dict_from_torchscript(offline_net, _load_torchscript())
     compared = [k for k in converted if k.endswith((".conv.weight", ".bn.bias", ".running_mean", ".running_var"))]
     assert all(k in own for k in compared)
     worst = max((own[k].float() - converted[k].float()).abs().max().item() for k in compared)
@@ -256,8 +209,8 @@ def test_compute_fid_end_to_end_self(emoji, tmp_path):
     out = fid.compute_fid(images, images, source=OFFLINE, cache_dir=tmp_path)
     assert abs(out["fid"]) < 1e-3
     assert out["reference_cache"] == "miss" and out["num_generated"] == out["num_reference"] == 4
-    assert out["feature_extractor"] == inception.OFFLINE_EXTRACTOR and out["inception_source"] == OFFLINE
-    assert out["weights_sha256"] == inception.FID_HELPER_SHA256 and out["feature_layer"] == "2048"
+    assert out["feature_extractor"] == inception.EXTRACTOR and out["inception_source"] == OFFLINE
+    assert out["weights_sha256"] == inception.FID_HELPER_SHA256 and out["feature_layers"]["fid/kid/prc"] == "2048"
     assert out["suite"] == "torch-fidelity 0.4.0" and "299" in out["resize"] and "note" in out
     assert out["reference_hash"] == fid.content_hash(images)
     assert (tmp_path / f"fid-ref-{out['reference_cache_key']}.stats.npz").is_file()
@@ -269,12 +222,12 @@ def test_compute_fid_end_to_end_matches_torch_fidelity(emoji, offline, tmp_path)
     first = fid.compute_metrics(gen, ref, fid=True, kid=True, prc=True, source=OFFLINE, cache_dir=tmp_path)
     assert first["reference_cache"] == "miss"
     assert first["num_generated"] == first["num_reference"] == 4
-    assert first["fid"] > 0 and first["kid_subset_size"] == 4
+    assert first["fid"] > 0 and first["kid_subset_size"] == 2
     # the same numbers as torch-fidelity's own calculate_metrics with the registered extractor
     suite = torch_fidelity.calculate_metrics(
         input1=fid._UInt8Images(gen), input2=fid._UInt8Images(ref), fid=True, kid=True, prc=True,
-        feature_extractor=inception.OFFLINE_EXTRACTOR, feature_extractor_weights_path=offline[1]["weights_path"],
-        kid_subset_size=4, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
+        feature_extractor=inception.EXTRACTOR, feature_extractor_weights_path=offline[1]["weights_path"],
+        kid_subset_size=2, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
     assert first["fid"] == pytest.approx(suite[torch_fidelity.KEY_METRIC_FID], rel=1e-5)
     assert first["kid_mean"] == pytest.approx(suite[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-4, abs=1e-7)
     assert first["precision"] == suite[torch_fidelity.KEY_METRIC_PRECISION]
@@ -348,7 +301,7 @@ def test_reference_statistics_cache(fake_extractor, tmp_path):
 def test_reference_features_cached_for_kid_and_prc(fake_extractor, tmp_path):
     gen, ref = _random_images(8, 2), _random_images(9, 3)
     first = fid.compute_metrics(gen, ref, fid=True, kid=True, prc=True, source=OFFLINE, cache_dir=tmp_path)
-    assert fake_extractor == [8, 9] and first["kid_subset_size"] == 8
+    assert fake_extractor == [8, 9] and first["kid_subset_size"] == 4
     assert {"fid", "kid_mean", "kid_std", "precision", "recall", "f_score"} <= set(first)
     second = fid.compute_metrics(gen, ref, fid=True, kid=True, prc=True, source=OFFLINE, cache_dir=tmp_path)
     assert fake_extractor == [8, 9, 8] and second["reference_cache"] == "hit"
@@ -399,7 +352,7 @@ def test_auto_falls_back_offline_fast(monkeypatch, tmp_path):
     start = time.perf_counter()
     name, provenance = inception.resolve_inception("auto")
     assert time.perf_counter() - start < 5
-    assert name == inception.OFFLINE_EXTRACTOR and provenance["source"] == OFFLINE
+    assert name == inception.EXTRACTOR and provenance["source"] == OFFLINE
     assert provenance["weights_sha256"] == inception.FID_HELPER_SHA256
     assert provenance["weights_path"].endswith("default_1.pt")
     assert provenance["torch_fidelity_version"] == torch_fidelity.__version__ == "0.4.0"
@@ -407,7 +360,7 @@ def test_auto_falls_back_offline_fast(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="offline-torchscript"):
         inception.resolve_inception("torch-fidelity")
     monkeypatch.setenv(inception.SOURCE_ENV, OFFLINE)
-    assert inception.resolve_inception(None)[0] == inception.OFFLINE_EXTRACTOR
+    assert inception.resolve_inception(None)[0] == inception.EXTRACTOR
     with pytest.raises(ValueError, match="unknown"):
         inception.resolve_inception("imagenet")
 
@@ -426,13 +379,13 @@ def test_cached_torch_fidelity_weights_are_used_and_checked(monkeypatch, tmp_pat
     good.write_bytes(b"stand-in weights")
     monkeypatch.setattr(inception, "torch_fidelity_weights_path", lambda: good)
     name, provenance = inception.resolve_inception("auto")
-    assert name == inception.TORCH_FIDELITY_EXTRACTOR and provenance["source"] == "torch-fidelity"
+    assert name == inception.EXTRACTOR and provenance["source"] == "torch-fidelity"
     assert provenance["weights_sha256"] == file_sha256(good) and provenance["weights_path"] == str(good)
     bad = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # prefix in the name does not match
     bad.write_bytes(b"corrupt")
     monkeypatch.setattr(inception, "torch_fidelity_weights_path", lambda: bad)
     name, provenance = inception.resolve_inception("auto")
-    assert name == inception.OFFLINE_EXTRACTOR and "sha256" in provenance["fallback_reason"]
+    assert name == inception.EXTRACTOR and "sha256" in provenance["fallback_reason"]
 
 
 def test_offline_weights_file_is_the_known_one(offline):
