@@ -2,7 +2,9 @@
 frequencies (a unigram model over the codebook), decoded by the same tokenizer.
 
 It keeps the tokenizer and the code statistics and throws away all structure between codes, so a generator
-whose FID is not clearly below it has learned nothing about images.
+whose FID is not clearly below it has learned nothing about images. It is class-conditional: a sample of class
+c draws from the codes of the train sequences of class c, so it can be given the same class of every sample as
+the class generator it is compared with (`simvq run` does).
 """
 from __future__ import annotations
 
@@ -11,17 +13,49 @@ import torch
 
 from stage2_generator.cache_reader import CodeCache
 
+CHUNK = 8192  # sequences read from the cache at a time
+
 
 def code_frequencies(cache: CodeCache) -> np.ndarray:
     """(K,) float64: how often each code occurs over every sequence of the cache, normalised."""
     counts = np.zeros(cache.codebook_size, dtype=np.int64)
-    for start in range(0, len(cache), 8192):
-        counts += np.bincount(cache.codes(np.arange(start, min(start + 8192, len(cache)))).ravel().astype(np.int64),
+    for start in range(0, len(cache), CHUNK):
+        counts += np.bincount(cache.codes(np.arange(start, min(start + CHUNK, len(cache)))).ravel().astype(np.int64),
                               minlength=cache.codebook_size)
     return counts / counts.sum()
 
 
-def unigram_codes(frequencies: np.ndarray, num: int, sequence_length: int, seed: int) -> torch.Tensor:
-    """(num, sequence_length) int64 codes, each drawn independently from `frequencies`."""
+def code_counts_by_class(cache: CodeCache) -> np.ndarray:
+    """(classes, K) int64: how often each code occurs in the sequences of each class of the cache."""
+    k = cache.codebook_size
+    counts = np.zeros((len(cache.class_names), k), dtype=np.int64)
+    flat = counts.reshape(-1)  # a view: (class, code) pairs as class * K + code
+    for start in range(0, len(cache), CHUNK):
+        rows = np.arange(start, min(start + CHUNK, len(cache)))
+        pairs = cache.labels(rows).astype(np.int64)[:, None] * k + cache.codes(rows).astype(np.int64)
+        # unique pairs, not one bincount of classes x K (65,536 x 1,000 ImageNet entries) per chunk
+        found, times = np.unique(pairs, return_counts=True)
+        flat[found] += times
+    return counts
+
+
+def class_unigram_codes(counts_by_class: np.ndarray, labels: np.ndarray, sequence_length: int,
+                        seed: int) -> tuple[torch.Tensor, list[int]]:
+    """(len(labels), sequence_length) int64 codes, sample i's drawn independently from the code frequencies of
+    class labels[i]; and the classes that had no train codes, which draw from every class's codes instead.
+
+    One generator, default_rng([seed, 1]), draws the samples class by class in class-id order.
+    """
     rng = np.random.default_rng([seed, 1])
-    return torch.from_numpy(rng.choice(len(frequencies), size=(num, sequence_length), p=frequencies))
+    labels = np.asarray(labels, np.int64)
+    everything = counts_by_class.sum(axis=0)
+    codes = np.empty((len(labels), sequence_length), np.int64)
+    without_codes = []
+    for c in np.unique(labels).tolist():
+        counts = counts_by_class[c]
+        if not counts.any():  # a class absent from the train cache (max_images cut it off)
+            without_codes.append(c)
+            counts = everything
+        rows = np.flatnonzero(labels == c)
+        codes[rows] = rng.choice(len(counts), size=(len(rows), sequence_length), p=counts / counts.sum())
+    return torch.from_numpy(codes), without_codes

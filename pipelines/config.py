@@ -37,6 +37,10 @@ class SampleConfig:
     out: str = ""  # the output directory
     classes: list[str] = field(default_factory=list)  # class ids or names; empty = all (class-conditional only)
     num_samples: int = 0  # total over the conditions, round-robin; 0 = per_class (per_prompt) x their number
+    # class-conditional only: how many of the samples with indices 0..sum - 1 each class gets (one count per class
+    # of `classes` in its order, or per class id when `classes` is empty), proportionally interleaved; then
+    # num_samples = 0 means every index from first_index to sum - 1. Empty = round robin
+    class_counts: list[int] = field(default_factory=list)
     per_class: int = 8  # class-conditional and unconditional generators (unconditional = one class)
     prompts: list[str] = field(default_factory=list)  # text-conditional generators: required
     per_prompt: int = 8
@@ -89,6 +93,10 @@ class PipelineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sample_batch_size: int = 64
     fid_samples: int = 0  # samples per generator for FID (0 = as many as the val split has images)
+    # the classes of the FID samples (class generators and the baseline): "reference" = the val cache's label
+    # histogram allocated to fid_samples by largest remainder; "balanced" = round robin (balanced references,
+    # e.g. ImageNet). Text generators always take val captions in the reference's mix
+    class_mix: str = "reference"
     grid_per_class: int = 8  # samples per class / per prompt in the report's grids
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript

@@ -79,19 +79,51 @@ def _copy(src: str | Path, out: Path, name: str) -> str | None:
     return f"report/{name}"
 
 
+QUALITY_HEADER = """| model | class mix | FID | KID | precision | recall | N |
+|---|---|---:|---:|---:|---:|---:|"""
+MIX_SHOWN = {"reference": "reference", "balanced": "balanced", "none": "none (unconditional)"}
+
+
 def quality_rows(result: dict) -> list[str]:
-    """Markdown rows: each generator, the baseline, and the tokenizer's reconstructions (the floor)."""
+    """Markdown rows: each generator, the baseline, and the tokenizer's reconstructions (the floor), each with
+    the class mix of its samples."""
     tok = result["tokenizer"]["eval"]
 
-    def row(what: str, m: dict) -> str:
-        return (f"| {what} | {_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('kid_mean'), '.4f')} | "
+    def row(what: str, mix: str, m: dict) -> str:
+        return (f"| {what} | {mix} | {_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('kid_mean'), '.4f')} | "
                 f"{_fmt(m.get('precision'), '.3f')} | {_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
     rows = [row(f"generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps)",
+                MIX_SHOWN[g["samples"]["class_mix"]] + (" (val captions)" if g["conditioning"] == "text" else ""),
                 g["metrics"]) for name, g in result["generators"].items()]
     if result["baseline"]:
-        rows.append(row("baseline: unigram codes, same tokenizer", result["baseline"]["metrics"]))
-    rows.append(f"| tokenizer reconstructions (rFID: the floor) | {tok['rfid']:.2f} | - | - | - | {tok['num_images']} |")
+        rows.append(row("baseline: unigram codes per class, same tokenizer",
+                        MIX_SHOWN[result["baseline"]["samples"]["class_mix"]], result["baseline"]["metrics"]))
+    rows.append(f"| tokenizer reconstructions (rFID: the floor) | reference (its images) | {tok['rfid']:.2f} | - | - | "
+                f"- | {tok['num_images']} |")
     return rows
+
+
+def class_mix_text(result: dict) -> str:
+    """What each class mix of the table means in this run: the reference's counts and their allocation."""
+    samples = [g["samples"] for g in result["generators"].values()]
+    samples += [result["baseline"]["samples"]] if result["baseline"] else []
+    if not samples:
+        return ""
+    mixes = {s["class_mix"] for s in samples}
+    counts = result["reference_class_counts"]
+    said = []
+    if "reference" in mixes:
+        allocated = next(s["class_counts"] for s in samples if s["class_mix"] == "reference")
+        said.append(f"*reference*: the samples follow the reference's class mix (val split counts {counts} over "
+                    f"its {sum(counts)} images, allocated to N = {sum(allocated)} by largest remainder: "
+                    f"{allocated}; text generators take captions of val images of those classes)")
+    if "balanced" in mixes:
+        said.append(f"*balanced*: round robin over the classes (the reference's own counts: {counts})")
+    if "none" in mixes:
+        said.append("*none*: an unconditional generator, no classes")
+    baseline = ("; the baseline draws each sample's codes from the train codes of its class, with the same classes "
+                "as a class generator's samples" if result["baseline"] else "")
+    return "Class mix: " + "; ".join(said) + baseline + "."
 
 
 def verdicts(result: dict) -> list[str]:
@@ -122,11 +154,12 @@ def write_results_section(path: str | Path, out: Path, result: dict) -> None:
 stage time on this machine: {stages}). simvq-gen {env['git']}, torch {env['torch']}, {env['cpu_count']} CPU
 cores, GPU {env['cuda'] or 'none'}.
 
-| model | FID | KID | precision | recall | N |
-|---|---:|---:|---:|---:|---:|
+{QUALITY_HEADER}
 {chr(10).join(quality_rows(result))}
 
 {chr(10).join(verdicts(result))}
+
+{class_mix_text(result)}
 
 Against the {result['config']['data']} val split at {result['config']['resolution']} px; {rfid['suite']}, Inception source
 {rfid['inception_source']} (weights sha256 {rfid['weights_sha256'][:16]}...); sampling
@@ -161,7 +194,7 @@ def write_report(out: Path, result: dict) -> dict:
     if baseline:
         copied = _copy(baseline["samples"]["grid"], out, "grid_baseline.png")
         if copied:
-            grids.append(f"### Baseline (unigram codes)\n\n![baseline]({copied})\n")
+            grids.append(f"### Baseline (unigram codes per class)\n\n![baseline]({copied})\n")
     recon = _copy(tok.get("reconstruction_grid", ""), out, "tokenizer_reconstructions.png")
     tok_usage = _copy(Path(tok["reconstruction_grid"]).with_name("eval_usage.png"), out, "tokenizer_usage.png") \
         if tok.get("reconstruction_grid") else None
@@ -176,18 +209,18 @@ Command: `{result['config']['command']}` (config: `{out / 'config.yaml'}`)
 
 ## Image quality
 
-| model | FID | KID | precision | recall | N |
-|---|---:|---:|---:|---:|---:|
+{QUALITY_HEADER}
 {chr(10).join(rows)}
 
 {chr(10).join(verdict_lines)}
 
 FID, KID and precision/recall: {rfid['suite']}, Inception-v3 pool3 (source {rfid['inception_source']}, weights sha256
 {rfid['weights_sha256'][:16]}...), TF1-style bilinear resize to 299x299, against the {ref.get('source', result['config']['data'])}
-{ref.get('split', 'val')} split ({ref.get('num_images', tok['num_images'])} images at {result['config']['resolution']} px). Generated
-samples: class-balanced over every class (text generators: one per val caption), sampling
+{ref.get('split', 'val')} split ({ref.get('num_images', tok['num_images'])} images at {result['config']['resolution']} px). Sampling
 {json.dumps(result['config']['sampling'])}. At N <= 2048 the FID is biased upward (singular covariance): compare
-only within this table, at equal N and reference.
+only within this table, at equal N, reference and class mix.
+
+{class_mix_text(result)}
 
 ## Tokenizer
 

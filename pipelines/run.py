@@ -7,9 +7,9 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     cache-train      pre-tokenize the train split (with its views)      cache_train/
     cache-val        pre-tokenize the val split (no views)              cache_val/
     generator-NAME   train each generator on the caches                 generator_NAME/ (run dir; .../generator)
-    samples-NAME     class-balanced (or caption-conditioned) samples    samples_NAME/
+    samples-NAME     samples in the reference's class mix (or balanced)  samples_NAME/
     eval-NAME        FID / KID / precision-recall against val           samples_NAME/metrics.json
-    baseline         unigram codes decoded by the tokenizer, evaluated  baseline/
+    baseline         class-wise unigram codes, decoded, evaluated       baseline/
     report           report.md, report.json, grids, curves (always rebuilt)
 
 A stage's identity is a hash of what determines its output: its config and the fingerprints of the
@@ -17,6 +17,11 @@ artifacts it reads. `stages/NAME.json` records the identity when the stage start
 ends. A finished stage with the same identity is skipped; an unfinished one is resumed (the trainers and
 pre-tokenization resume from their own checkpoints); a stage whose identity changed is started afresh
 (its folder removed), and so is everything downstream, because their identities hold its fingerprint.
+
+The FID samples' classes (class_mix): "reference" gives each class the share it has of the val cache (the FID
+reference), allocated to fid_samples by largest remainder; the class generators, the baseline and the text
+generators' val captions all follow those counts, in the same index -> class order. "balanced" gives the class
+generators and the baseline round robin over the classes (for a balanced reference such as ImageNet's).
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
 from stage2_generator.train import train_generator
 
-from .baseline import code_frequencies, unigram_codes
+from .baseline import class_unigram_codes, code_counts_by_class
+from .conditions import class_order, largest_remainder
 from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeConfig, SampleConfig
 from .evaluate import evaluate
 from .pretokenize import pretokenize
@@ -140,7 +146,43 @@ def tokenizer_job_identity(job: TokenizerEvalConfig | PretokenizeConfig, tokeniz
 def samples_hash(npz: Path) -> str:
     """The samples' identity: their pixels (an .npz file's bytes also hold zip timestamps)."""
     with np.load(npz, allow_pickle=False) as data:
-        return hashlib.sha256(np.ascontiguousarray(data["images"]).tobytes()).hexdigest()[:16]
+        return hashlib.sha256(np.ascontiguousarray(data["arr_0"]).tobytes()).hexdigest()[:16]
+
+
+def reference_classes(val_cache: str, train_cache: str) -> tuple[np.ndarray, list[int]]:
+    """The class of each val cache sequence (one per reference image) as an id of the train cache's classes
+    (those the generators learned; an image folder's splits may list different classes), and their histogram."""
+    val, train_names = CodeCache(val_cache), CodeCache(train_cache).class_names
+    missing = sorted(set(val.class_names) - set(train_names))
+    labels = val.labels(np.arange(len(val))).astype(np.int64)
+    if missing and np.isin(labels, [val.class_names.index(name) for name in missing]).any():
+        raise ConfigError(f"the val split has images of classes the train split lacks ({missing[:5]}): no "
+                          f"generator learned them; give both splits the same class folders")
+    to_train = np.array([train_names.index(name) if name in train_names else -1 for name in val.class_names])
+    labels = to_train[labels]
+    return labels, np.bincount(labels, minlength=len(train_names)).tolist()
+
+
+def fid_class_plan(mix: str, conditioning: str, reference_counts: list[int], num: int) -> dict:
+    """The classes of a stage's num FID samples: its class_mix and the per-class counts ([] = round robin, or
+    no classes). Text generators take val captions, so they follow the reference whatever class_mix says."""
+    if conditioning == "none":
+        return {"class_mix": "none", "class_counts": []}
+    if conditioning == "class" and mix == "balanced":
+        return {"class_mix": "balanced", "class_counts": []}
+    return {"class_mix": "reference", "class_counts": largest_remainder(reference_counts, num)}
+
+
+def reference_captions(val: CodeCache, labels: np.ndarray, class_counts: list[int]) -> list[str]:
+    """Sample g's prompt: the caption of a val image of class class_order(class_counts)[g]; class c's samples
+    are spread evenly over its val images in val order (at counts = the val counts, each image once)."""
+    members = [np.flatnonzero(labels == c) for c in range(len(class_counts))]
+    taken = [0] * len(class_counts)
+    captions = []
+    for c in class_order(class_counts).tolist():
+        captions.append(val.caption(int(members[c][taken[c] * len(members[c]) // class_counts[c]])))
+        taken[c] += 1
+    return captions
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -155,6 +197,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     names = [g.name for g in cfg.generators]
     if len(set(names)) != len(names):
         raise ConfigError(f"generator names must be unique, got {names}")
+    if cfg.class_mix not in ("reference", "balanced"):
+        raise ConfigError(f"class_mix={cfg.class_mix!r}: expected 'reference' (the val split's class histogram) or "
+                          f"'balanced' (round robin over the classes)")
 
     tok_cfg = tokenizer_config(cfg)
     gen_cfgs = {g.name: generator_config(cfg, g, {"train": out / "cache_train", "val": out / "cache_val"})
@@ -185,6 +230,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             lambda c=cache_cfg: {"path": str(pretokenize(c)), "fingerprint": CodeCache(c.out).fingerprint,
                                  "sequences": len(CodeCache(c.out))})
     fid_samples = cfg.fid_samples or caches["val"]["sequences"]  # as many as the reference has images
+    val_labels, reference_counts = reference_classes(caches["val"]["path"], caches["train"]["path"])
     eval_base = dict(reference=cfg.data, reference_split="val", max_reference=cfg.max_reference,
                      metrics=list(cfg.metrics), fid_source=cfg.fid_source)
 
@@ -205,28 +251,31 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             Path(gen_cfg.run.out_dir), lambda c=gen_cfg: trained_generator(c))
         # a text generator's FID samples are conditioned on the val cache's captions
         captions = {"captions": caches["val"]["fingerprint"]} if gen_cfg.model.conditioning == "text" else {}
+        plan = fid_class_plan(cfg.class_mix, gen_cfg.model.conditioning, reference_counts, fid_samples)
         samples = stages.run(
             f"samples-{stage.name}",
             {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
-             "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **captions},
+             "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **plan, **captions},
             out / f"samples_{stage.name}",
-            lambda g=gen, s=stage, c=gen_cfg: sample_generator(cfg, g["path"], c, s, fid_samples,
-                                                           out / f"samples_{s.name}", caches["val"]["path"]))
+            lambda g=gen, s=stage, c=gen_cfg, p=plan: sample_generator(
+                cfg, g["path"], c, s, fid_samples, p, out / f"samples_{s.name}", caches["val"]["path"], val_labels))
         generators[stage.name] = {"generator": gen, "samples": samples, "metrics": evaluated(stage.name, samples),
                                   "run_dir": gen_cfg.run.out_dir, "conditioning": gen_cfg.model.conditioning,
                                   "size": gen_cfg.model.size, "steps": gen_cfg.run.steps}
 
     baseline = None
-    if cfg.baseline:
+    if cfg.baseline:  # the classes a class generator's samples have, whether or not the run trains one
+        plan = fid_class_plan(cfg.class_mix, "class", reference_counts, fid_samples)
         samples = stages.run(
             "baseline", {"tokenizer": tok["fingerprint"], "cache": caches["train"]["fingerprint"],
-                         "num": fid_samples, "seed": cfg.sampling.seed}, out / "baseline",
-            lambda: baseline_samples(tok["path"], caches["train"]["path"], fid_samples, cfg.sampling.seed,
+                         "num": fid_samples, "seed": cfg.sampling.seed, **plan}, out / "baseline",
+            lambda: baseline_samples(tok["path"], caches["train"]["path"], plan, fid_samples, cfg.sampling.seed,
                                      out / "baseline", device), everywhere=False)
         baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
 
     result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
-              "caches": caches, "generators": generators, "baseline": baseline, "timings": stages.timings}
+              "caches": caches, "reference_class_counts": reference_counts, "generators": generators,
+              "baseline": baseline, "timings": stages.timings}
     if distributed.rank() == 0:
         reported = write_report(out, result)
         if cfg.results_md:
@@ -242,37 +291,42 @@ def trained_generator(cfg: GeneratorTrainConfig) -> dict:
 
 
 def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
-                     num: int, folder: Path, val_cache: str) -> dict:
-    """FID samples (class-balanced, or one per val caption for text) plus the report's grid samples."""
+                     num: int, plan: dict, folder: Path, val_cache: str, val_labels: np.ndarray) -> dict:
+    """FID samples (classes as `plan` says, or val captions in the reference's class mix for text) plus the
+    report's grid samples."""
     common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=cfg.sampling, save_pngs=False)
     if gen_cfg.model.conditioning == "text":
         val = CodeCache(val_cache)  # its captions: the emoji names, or the class names of an image folder
-        captions = [val.caption(i % len(val)) for i in range(num)]
+        captions = reference_captions(val, val_labels, plan["class_counts"])
         fid = sample(SampleConfig(out=str(folder), prompts=captions, per_prompt=1, **common))
         grid = sample(SampleConfig(out=str(folder / "grid"), prompts=stage.prompts or captions[:8],
                                    per_prompt=cfg.grid_per_class, first_index=num, **common)) if stage.prompts else None
     elif gen_cfg.model.conditioning == "class":
-        fid = sample(SampleConfig(out=str(folder), num_samples=num, **common))
+        fid = sample(SampleConfig(out=str(folder), num_samples=num, class_counts=plan["class_counts"], **common))
         grid = sample(SampleConfig(out=str(folder / "grid"), per_class=cfg.grid_per_class, first_index=num,
                                    **common))
     else:
         fid = sample(SampleConfig(out=str(folder), num_samples=num, **common))
         grid = None
     return {"path": str(folder), "num": num, "grid": str(folder / "grid" / "grid.png") if grid else
-            str(folder / "grid.png"), "summary": fid}
+            str(folder / "grid.png"), **plan, "summary": fid}
 
 
 @torch.no_grad()
-def baseline_samples(tokenizer_dir: str, cache_dir: str, num: int, seed: int, folder: Path,
+def baseline_samples(tokenizer_dir: str, cache_dir: str, plan: dict, num: int, seed: int, folder: Path,
                      device: torch.device) -> dict:
+    """Class-wise unigram codes with the classes a class generator's FID samples get under `plan`, decoded."""
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
     cache = CodeCache(cache_dir)
-    codes = unigram_codes(code_frequencies(cache), num, cache.sequence_length, seed)
+    counts = plan["class_counts"]
+    labels = class_order(counts) if counts else np.arange(num) % len(cache.class_names)
+    codes, without_codes = class_unigram_codes(code_counts_by_class(cache), labels, cache.sequence_length, seed)
     images = torch.cat([to_uint8(tokenizer.decode(chunk.to(device).view(-1, *cache.grid))).cpu()
                         for chunk in codes.split(64)])
-    write_samples(folder, images, labels=np.full(num, -1), indices=np.arange(num), codes=codes.numpy(),
-                  prompts=[""] * num, meta={"kind": "unigram baseline: every code drawn independently from the "
-                                            "train cache's code frequencies", "seed": seed,
-                                            "cache": cache.fingerprint,
-                                            "tokenizer": {"path": tokenizer_dir, "fingerprint": tokenizer.fingerprint()}})
-    return {"path": str(folder), "num": num, "grid": str(folder / "grid.png")}
+    write_samples(folder, images, labels=labels, indices=np.arange(num), codes=codes.numpy(), prompts=[""] * num,
+                  meta={"kind": "class-wise unigram baseline: each sample's codes drawn independently from the code "
+                                "frequencies of the train cache's sequences of its class", **plan,
+                        "classes_without_train_codes": without_codes, "seed": seed, "cache": cache.fingerprint,
+                        "tokenizer": {"path": tokenizer_dir, "fingerprint": tokenizer.fingerprint()}})
+    return {"path": str(folder), "num": num, "grid": str(folder / "grid.png"), **plan,
+            "classes_without_train_codes": without_codes}

@@ -1,10 +1,11 @@
 """`simvq sample`: draw images from a generator (stage 2) and decode them with its tokenizer (stage 1).
 
 Sample i of a run has the global index g = first_index + i, and g alone fixes it: its code draws are the
-uniforms of numpy's default_rng([seed, g]) and its condition is conditions[g mod C] (the requested classes or
-prompts, C of them, round-robin, so any run of consecutive indices is balanced to within one sample). So a
-sample does not depend on the batch size, on the number of processes, or on how a large run is split into
-several calls (first_index=0 num_samples=25000, then first_index=25000 num_samples=25000).
+uniforms of numpy's default_rng([seed, g]) and its condition is slot g mod C of the requested classes or
+prompts (C of them, round-robin, so any run of consecutive indices is balanced to within one sample), or, with
+class_counts, entry g of the counts' proportional interleaving (pipelines/conditions.py). So a sample does not
+depend on the batch size, on the number of processes, or on how a large run is split into several calls
+(first_index=0 num_samples=25000, then first_index=25000 num_samples=25000, with the same class_counts).
 
 Under torchrun rank r draws the positions r, r + world, ..., writes them to disk (and its own PNGs), and rank 0
 streams every part into samples.npz in position order, never holding them all in memory. The
@@ -12,8 +13,9 @@ tokenizer must be the one whose codes the generator learned: its fingerprint is 
 generator records. With prefix_image, the top prefix_rows rows of the image's codes are kept and the rest
 generated (image completion).
 
-Writes into `out`: samples.npz (images uint8 NHWC, labels, indices, prompts, codes), grid.png, png/ when
-save_pngs, and sampling.json (every parameter, the seeds rule, fingerprints, counts, environment, time).
+Writes into `out`: samples.npz (arr_0: the images, uint8 NHWC, the key the ADM evaluation suite reads; labels,
+indices, prompts, codes), grid.png, png/ when save_pngs, and sampling.json (every parameter, the seeds rule,
+fingerprints, counts, environment, time).
 """
 from __future__ import annotations
 
@@ -21,15 +23,15 @@ import datetime
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.conditions import Conditions, build_conditions, sample_count
 from pipelines.config import SampleConfig
-from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common import distributed
 from simvq_common.artifacts import write_kind
 from simvq_common.console import console, progress
@@ -44,25 +46,11 @@ from stage2_generator.model import Generator
 from stage2_generator.sampling import generate
 
 SEEDS_RULE = ("sample with global index g: its code draws are uniforms from numpy default_rng([seed, g]), one per "
-              "code position; its condition is conditions[g mod len(conditions)]")
+              "code position; its condition is conditions[g mod len(conditions)], or with class_counts "
+              "classes[class_order(class_counts)[g]] (pipelines/conditions.py)")
 GRID_MAX_ROWS, GRID_MAX_COLS = 16, 8  # grid.png with several conditions: this many conditions x samples each
 GRID_MAX_SQUARE = 64  # grid.png with one condition (or none): the first this many samples
-NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
 RANK0_DONE = ".rank0-done.json"  # under torchrun: rank 0's record that the run's files are written
-
-
-@dataclass
-class Conditions:
-    """What the samples are conditioned on: sample g gets slot g mod C of each list (C = len(names))."""
-
-    names: list[str]  # the class names, the prompts, or [""] (unconditional)
-    class_ids: list[int]  # the class id of each slot; -1 for text and unconditional
-    prompts: list[str]  # the prompt of each slot; "" for class and unconditional
-    model_input: torch.Tensor | None  # class ids (C,) or prompt embeddings (C, text_dim); None unconditional
-    text_encoder: dict | None = None  # TextEncoder.info when prompts were embedded
-
-    def slots(self, indices: np.ndarray) -> np.ndarray:
-        return indices % len(self.names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,57 +89,6 @@ def load_matching_tokenizer(directory: str, generator_dir: str, model_cfg: Gener
                         f"codes of tokenizer {model_cfg.tokenizer_fingerprint or '(unrecorded)'} (recorded path "
                         f"{model_cfg.tokenizer_path or '(none)'}): pass tokenizer=DIR with that fingerprint")
     return tokenizer.to(device), directory
-
-
-def resolve_classes(requested: list[str], model_cfg: GeneratorConfig) -> list[int]:
-    """Class ids for `requested` (names, or ids written as numbers); all classes when empty."""
-    if not requested:
-        return list(range(model_cfg.num_classes))
-    by_name = {name: i for i, name in enumerate(model_cfg.class_names)}
-    ids, unknown = [], []
-    for item in requested:
-        if item in by_name:  # a name wins over an id, in case names are numbers
-            ids.append(by_name[item])
-        elif item.isdigit() and int(item) < model_cfg.num_classes:
-            ids.append(int(item))
-        else:
-            unknown.append(item)
-    if unknown:
-        names = model_cfg.class_names
-        valid = (f"names {names[:NAMES_SHOWN]}{f' ... ({len(names)} in all)' if len(names) > NAMES_SHOWN else ''} "
-                 f"or ids 0..{model_cfg.num_classes - 1}" if names else f"ids 0..{model_cfg.num_classes - 1}")
-        raise UserError(f"unknown class(es) {unknown}: the generator's classes are {valid}")
-    return ids
-
-
-def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torch.device) -> Conditions:
-    kind = model_cfg.conditioning
-    described = "unconditional" if kind == "none" else f"{kind}-conditional"
-    if cfg.classes and kind != "class":
-        raise UserError(f"classes={cfg.classes} but the generator is {described}: "
-                        + ("pass prompts=[...] instead" if kind == "text" else "drop classes"))
-    if cfg.prompts and kind != "text":
-        raise UserError(f"prompts={cfg.prompts} but the generator is {described}: "
-                        + ("pass classes=[...] instead" if kind == "class" else "drop prompts"))
-    if kind == "class":
-        ids = resolve_classes(cfg.classes, model_cfg)
-        names = [model_cfg.class_names[i] if i < len(model_cfg.class_names) else str(i) for i in ids]
-        return Conditions(names, ids, [""] * len(ids), torch.tensor(ids, dtype=torch.long, device=device))
-    if kind == "text":
-        if not cfg.prompts:
-            raise UserError("the generator is text-conditional: pass prompts=['a photo of ...', ...]")
-        if model_cfg.text_encoder != TEXT_ENCODER:
-            # another encoder's embeddings live in another space: the generator would read noise
-            raise UserError(f"the generator learned embeddings of text encoder "
-                            f"{model_cfg.text_encoder or '(unrecorded)'}; sampling embeds prompts with "
-                            f"{TEXT_ENCODER}: retrain on a cache pre-tokenized with {TEXT_ENCODER}")
-        encoder = TextEncoder(device)
-        if encoder.info["dim"] != model_cfg.text_dim:
-            raise UserError(f"text encoder {TEXT_ENCODER} gives {encoder.info['dim']}-d embeddings; the generator "
-                            f"expects text_dim={model_cfg.text_dim}")
-        embeddings = torch.from_numpy(encoder(list(cfg.prompts))).to(device)
-        return Conditions(list(cfg.prompts), [-1] * len(cfg.prompts), list(cfg.prompts), embeddings, encoder.info)
-    return Conditions([""], [-1], [""], None)
 
 
 def load_image(path: str, resolution: int) -> torch.Tensor:
@@ -309,8 +246,9 @@ def write_samples(out: str | Path, images: np.ndarray | torch.Tensor, *, labels,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_kind(out, "samples")
-    write_npz_atomic(out / "samples.npz", images=images, labels=labels, indices=indices, prompts=np.array(prompts, str),
-              codes=codes)
+    # arr_0: the name the ADM suite (guided-diffusion's evaluator.py) reads the images under
+    write_npz_atomic(out / "samples.npz", arr_0=images, labels=labels, indices=indices,
+                     prompts=np.array(prompts, str), codes=codes)
     if len(images):
         write_png(out / "grid.png", grid_image(images, grid_layout(grid_rows(labels, prompts))))
     write_json_atomic(out / "sampling.json", meta)
@@ -340,7 +278,7 @@ def sample(cfg: SampleConfig) -> dict:
     prefix = prefix_codes(cfg, model_cfg, tokenizer, device)
 
     per_condition = cfg.per_prompt if model_cfg.conditioning == "text" else cfg.per_class
-    num_samples = cfg.num_samples or per_condition * len(conditions.names)
+    num_samples = sample_count(cfg, conditions, per_condition)
     if num_samples < 1:
         raise UserError("nothing to sample: set num_samples (or per_class / per_prompt) >= 1")
     indices = cfg.first_index + np.arange(num_samples, dtype=np.int64)

@@ -282,7 +282,7 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
     def check_sample(output: str):
         problems = []
         with np.load(samples / "samples.npz") as data:
-            n = len(data["images"])
+            n = len(data["arr_0"])
         meta = json.loads((samples / "sampling.json").read_text())
         if meta["config"]["sampling"]["guidance_scale"] != 2.0:
             problems.append(f"guidance_scale {meta['config']['sampling']['guidance_scale']} in sampling.json")

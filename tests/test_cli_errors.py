@@ -45,7 +45,7 @@ def test_a_reference_file_that_is_no_statistics_file(tmp_path, capsys):
                   prompts=["", ""], meta={})
     np.savez(tmp_path / "stats.npz", weights=np.zeros(3))
     err = run_cli(capsys, ["evaluate", str(tmp_path / "s"), "--reference", str(tmp_path / "stats.npz")])
-    assert "stats.npz is not a reference statistics file" in err
+    assert "stats.npz holds ['weights']: neither a statistics file" in err and "nor an ADM reference batch" in err
 
 
 def test_an_override_value_yaml_cannot_read_is_one_line_naming_key_and_value(capsys):

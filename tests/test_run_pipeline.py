@@ -1,16 +1,22 @@
 """`simvq run` end to end at a toy size: every stage runs, the report holds every metric, a second run skips
 every stage, a changed generator config reruns only that generator and what follows it, and an interrupted
-stage resumes."""
+stage resumes. And the class mix: the FID samples' classes follow the val cache's (or round robin), the
+samples stages' identities hold it, text generators take val captions in that mix, the baseline too."""
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines import run as run_module
+from pipelines.conditions import class_order
 from pipelines.config import GeneratorStage, PipelineConfig
-from pipelines.run import Stages, identity_hash, run_pipeline
+from pipelines.run import Stages, identity_hash, reference_captions, reference_classes, run_pipeline
 from simvq_common.config import load_config
+from simvq_common.errors import ConfigError
+from stage2_generator.cache_reader import CodeCache
+from synthetic_cache import make_cache
 
 TINY_TOKENIZER = [
     "tokenizer.autoencoder.ch=8", "tokenizer.autoencoder.ch_mult=[1,2,2]", "tokenizer.autoencoder.num_res_blocks=1",
@@ -62,6 +68,10 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     assert report["caches"]["train"]["sequences"] == 128  # 64 images x (image, mirror)
     md = (out / "report.md").read_text()
     assert "baseline: unigram codes" in md and "rFID: the floor" in md
+    assert "samples follow the reference's class mix (val split counts" in md
+    with np.load(out / "samples_class" / "samples.npz") as data:  # the val cache's mix, at N = its size
+        assert np.bincount(data["labels"], minlength=9).tolist() == report["reference_class_counts"]
+        assert "arr_0" in data.files and "images" not in data.files
     for png in ("loss_curves.png", "code_usage.png", "grid_class.png", "grid_text.png", "grid_baseline.png"):
         assert (out / "report" / png).stat().st_size > 0, png
     assert result["tokenizer"]["fingerprint"] == report["tokenizer"]["fingerprint"]
@@ -89,6 +99,17 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     assert third["samples-text"]["result"]["num"] == 8 and third["eval-text"] == second["eval-text"]
 
 
+def test_samples_hash_is_the_hash_of_the_pixels_under_arr_0(tmp_path):
+    import hashlib
+
+    from pipelines.run import samples_hash
+    from pipelines.sample import write_samples
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    write_samples(tmp_path, images, labels=[0, 1], indices=[0, 1], codes=[[0], [1]], prompts=["", ""], meta={})
+    assert samples_hash(tmp_path / "samples.npz") == hashlib.sha256(images.tobytes()).hexdigest()[:16]
+
+
 def test_identity_hash_is_order_independent_and_sensitive():
     assert identity_hash({"a": 1, "b": [1, 2]}) == identity_hash({"b": [1, 2], "a": 1})
     assert identity_hash({"a": 1}) != identity_hash({"a": 2})
@@ -96,6 +117,9 @@ def test_identity_hash_is_order_independent_and_sensitive():
 
 class Stop(Exception):
     """Ends run_pipeline once the stage a test looks at has its identity."""
+
+
+VAL_LABELS = np.array([0, 1, 1, 2, 2, 2, 2, 2])  # the faked val cache's classes: counts [1, 2, 5]
 
 
 def stage_identities(cfg: PipelineConfig, monkeypatch, stop_at: str, tokenizer_fingerprint: str = "tokenizer",
@@ -114,6 +138,7 @@ def stage_identities(cfg: PipelineConfig, monkeypatch, stop_at: str, tokenizer_f
 
     monkeypatch.setattr(Stages, "run", run)
     monkeypatch.setattr(run_module, "samples_hash", lambda npz: str(npz))
+    monkeypatch.setattr(run_module, "reference_classes", lambda val, train: (VAL_LABELS, [1, 2, 5]))
     with pytest.raises(Stop):
         run_pipeline(cfg)
     return identities
@@ -124,7 +149,7 @@ CHANGES_TOKENIZER_EVAL = [("max_reference", 16), ("data", "/data/imagenet"), ("r
                           ("eval_perceptual", "stlpips-vgg"), ("fid_source", "torch-fidelity")]
 LEAVES_TOKENIZER_EVAL = [("max_images", 32), ("aug", "none"), ("fid_samples", 16), ("metrics", ["fid", "kid"]),
                          ("baseline", False), ("sample_batch_size", 4), ("pretokenize_batch_size", 16),
-                         ("grid_per_class", 4)]
+                         ("grid_per_class", 4), ("class_mix", "balanced")]
 
 
 @pytest.mark.parametrize("field, value", CHANGES_TOKENIZER_EVAL + LEAVES_TOKENIZER_EVAL)
@@ -151,6 +176,42 @@ def test_text_samples_identity_holds_the_val_captions_they_are_conditioned_on(tm
                      for fingerprint in ("val-cache-a", "val-cache-b"))
     assert identity_hash(first["samples-text"]) != identity_hash(second["samples-text"])
     assert first["samples-class"] == second["samples-class"]
+
+
+def test_samples_identities_hold_the_class_mix_they_sample(tmp_path, monkeypatch):
+    """class_mix reruns the class generator's samples and the baseline, which follow it; the text generator takes
+    val captions in the reference's mix either way. fid_samples = 8 = the val cache: its counts exactly."""
+    cfg = tiny_pipeline(tmp_path / "run")
+    reference = stage_identities(cfg, monkeypatch, "baseline")
+    balanced = stage_identities(replace(cfg, class_mix="balanced"), monkeypatch, "baseline")
+    assert reference["samples-class"]["class_mix"] == "reference"
+    assert reference["samples-class"]["class_counts"] == reference["baseline"]["class_counts"] == [1, 2, 5]
+    assert balanced["samples-class"]["class_mix"] == balanced["baseline"]["class_mix"] == "balanced"
+    for name in ("samples-class", "baseline"):
+        assert identity_hash(reference[name]) != identity_hash(balanced[name]), name
+    assert reference["samples-text"] == balanced["samples-text"]
+    assert reference["samples-text"]["class_mix"] == "reference"
+    halved = stage_identities(replace(cfg, fid_samples=4), monkeypatch, "baseline")
+    assert halved["samples-class"]["class_counts"] == [1, 1, 2]  # quotas 0.5, 1, 2.5: the tie to the lower class
+    with pytest.raises(ConfigError, match="class_mix='even'.*'reference'.*'balanced'"):
+        run_pipeline(replace(cfg, class_mix="even"))
+
+
+def test_text_captions_follow_the_reference_mix_one_val_image_each_at_its_size(tmp_path):
+    make_cache(tmp_path / "val", num_images=9, images_per_shard=4)  # labels image % 3: counts [3, 3, 3]
+    make_cache(tmp_path / "train", num_images=6, images_per_shard=4)
+    labels, counts = reference_classes(str(tmp_path / "val"), str(tmp_path / "train"))
+    assert labels.tolist() == [0, 1, 2] * 3 and counts == [3, 3, 3]
+    val = CodeCache(tmp_path / "val")
+    every = reference_captions(val, labels, counts)
+    assert sorted(every) == sorted(val.caption(i) for i in range(9))  # each val image once
+    for n, allocated in ((5, [2, 2, 1]), (7, [3, 2, 2])):
+        captions = reference_captions(val, labels, allocated)
+        assert len(captions) == n
+        assert [c.rsplit(" ", 1)[1] for c in captions] == [["cat", "dog", "owl"][k] for k in class_order(allocated)]
+    # more samples than images: class 0's 5 samples spread over its 3 images (0, 0, 3, 3, 6 by j * 3 // 5)
+    captions = reference_captions(val, labels, [5, 0, 0])
+    assert captions == [f"image {i} of class cat" for i in (0, 0, 3, 3, 6)]
 
 
 def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypatch):
@@ -189,5 +250,9 @@ def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypat
     assert ("Tokenizer", gpu) in moved and fid_devices == [gpu] and result["num_images"] == 4
     moved.clear()
     make_cache(tmp_path / "cache", num_images=6, codebook_size=64, grid=(8, 8))
-    baseline_samples(str(tmp_path / "tokenizer"), str(tmp_path / "cache"), 3, 0, tmp_path / "baseline", gpu)
-    assert ("Tokenizer", gpu) in moved
+    plan = {"class_mix": "reference", "class_counts": [1, 0, 2]}
+    result = baseline_samples(str(tmp_path / "tokenizer"), str(tmp_path / "cache"), plan, 3, 0, tmp_path / "baseline",
+                              gpu)
+    assert ("Tokenizer", gpu) in moved and result["class_mix"] == "reference"
+    with np.load(tmp_path / "baseline" / "samples.npz") as data:  # a class generator's classes: 0, 2, 2
+        assert data["labels"].tolist() == [2, 0, 2] and data["arr_0"].shape == (3, 16, 16, 3)

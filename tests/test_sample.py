@@ -1,7 +1,7 @@
-"""`simvq sample`: the written images are the tokenizer's decoding of `generate`'s codes, bit for bit; classes
-are balanced; a sample depends on its index alone (not the batch size, the split into calls or the process
-count); a prefix image's top code rows are kept; a foreign tokenizer, unknown classes and misplaced conditions
-are refused."""
+"""`simvq sample`: the written images are the tokenizer's decoding of `generate`'s codes, bit for bit, under
+samples.npz's arr_0; classes are balanced, or follow class_counts exactly; a sample (its class too) depends on
+its index alone (not the batch size, the split into calls or the process count); a prefix image's top code rows
+are kept; a foreign tokenizer, unknown classes, misplaced conditions and bad class_counts are refused."""
 import json
 
 import numpy as np
@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from pipelines.config import SampleConfig
-from pipelines.sample import SEEDS_RULE, Conditions, RankParts, generate_images, grid_layout, sample, write_samples
+from pipelines.conditions import Conditions, class_order
+from pipelines.sample import SEEDS_RULE, RankParts, generate_images, grid_layout, sample, write_samples
 from pipelines.text import TEXT_ENCODER, TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.run_dir import RunDir
@@ -83,15 +84,17 @@ def test_images_are_the_decoded_codes_of_generate(dirs, tmp_path, one_thread):
     indices = np.arange(2, 9)
     labels = indices % 3  # all classes, round-robin by global index
     codes, images = by_hand(dirs, "class", torch.from_numpy(labels), indices, sampling)
-    assert got["images"].dtype == np.uint8 and got["images"].shape == (7, PIXELS, PIXELS, 3)
-    np.testing.assert_array_equal(got["images"], images)
+    # arr_0, the ADM suite's key, holds the pixels once: no `images` beside it
+    assert set(got) == {"arr_0", "labels", "indices", "prompts", "codes"}
+    assert got["arr_0"].dtype == np.uint8 and got["arr_0"].shape == (7, PIXELS, PIXELS, 3)
+    np.testing.assert_array_equal(got["arr_0"], images)
     np.testing.assert_array_equal(got["codes"], codes)
     assert got["codes"].dtype == np.int32
     np.testing.assert_array_equal(got["labels"], labels)
     np.testing.assert_array_equal(got["indices"], indices)
     assert got["labels"].dtype == got["indices"].dtype == np.int64
     assert got["prompts"].tolist() == [""] * 7
-    assert len(np.unique(got["images"].reshape(7, -1), axis=0)) == 7  # the samples do differ
+    assert len(np.unique(got["arr_0"].reshape(7, -1), axis=0)) == 7  # the samples do differ
 
     # one PNG per sample, the same pixels; the grid has a row per class (indices 3, 6 | 4, 7 | 2, 5, 8)
     for i, index in enumerate(indices):
@@ -126,12 +129,59 @@ def test_classes_by_name_or_id_are_balanced(dirs, tmp_path, one_thread):
     assert np.bincount(got["labels"]).tolist() == [2, 2, 2]
 
 
+def test_class_counts_give_each_class_exactly_its_count_interleaved(dirs, tmp_path, one_thread):
+    sampling = SamplingConfig(temperature=1.1, seed=5)
+    _, whole = run(dirs, tmp_path / "whole", class_counts=[1, 3, 2], batch_size=4, sampling=sampling)
+    # class c's k-th sample at (k + 1/2) / count: bee 1/6, cat 1/4, ant 1/2, bee 1/2, cat 3/4, bee 5/6
+    assert whole["labels"].tolist() == [1, 2, 0, 1, 2, 1] and np.bincount(whole["labels"]).tolist() == [1, 3, 2]
+    codes, images = by_hand(dirs, "class", torch.tensor([1, 2, 0, 1, 2, 1]), range(6), sampling)
+    np.testing.assert_array_equal(whole["arr_0"], images)
+    np.testing.assert_array_equal(whole["codes"], codes)
+    record = json.loads((tmp_path / "whole" / "sampling.json").read_text())
+    assert record["counts"]["per_condition"] == [1, 3, 2] and record["config"]["class_counts"] == [1, 3, 2]
+
+    # the counts plan indices 0..5: a call for indices 2..4 draws those same samples
+    _, part = run(dirs, tmp_path / "part", class_counts=[1, 3, 2], first_index=2, num_samples=3, batch_size=2,
+                  sampling=sampling)
+    for key in ("arr_0", "codes", "labels", "indices"):
+        np.testing.assert_array_equal(part[key], whole[key][2:5])
+    # with `classes`, one count per class given, in its order: cat, ant, cat
+    _, named = run(dirs, tmp_path / "named", classes=["cat", "ant"], class_counts=[2, 1], batch_size=3)
+    assert named["labels"].tolist() == [2, 0, 2]
+
+    # two processes: rank r draws positions r, r + 2, ...; the same index -> class and image as one process
+    model = Generator.from_pretrained(dirs["class"])
+    tokenizer = Tokenizer.from_pretrained(dirs["tokenizer"])
+    conditions = Conditions(CLASS_NAMES, [0, 1, 2], [""] * 3, torch.arange(3), order=class_order([1, 3, 2]))
+    indices = np.arange(6)
+    parts = [generate_images(model, tokenizer, conditions, indices[r::2], sampling, batch_size=2) for r in range(2)]
+    np.testing.assert_array_equal(RankParts([images for _, images in parts]).rows(0, 6), whole["arr_0"])
+    assert [conditions.slots(indices[r::2]).tolist() for r in range(2)] == [[1, 0, 2], [2, 1, 1]]
+
+
+@pytest.mark.parametrize("generator, kw, message", [
+    ("class", {"class_counts": [1, 2]}, r"class_counts has 2 entries but there are 3 classes \(the generator's "
+                                        r"classes\).*in class-id order"),
+    ("class", {"classes": ["cat"], "class_counts": [1, 2]}, r"2 entries but there are 1 classes \(the classes "
+                                                           r"given\).*in the order of `classes`"),
+    ("class", {"class_counts": [2, -1, 1]}, r"class_counts=\[2, -1, 1\]: every count must be a whole number >= 0"),
+    ("class", {"class_counts": [0, 0, 0]}, r"sums to 0"),
+    ("class", {"class_counts": [1, 1, 1], "num_samples": 4}, r"indices 0..2, but first_index=0 with num_samples=4"),
+    ("class", {"class_counts": [1, 1, 1], "first_index": 3}, r"first_index=3 is past them"),
+    ("none", {"class_counts": [4]}, "unconditional: drop class_counts"),
+])
+def test_bad_class_counts_are_refused_naming_the_problem(dirs, tmp_path, generator, kw, message):
+    with pytest.raises(UserError, match=message):
+        sample(SampleConfig(generator=str(dirs[generator]), out=str(tmp_path), **kw))
+    assert not (tmp_path / "samples.npz").exists()
+
+
 def test_a_sample_depends_on_its_index_only(dirs, tmp_path, one_thread):
     sampling = SamplingConfig(temperature=1.2, seed=3)
     _, whole = run(dirs, tmp_path / "whole", num_samples=6, batch_size=4, sampling=sampling)
     _, head = run(dirs, tmp_path / "head", num_samples=4, batch_size=3, sampling=sampling)
     _, tail = run(dirs, tmp_path / "tail", num_samples=2, first_index=4, batch_size=1, sampling=sampling)
-    for key in ("images", "codes", "labels", "indices"):
+    for key in ("arr_0", "codes", "labels", "indices"):
         np.testing.assert_array_equal(whole[key], np.concatenate([head[key], tail[key]]))
 
     # two processes: rank r draws positions r, r + 2, ...; rank 0 interleaves them back
@@ -141,7 +191,7 @@ def test_a_sample_depends_on_its_index_only(dirs, tmp_path, one_thread):
     indices = np.arange(6)
     parts = [generate_images(model, tokenizer, conditions, indices[r::2], sampling, batch_size=2) for r in range(2)]
     np.testing.assert_array_equal(RankParts([codes for codes, _ in parts]).rows(0, 6), whole["codes"])
-    np.testing.assert_array_equal(RankParts([images for _, images in parts]).rows(0, 6), whole["images"])
+    np.testing.assert_array_equal(RankParts([images for _, images in parts]).rows(0, 6), whole["arr_0"])
     letters = RankParts([np.array(list("aeim")), np.array(list("bfj")), np.array(list("cgk")), np.array(list("dhl"))])
     assert "".join(letters.rows(0, 13)) == "abcdefghijklm"
     for start in range(13):  # every window, as the streamed samples.npz writer reads them
@@ -176,7 +226,7 @@ def test_prefix_rows_are_the_prefix_images_codes(dirs, tmp_path, one_thread):
     assert len(np.unique(got["codes"][:, 8:], axis=0)) > 1  # the rest is generated
     codes, images = by_hand(dirs, "class", torch.arange(5) % 3, range(5), sampling, prefix=top_rows.expand(5, -1))
     np.testing.assert_array_equal(got["codes"], codes)
-    np.testing.assert_array_equal(got["images"], images)
+    np.testing.assert_array_equal(got["arr_0"], images)
     record = json.loads((tmp_path / "out" / "sampling.json").read_text())
     assert record["prefix"]["rows"] == 2 and record["prefix"]["codes"] == top_rows[0].tolist()
 
@@ -217,7 +267,7 @@ def test_write_samples_takes_the_tokenizers_nchw_tensors(tmp_path):
     write_samples(tmp_path, images, labels=[2, 0, 2, 1], indices=range(4), codes=torch.zeros(4, 16, dtype=torch.long),
                   prompts=[""] * 4, meta={"kind": "test"})
     with np.load(tmp_path / "samples.npz") as got:
-        np.testing.assert_array_equal(got["images"], images.permute(0, 2, 3, 1).numpy())
+        np.testing.assert_array_equal(got["arr_0"], images.permute(0, 2, 3, 1).numpy())
         assert got["codes"].dtype == np.int32 and got["labels"].tolist() == [2, 0, 2, 1]
     assert json.loads((tmp_path / "sampling.json").read_text()) == {"kind": "test"}
     grid = np.array(Image.open(tmp_path / "grid.png"))  # rows by class: [1], [3], [0, 2]
@@ -233,9 +283,12 @@ def test_prompts_condition_a_text_generator(dirs, tmp_path, one_thread):
     embeddings = torch.from_numpy(TextEncoder(torch.device("cpu"))(prompts))
     codes, images = by_hand(dirs, "text", embeddings[torch.arange(4) % 2], range(4), sampling)
     np.testing.assert_array_equal(got["codes"], codes)
-    np.testing.assert_array_equal(got["images"], images)
+    np.testing.assert_array_equal(got["arr_0"], images)
     record = json.loads((tmp_path / "sampling.json").read_text())
     assert record["text_encoder"]["name"] == TEXT_ENCODER and record["config"]["prompts"] == prompts
+
+
+TWO_PROCESS_COUNTS = [30, 3, 15]  # 48 samples in an unbalanced mix: each index's class must not depend on the rank
 
 
 def _sampling_worker(rank, world, port, generator_dir, out):
@@ -251,8 +304,8 @@ def _sampling_worker(rank, world, port, generator_dir, out):
     nccl_rules.install()
     nccl_rules.OBJECT_LIMIT = 4096  # the rule at this test's 8 px: 48 samples are ~12 KB, as 50k at 256 px are ~10 GB
     try:
-        sample(SampleConfig(generator=generator_dir, out=out, num_samples=48, batch_size=5, save_pngs=True,
-                            sampling=SamplingConfig(guidance_scale=2.0, seed=4)))
+        sample(SampleConfig(generator=generator_dir, out=out, class_counts=TWO_PROCESS_COUNTS, batch_size=5,
+                            save_pngs=True, sampling=SamplingConfig(guidance_scale=2.0, seed=4)))
     finally:
         distributed.shutdown()
 
@@ -265,8 +318,9 @@ def test_two_processes_write_through_the_disk_what_one_process_writes(dirs, tmp_
 
     mp.start_processes(_sampling_worker, args=(2, free_port(), str(dirs["class"]), str(tmp_path / "two")),
                        nprocs=2, start_method="spawn", join=True)
-    _, one = run(dirs, tmp_path / "one", num_samples=48, batch_size=7, save_pngs=True,
+    _, one = run(dirs, tmp_path / "one", class_counts=TWO_PROCESS_COUNTS, batch_size=7, save_pngs=True,
                  sampling=SamplingConfig(guidance_scale=2.0, seed=4))
+    assert np.bincount(one["labels"]).tolist() == TWO_PROCESS_COUNTS
     with np.load(tmp_path / "two" / "samples.npz") as data:
         two = {key: data[key] for key in data.files}
     assert two.keys() == one.keys()

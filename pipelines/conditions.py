@@ -1,0 +1,155 @@
+"""What each sample of `simvq sample` is conditioned on, as a function of its global index alone.
+
+Without class_counts, sample g gets condition g mod C (the C requested classes or prompts, round robin). With
+class_counts (class-conditional generators), the counts describe the samples with indices 0..sum - 1: sample g
+gets entry g of `class_order(counts)`, the classes interleaved in proportion to their counts, so every run of
+consecutive indices follows the mix to within about one sample per class and equal counts give round robin.
+Either way a sample's class does not depend on the batch size, the process count or the split into calls.
+
+`largest_remainder` allocates a reference's class histogram to N samples (`simvq run`'s class_mix=reference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.config import SampleConfig
+from pipelines.text import TEXT_ENCODER, TextEncoder
+from simvq_common.errors import UserError
+from stage2_generator.config import GeneratorConfig
+
+NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
+
+
+@dataclass
+class Conditions:
+    """What the samples are conditioned on: sample g gets slot `slots(g)` of each list (C = len(names) slots)."""
+
+    names: list[str]  # the class names, the prompts, or [""] (unconditional)
+    class_ids: list[int]  # the class id of each slot; -1 for text and unconditional
+    prompts: list[str]  # the prompt of each slot; "" for class and unconditional
+    model_input: torch.Tensor | None  # class ids (C,) or prompt embeddings (C, text_dim); None unconditional
+    text_encoder: dict | None = None  # TextEncoder.info when prompts were embedded
+    order: np.ndarray | None = None  # with class_counts: the slot of global indices 0..sum - 1; None = round robin
+
+    def slots(self, indices: np.ndarray) -> np.ndarray:
+        return indices % len(self.names) if self.order is None else self.order[indices]
+
+
+def class_order(counts: list[int]) -> np.ndarray:
+    """(sum(counts),) int64: the slot of each index, slot c appearing counts[c] times, interleaved in proportion.
+
+    Slot c's k-th sample sits at (k + 1/2) / counts[c] of the way through (ties: the lower slot first), the
+    Sainte-Lague order: equal counts give round robin, and a prefix of any length is close to the mix.
+    """
+    counts = np.asarray(counts, np.int64)
+    slots = np.repeat(np.arange(len(counts)), counts)
+    # exact enough: equal fractions divide to the same double, distinct ones (counts < 2^25) never do
+    where = (np.concatenate([np.arange(n) for n in counts]) + 0.5) / counts[slots]
+    return slots[np.lexsort((slots, where))]
+
+
+def largest_remainder(counts: list[int], total: int) -> list[int]:
+    """`total` split over the classes in proportion to `counts` (Hamilton's method): each class gets the floor of
+    its quota total * counts[c] / sum(counts), and the leftover samples go to the largest remainders (ties: the
+    lower class id). At total = sum(counts) it returns counts itself."""
+    counts = [int(c) for c in counts]
+    whole = sum(counts)
+    if whole < 1 or total < 0 or min(counts) < 0:
+        raise ValueError(f"largest_remainder needs counts >= 0 with a positive sum and total >= 0; got {counts}, "
+                         f"{total}")
+    floors = [total * c // whole for c in counts]
+    remainders = [total * c % whole for c in counts]  # integers: no rounding decides a tie
+    by_remainder = sorted(range(len(counts)), key=lambda c: (-remainders[c], c))
+    for c in by_remainder[:total - sum(floors)]:
+        floors[c] += 1
+    return floors
+
+
+def check_class_counts(counts: list[int], num_classes: int, given_classes: bool) -> None:
+    what = "the classes given" if given_classes else "the generator's classes"
+    order = "in the order of `classes`" if given_classes else "in class-id order"
+    if len(counts) != num_classes:
+        raise UserError(f"class_counts has {len(counts)} entries but there are {num_classes} classes ({what}): give "
+                        f"one count per class, {order}")
+    if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0 for c in counts):
+        raise UserError(f"class_counts={list(counts)}: every count must be a whole number >= 0")
+    if sum(counts) < 1:
+        raise UserError(f"class_counts={list(counts)} sums to 0: give at least one class a count >= 1")
+
+
+def resolve_classes(requested: list[str], model_cfg: GeneratorConfig) -> list[int]:
+    """Class ids for `requested` (names, or ids written as numbers); all classes when empty."""
+    if not requested:
+        return list(range(model_cfg.num_classes))
+    by_name = {name: i for i, name in enumerate(model_cfg.class_names)}
+    ids, unknown = [], []
+    for item in requested:
+        if item in by_name:  # a name wins over an id, in case names are numbers
+            ids.append(by_name[item])
+        elif item.isdigit() and int(item) < model_cfg.num_classes:
+            ids.append(int(item))
+        else:
+            unknown.append(item)
+    if unknown:
+        names = model_cfg.class_names
+        valid = (f"names {names[:NAMES_SHOWN]}{f' ... ({len(names)} in all)' if len(names) > NAMES_SHOWN else ''} "
+                 f"or ids 0..{model_cfg.num_classes - 1}" if names else f"ids 0..{model_cfg.num_classes - 1}")
+        raise UserError(f"unknown class(es) {unknown}: the generator's classes are {valid}")
+    return ids
+
+
+def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torch.device) -> Conditions:
+    kind = model_cfg.conditioning
+    described = "unconditional" if kind == "none" else f"{kind}-conditional"
+    if cfg.classes and kind != "class":
+        raise UserError(f"classes={cfg.classes} but the generator is {described}: "
+                        + ("pass prompts=[...] instead" if kind == "text" else "drop classes"))
+    if cfg.class_counts and kind != "class":
+        raise UserError(f"class_counts={cfg.class_counts} but the generator is {described}: drop class_counts")
+    if cfg.prompts and kind != "text":
+        raise UserError(f"prompts={cfg.prompts} but the generator is {described}: "
+                        + ("pass classes=[...] instead" if kind == "class" else "drop prompts"))
+    if kind == "class":
+        ids = resolve_classes(cfg.classes, model_cfg)
+        names = [model_cfg.class_names[i] if i < len(model_cfg.class_names) else str(i) for i in ids]
+        order = None
+        if cfg.class_counts:
+            check_class_counts(cfg.class_counts, len(ids), bool(cfg.classes))
+            order = class_order(cfg.class_counts)
+        return Conditions(names, ids, [""] * len(ids), torch.tensor(ids, dtype=torch.long, device=device),
+                          order=order)
+    if kind == "text":
+        if not cfg.prompts:
+            raise UserError("the generator is text-conditional: pass prompts=['a photo of ...', ...]")
+        if model_cfg.text_encoder != TEXT_ENCODER:
+            # another encoder's embeddings live in another space: the generator would read noise
+            raise UserError(f"the generator learned embeddings of text encoder "
+                            f"{model_cfg.text_encoder or '(unrecorded)'}; sampling embeds prompts with "
+                            f"{TEXT_ENCODER}: retrain on a cache pre-tokenized with {TEXT_ENCODER}")
+        encoder = TextEncoder(device)
+        if encoder.info["dim"] != model_cfg.text_dim:
+            raise UserError(f"text encoder {TEXT_ENCODER} gives {encoder.info['dim']}-d embeddings; the generator "
+                            f"expects text_dim={model_cfg.text_dim}")
+        embeddings = torch.from_numpy(encoder(list(cfg.prompts))).to(device)
+        return Conditions(list(cfg.prompts), [-1] * len(cfg.prompts), list(cfg.prompts), embeddings, encoder.info)
+    return Conditions([""], [-1], [""], None)
+
+
+def sample_count(cfg: SampleConfig, conditions: Conditions, per_condition: int) -> int:
+    """How many samples this call draws: num_samples, else the rest of class_counts' indices, else per_condition
+    per condition."""
+    if conditions.order is None:
+        return cfg.num_samples or per_condition * len(conditions.names)
+    planned = len(conditions.order)
+    if cfg.first_index >= planned:
+        raise UserError(f"class_counts={cfg.class_counts} plan the samples with indices 0..{planned - 1}; "
+                        f"first_index={cfg.first_index} is past them: lower first_index or raise the counts")
+    num = cfg.num_samples or planned - cfg.first_index
+    if cfg.first_index + num > planned:
+        raise UserError(f"class_counts={cfg.class_counts} plan the samples with indices 0..{planned - 1}, but "
+                        f"first_index={cfg.first_index} with num_samples={num} asks for indices up to "
+                        f"{cfg.first_index + num - 1}: lower num_samples or first_index, or raise the counts")
+    return num
