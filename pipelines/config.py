@@ -98,9 +98,13 @@ class PipelineConfig:
     # e.g. ImageNet). Text generators always take val captions in the reference's mix
     class_mix: str = "reference"
     grid_per_class: int = 8  # samples per class / per prompt in the report's grids
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "prc"])
+    metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "kid", "prc"])
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
     max_reference: int = 0  # val images used as the reference (0 = all)
+    # the generators' FID reference: "" = the val split of `data`; or an ADM reference batch
+    # (VIRTUAL_imagenet256_labeled.npz: the published generation FIDs' reference) or a statistics .npz.
+    # The tokenizer's rFID is always against the val split (its reconstructions' originals)
+    reference: str = ""
     eval_perceptual: str = "auto"  # LPIPS backend of the tokenizer evaluation
     baseline: bool = True  # the unigram-codes baseline
     results_md: str = ""  # also write the quality table and grids as a section of this file (docs/RESULTS.md)

@@ -79,8 +79,8 @@ def _copy(src: str | Path, out: Path, name: str) -> str | None:
     return f"report/{name}"
 
 
-QUALITY_HEADER = """| model | class mix | FID | KID | precision | recall | N |
-|---|---|---:|---:|---:|---:|---:|"""
+QUALITY_HEADER = """| model | class mix | FID | sFID | KID | precision | recall | N |
+|---|---|---:|---:|---:|---:|---:|---:|"""
 MIX_SHOWN = {"reference": "reference", "balanced": "balanced", "none": "none (unconditional)"}
 
 
@@ -90,7 +90,8 @@ def quality_rows(result: dict) -> list[str]:
     tok = result["tokenizer"]["eval"]
 
     def row(what: str, mix: str, m: dict) -> str:
-        return (f"| {what} | {mix} | {_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('kid_mean'), '.4f')} | "
+        return (f"| {what} | {mix} | {_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('sfid'), '.2f')} | "
+                f"{_fmt(m.get('kid_mean'), '.4f')} | "
                 f"{_fmt(m.get('precision'), '.3f')} | {_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
     rows = [row(f"generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps)",
                 MIX_SHOWN[g["samples"]["class_mix"]] + (" (val captions)" if g["conditioning"] == "text" else ""),
@@ -99,7 +100,7 @@ def quality_rows(result: dict) -> list[str]:
         rows.append(row("baseline: unigram codes per class, same tokenizer",
                         MIX_SHOWN[result["baseline"]["samples"]["class_mix"]], result["baseline"]["metrics"]))
     rows.append(f"| tokenizer reconstructions (rFID: the floor) | reference (its images) | {tok['rfid']:.2f} | - | - | "
-                f"- | {tok['num_images']} |")
+                f"- | - | {tok['num_images']} |")
     return rows
 
 
@@ -137,6 +138,21 @@ def verdicts(result: dict) -> list[str]:
             for name, g in result["generators"].items()]
 
 
+def first_reference(result: dict) -> dict:
+    """The reference the generators' metrics were measured against (the same for all of them)."""
+    evaluated = [g["metrics"] for g in result["generators"].values()]
+    evaluated += [result["baseline"]["metrics"]] if result["baseline"] else []
+    return evaluated[0].get("reference", {}) if evaluated else {}
+
+
+def describe_reference(ref: dict, result: dict) -> str:
+    if ref.get("kind", "images") != "images":  # an ADM reference batch or a statistics file
+        return f"the {ref['kind']} {Path(ref['path']).name} ({ref.get('num_images') or '?'} images)"
+    return (f"the {ref.get('source', result['config']['data'])} {ref.get('split', 'val')} split "
+            f"({ref.get('num_images', result['tokenizer']['eval']['num_images'])} images at "
+            f"{result['config']['resolution']} px)")
+
+
 def write_results_section(path: str | Path, out: Path, result: dict) -> None:
     """A section of docs/RESULTS.md: the quality table with its provenance, and the grids copied beside it."""
     path = Path(path)
@@ -161,7 +177,7 @@ cores, GPU {env['cuda'] or 'none'}.
 
 {class_mix_text(result)}
 
-Against the {result['config']['data']} val split at {result['config']['resolution']} px; {rfid['suite']}, Inception source
+Against {describe_reference(first_reference(result), result)}; {rfid['suite']}, Inception source
 {rfid['inception_source']} (weights sha256 {rfid['weights_sha256'][:16]}...); sampling
 {json.dumps(result['config']['sampling'])}; tokenizer `{result['tokenizer']['fingerprint']}` (PSNR {tok['psnr']:.2f} dB,
 val utilisation {tok['utilisation']:.1%}). At this N the FID is biased upward: compare within the table only.
@@ -199,8 +215,7 @@ def write_report(out: Path, result: dict) -> dict:
     tok_usage = _copy(Path(tok["reconstruction_grid"]).with_name("eval_usage.png"), out, "tokenizer_usage.png") \
         if tok.get("reconstruction_grid") else None
 
-    metrics_any = next(iter(result["generators"].values()))["metrics"] if result["generators"] else tok
-    ref = metrics_any.get("reference", {})
+    ref = first_reference(result)
     env = result["environment"]
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
     md = f"""# simvq run report
@@ -214,9 +229,8 @@ Command: `{result['config']['command']}` (config: `{out / 'config.yaml'}`)
 
 {chr(10).join(verdict_lines)}
 
-FID, KID and precision/recall: {rfid['suite']}, Inception-v3 pool3 (source {rfid['inception_source']}, weights sha256
-{rfid['weights_sha256'][:16]}...), TF1-style bilinear resize to 299x299, against the {ref.get('source', result['config']['data'])}
-{ref.get('split', 'val')} split ({ref.get('num_images', tok['num_images'])} images at {result['config']['resolution']} px). Sampling
+FID, KID and precision/recall: {rfid['suite']}, Inception-v3 pool3 (sFID: its mixed_6/conv features; source {rfid['inception_source']}, weights sha256
+{rfid['weights_sha256'][:16]}...), TF1-style bilinear resize to 299x299, against {describe_reference(ref, result)}. Sampling
 {json.dumps(result['config']['sampling'])}. At N <= 2048 the FID is biased upward (singular covariance): compare
 only within this table, at equal N, reference and class mix.
 

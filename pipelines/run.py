@@ -8,7 +8,8 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     cache-val        pre-tokenize the val split (no views)              cache_val/
     generator-NAME   train each generator on the caches                 generator_NAME/ (run dir; .../generator)
     samples-NAME     samples in the reference's class mix (or balanced)  samples_NAME/
-    eval-NAME        FID / KID / precision-recall against val           samples_NAME/metrics.json
+    eval-NAME        FID / sFID / KID / precision-recall against val    samples_NAME/metrics.json
+                     (or against `reference`: an ADM reference batch)
     baseline         class-wise unigram codes, decoded, evaluated       baseline/
     report           report.md, report.json, grids, curves (always rebuilt)
 
@@ -231,7 +232,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                  "sequences": len(CodeCache(c.out))})
     fid_samples = cfg.fid_samples or caches["val"]["sequences"]  # as many as the reference has images
     val_labels, reference_counts = reference_classes(caches["val"]["path"], caches["train"]["path"])
-    eval_base = dict(reference=cfg.data, reference_split="val", max_reference=cfg.max_reference,
+    eval_base = dict(reference=cfg.reference or cfg.data, reference_split="val", max_reference=cfg.max_reference,
                      metrics=list(cfg.metrics), fid_source=cfg.fid_source)
 
     def evaluated(name: str, samples: dict) -> dict:

@@ -256,3 +256,14 @@ def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypat
     assert ("Tokenizer", gpu) in moved and result["class_mix"] == "reference"
     with np.load(tmp_path / "baseline" / "samples.npz") as data:  # a class generator's classes: 0, 2, 2
         assert data["labels"].tolist() == [2, 0, 2] and data["arr_0"].shape == (3, 16, 16, 3)
+
+
+def test_generator_evaluations_use_the_configured_reference(tmp_path, monkeypatch):
+    """`reference: VIRTUAL_imagenet256_labeled.npz` (an ADM batch) replaces the val split as the generators' FID
+    reference, and re-evaluates; the tokenizer's rFID stays against the val split."""
+    cfg = tiny_pipeline(tmp_path / "run")
+    default = stage_identities(cfg, monkeypatch, "eval-class")
+    adm = stage_identities(replace(cfg, reference="/data/VIRTUAL_imagenet256_labeled.npz"), monkeypatch, "eval-class")
+    assert default["eval-class"]["reference"] == cfg.data
+    assert adm["eval-class"]["reference"] == "/data/VIRTUAL_imagenet256_labeled.npz"
+    assert adm["tokenizer-eval"] == default["tokenizer-eval"]
