@@ -300,8 +300,9 @@ def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrai
         val = CodeCache(val_cache)  # its captions: the emoji names, or the class names of an image folder
         captions = reference_captions(val, val_labels, plan["class_counts"])
         fid = sample(SampleConfig(out=str(folder), prompts=captions, per_prompt=1, **common))
+        # the report's grid: the stage's prompts, else the first val captions
         grid = sample(SampleConfig(out=str(folder / "grid"), prompts=stage.prompts or captions[:8],
-                                   per_prompt=cfg.grid_per_class, first_index=num, **common)) if stage.prompts else None
+                                   per_prompt=cfg.grid_per_class, first_index=num, **common))
     elif gen_cfg.model.conditioning == "class":
         fid = sample(SampleConfig(out=str(folder), num_samples=num, class_counts=plan["class_counts"], **common))
         grid = sample(SampleConfig(out=str(folder / "grid"), per_class=cfg.grid_per_class, first_index=num,
