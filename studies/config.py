@@ -18,7 +18,13 @@ class CollapseStudyConfig:
     resolution: int = 32
     autoencoder: AutoencoderConfig = field(default_factory=_small_autoencoder)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)  # kind and size set per run
-    steps: int = 400
+    steps: int = 400  # the most steps a run trains
+    eval_every: int = 0  # measure train-split utilisation every N steps (the curves; 0 = only at the end)
+    plateau_window: int = 0  # stop once train utilisation moved < plateau_tolerance over N steps (0 = never)
+    plateau_tolerance: float = 0.01
+    min_steps: int = 0  # ... but not before this step
+    curve_images: int = 0  # the curves' train images: the first N (0 = the whole train split)
+    basis_lr_scale: float = 1.0  # SimVQ: the linear layer's learning rate relative to lr
     batch_size: int = 32
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
@@ -26,6 +32,7 @@ class CollapseStudyConfig:
     log_every: int = 25
     seed: int = 0
     results_md: str = ""  # a markdown file whose collapse-study section is rewritten ("" = none)
+    figure: str = ""  # a PNG of the curves (needs eval_every)
     command: str = ""  # the command line, recorded with the results
 
 
