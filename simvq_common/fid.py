@@ -172,12 +172,13 @@ class ReferenceSide:
             else:
                 missing.add(layer)
                 self.origins[metric] = "computed from the reference images"
-        for metric in features_for:
-            if self.cache is not None and (cached := self.cache.load_features(self.key(FEATURE_LAYER))) is not None:
+        if features_for:  # one pool3 feature set serves KID and precision/recall: read it once
+            cached = self.cache.load_features(self.key(FEATURE_LAYER)) if self.cache is not None else None
+            if cached is not None:
                 self.features[FEATURE_LAYER] = cached
             else:
                 missing.add(FEATURE_LAYER)
-            self.origins[metric] = "computed from the reference images"
+            self.origins.update((metric, "computed from the reference images") for metric in features_for)
         if missing:
             self._compute(sorted(missing), keep_features=bool(features_for))
 
