@@ -14,14 +14,17 @@ ways, in the same run:
   width, no biases, flash attention; rotary positions, no absolute ones) and our vocabulary K, from a prompt
   of one token, the same number of new codes, temperature 1 and no filtering (`filter_logits_fn=identity`);
 - (d) ours, KV cache with classifier-free guidance at scale 2 (the conditional and the null batch run as
-  one doubled batch).
+  one doubled batch);
+- (e) ours, KV cache, with the decode step compiled (`SamplingConfig(compile=True)`: torch.compile of one
+  step; the preallocated cache and the position as a tensor keep one graph for every position), on a
+  second copy of the same model; its warm-up round includes the compilation.
 
 All at temperature 1 without top-k / top-p. Ours draws each code by inverting the CDF of its float64
 softmax at a per-sample seeded uniform; x-transformers draws with `torch.multinomial`. Our output head is
 re-initialised at random (it starts at zero, which would make every distribution uniform). Tokens/s =
 batch x codes / seconds (guidance: the batch's own samples, not the doubled batch), the median over
-`--repeats` rounds of (a), (c), (d) interleaved, after one untimed warm-up round; (b) runs once. Also
-reports how many codes (a) and (b) sample alike (all of them, but for rare fp32 rounding ties).
+`--repeats` rounds of (a), (c), (d), (e) interleaved, after one untimed warm-up round; (b) runs once. Also
+reports how many codes (a) and (b), and (a) and (e), sample alike (all of them, but for rare fp32 rounding ties).
 Writes benchmarks/results/sampling.json and the sampling section of docs/BENCHMARKS.md;
 `--quick` (size nano, K = 4,096, 8 x 8 grid, batch 4, one round) prints only and writes nothing.
 
@@ -51,7 +54,8 @@ NUM_CLASSES = 1000
 GUIDANCE = 2.0
 NAMES = {"ours_cache": "(a) ours, KV cache", "ours_no_cache": "(b) ours, no cache (use_cache=False)",
          "x_transformers": "(c) x-transformers AutoregressiveWrapper, cache_kv=True",
-         "ours_cfg": f"(d) ours, KV cache, guidance {GUIDANCE:g} (doubled batch)"}
+         "ours_cfg": f"(d) ours, KV cache, guidance {GUIDANCE:g} (doubled batch)",
+         "ours_compiled": "(e) ours, KV cache, compiled decode step"}
 QUICK = {"size": "nano", "codebook_size": 4096, "grid": 8, "batch": 4, "repeats": 1}
 
 
@@ -63,7 +67,7 @@ def build_ours(cfg: GeneratorConfig) -> Generator:
 
 
 def build_reference(cfg: GeneratorConfig):
-    """x-transformers' own wrapper around a TransformerWrapper with our Decoder settings and vocabulary."""
+    """x-transformers' own wrapper around a TransformerWrapper with our architecture and vocabulary."""
     from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
 
     torch.manual_seed(0)
@@ -101,12 +105,13 @@ def main() -> None:
     console = Console()
     cfg = GeneratorConfig(size=args.size, conditioning="class", codebook_size=args.codebook_size,
                           grid=[args.grid, args.grid], num_classes=NUM_CLASSES)
-    ours, reference = build_ours(cfg), build_reference(cfg)
+    ours, reference, compiled = build_ours(cfg), build_reference(cfg), build_ours(cfg)
     length, batch = cfg.sequence_length, args.batch
     labels = torch.arange(batch) % NUM_CLASSES
     indices = list(range(batch))
     prompt = torch.zeros(batch, 1, dtype=torch.long)
     plain, guided = SamplingConfig(temperature=1.0, seed=0), SamplingConfig(guidance_scale=GUIDANCE, seed=0)
+    plain_compiled = SamplingConfig(temperature=1.0, seed=0, compile=True)
     from x_transformers.autoregressive_wrapper import identity
 
     runs = {
@@ -114,12 +119,15 @@ def main() -> None:
         "x_transformers": lambda: reference.generate(prompt, length, temperature=1.0, filter_logits_fn=identity,
                                                      cache_kv=True),
         "ours_cfg": lambda: generate(ours, labels, indices, guided),
+        "ours_compiled": lambda: generate(compiled, labels, indices, plain_compiled),
     }
     console.log(f"generator {args.size}: {ours.num_parameters():,} parameters (x-transformers: "
                 f"{sum(p.numel() for p in reference.parameters()):,}); K = {cfg.codebook_size:,}, {length} codes, "
                 f"batch {batch}, {torch.get_num_threads()} threads")
-    for name, run in runs.items():  # warm-up: first-call set-up, allocator
-        console.log(f"warm-up {NAMES[name]}: {timed(run)[0]:.2f} s")
+    warmup = {}
+    for name, run in runs.items():  # warm-up: first-call set-up, allocator, compilation
+        warmup[name] = timed(run)[0]
+        console.log(f"warm-up {NAMES[name]}: {warmup[name]:.2f} s")
     load_start = cpu_times()
     times = {name: [] for name in NAMES}
     outputs = {}
@@ -136,12 +144,13 @@ def main() -> None:
     for name, out in outputs.items():
         assert out.shape == (batch, length), (name, tuple(out.shape))
     same = float((outputs["ours_cache"] == outputs["ours_no_cache"]).float().mean())
+    same_compiled = float((outputs["ours_cache"] == outputs["ours_compiled"]).float().mean())
     tokens = batch * length
     measured = {}
     for name in NAMES:
         median = statistics.median(times[name])
         measured[name] = {"times_s": times[name], "median_s": median, "tokens_per_s": tokens / median,
-                          "ms_per_step": median / length * 1e3}
+                          "ms_per_step": median / length * 1e3, "warmup_s": warmup.get(name)}
     reference_rate = measured["x_transformers"]["tokens_per_s"]
     for m in measured.values():
         m["ratio_to_x_transformers"] = m["tokens_per_s"] / reference_rate
@@ -155,15 +164,17 @@ def main() -> None:
                      "threads": torch.get_num_threads(), "dtype": "float32", "quick": args.quick},
         "results": measured,
         "cached_equals_uncached_fraction": same,
+        "compiled_equals_eager_fraction": same_compiled,
         "other_cpu_share": other,
     }
-    header = ["sampler", "s per batch", "ms per code step", "tokens/s", "vs x-transformers"]
-    order = ["ours_cache", "ours_no_cache", "x_transformers", "ours_cfg"]
+    header = ["sampler", "s per batch", "ms per code step", "tokens/s", "vs x-transformers", "warm-up s"]
+    order = ["ours_cache", "ours_compiled", "ours_no_cache", "x_transformers", "ours_cfg"]
     rows = [[NAMES[n], f"{measured[n]['median_s']:.2f}", f"{measured[n]['ms_per_step']:.1f}",
-             f"{measured[n]['tokens_per_s']:,.0f}", f"{measured[n]['ratio_to_x_transformers']:.2f}x"] for n in order]
+             f"{measured[n]['tokens_per_s']:,.0f}", f"{measured[n]['ratio_to_x_transformers']:.2f}x",
+             "-" if measured[n]["warmup_s"] is None else f"{measured[n]['warmup_s']:.1f}"] for n in order]
     console.print(markdown_table(header, rows))
-    console.print(f"cached and uncached sampling agree on {same:.1%} of the codes; other processes used {other:.0%} "
-                  f"of the machine's CPU time")
+    console.print(f"cached and uncached sampling agree on {same:.1%} of the codes, eager and compiled on "
+                  f"{same_compiled:.1%}; other processes used {other:.0%} of the machine's CPU time")
     if args.quick:
         return
     p, s = results["provenance"], results["settings"]
@@ -175,13 +186,15 @@ torch {p['torch']}, x-transformers {p['x-transformers']}). Raw numbers: `benchma
 A class-conditioned generator of size "{s['size']}" (width {s['dim']}, depth {s['depth']}, {s['heads']} heads,
 {s['parameters']:,} parameters), K = {s['codebook_size']:,}, {s['grid'][0]} x {s['grid'][1]} = {s['codes_per_image']}
 codes per image, batch {s['batch']}, fp32, {s['threads']} torch thread(s), temperature 1, no top-k / top-p. The
-x-transformers reference is `AutoregressiveWrapper(TransformerWrapper(...))` with the same Decoder settings
+x-transformers reference is `AutoregressiveWrapper(TransformerWrapper(...))` with the same architecture
 (RMSNorm, SwiGLU, no biases, flash attention, rotary positions) and vocabulary, `generate(prompt of 1 token,
 {s['codes_per_image']}, temperature=1, filter_logits_fn=identity, cache_kv=True)`. Ours draws by inverting a
 float64 CDF at seeded per-sample uniforms (so a sample does not depend on its batch); the reference uses
 `torch.multinomial`. Guidance runs the conditional and null batches as one doubled batch; its tokens/s
-counts the {s['batch']} samples. Median of {s['repeats']} interleaved rounds after a warm-up round; the uncached
-sampler ran once. Cached and uncached sampling drew the same codes at {same:.1%} of the positions. Other
+counts the {s['batch']} samples. The compiled sampler is a second copy of our model with the decode step under
+torch.compile; its warm-up round holds the compilation. Median of {s['repeats']} interleaved rounds after a
+warm-up round; the uncached sampler ran once. Cached and uncached sampling drew the same codes at {same:.1%} of
+the positions, eager and compiled at {same_compiled:.1%}. Other
 processes used {other:.0%} of the machine's CPU time during the run.
 
 {markdown_table(header, rows)}

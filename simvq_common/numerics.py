@@ -34,3 +34,9 @@ def fix_cublas_workspace() -> None:
     """cuBLAS's deterministic workspace; it is read when the first cuBLAS handle is made, so a process that runs
     several jobs (simvq run) sets it at its start when any of them will ask for determinism."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """run.compile: true / false, or null = auto: on CUDA, where torch.compile pays for its compile time;
+    off on the CPU, where it gains little (docs/BENCHMARKS.md) and costs minutes of compilation."""
+    return device.type == "cuda" if setting is None else bool(setting)

@@ -65,6 +65,10 @@ class PretrainedModel:
     config_schema: type
     kind: str
 
+    @classmethod
+    def check_layout(cls, state: dict[str, torch.Tensor], source: Path) -> None:
+        """Refuse weights in a layout this class no longer reads, saying what to do (a subclass's hook)."""
+
     def fingerprint(self) -> str:
         return model_fingerprint(self.config, self.state_dict())
 
@@ -74,6 +78,7 @@ class PretrainedModel:
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
         config, state = load_pretrained(directory, cls.config_schema, cls.kind, map_location)
+        cls.check_layout(state, Path(directory))
         model = cls(config)
         load_state_strict(model, state, Path(directory))
         return model.eval()

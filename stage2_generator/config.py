@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from simvq_common.errors import ConfigError
 
@@ -38,6 +39,7 @@ class GeneratorConfig:
     rope_base: float = 10000.0
     text_tokens: int = 4  # prefix tokens a text embedding is projected to (conditioning=text)
     condition_dropout: float = 0.1  # training: the condition is replaced by the null condition with this p
+    checkpoint_activations: bool = False  # training: keep each block's input only, recompute the rest in backward
     codebook_size: int = 0
     grid: list[int] = field(default_factory=lambda: [0, 0])
     num_classes: int = 0
@@ -117,7 +119,8 @@ class GeneratorRunConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     deterministic: bool = False  # deterministic CUDA kernels: bitwise resume on GPU, at some speed (docs/RECIPE.md)
     deepspeed: str = "configs/deepspeed/zero2.yaml"  # the ZeRO part of the DeepSpeed config
-    loss_chunk_mb: float = 256.0  # fp32 logits held at once by the chunked loss
+    loss_chunk_mb: float = 256.0  # fp32 logits held at once by the loss (kept whole when they fit, else chunked)
+    compile: Optional[bool] = None  # torch.compile the model: null = auto (on CUDA, off on CPU) | true | false
     log_every: int = 10
     val_every: int = 200
     checkpoint_every: int = 500
@@ -142,6 +145,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely codes; 0 = all
     top_p: float = 1.0  # keep the smallest set of codes whose probability reaches p; 1 = all
     seed: int = 0
+    compile: Optional[bool] = None  # torch.compile the decode step: null = auto (on CUDA, off on CPU) | true | false
 
     def check(self, conditional: bool) -> None:
         if self.guidance_scale < 0:

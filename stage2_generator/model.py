@@ -1,4 +1,4 @@
-"""The stage-2 generator: a Llama-style decoder (x-transformers) over the tokenizer's codes.
+"""The stage-2 generator: a Llama-style decoder (stage2_generator.decoder) over the tokenizer's codes.
 
 A sequence is [condition prefix, code_0, ..., code_{L-2}]; the hidden state at position P - 1 + j
 predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix is one class token
@@ -9,19 +9,22 @@ token. Positions are rotary: 2d rotates half of each head by the code's row and 
 training starts at the uniform loss ln K, and it scores only the K image codes: nothing outside the
 image vocabulary can be sampled.
 
-Generation is prefill (the prefix, building the KV cache) then one decode step per code.
+Generation is prefill (the prefix, filling the KV cache) then one decode step per code; `decode_step` is
+what sampling compiles (`compile_decode_step`).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from x_transformers import Decoder
-from x_transformers.x_transformers import GLU, LayerIntermediates
 
+from simvq_common.errors import ArtifactError
 from simvq_common.pretrained import PretrainedModel
 
 from .config import GeneratorConfig, swiglu_hidden
+from .decoder import Decoder, KVCache
 from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
 
 
@@ -69,8 +72,8 @@ class Condition(nn.Module):
 
 
 def rotary_frequencies(cfg: GeneratorConfig) -> torch.Tensor:
-    """(1, P + L - 1, head_dim) rotation angles of every input position, laid out as x-transformers applies
-    them (consecutive pairs of features share a frequency)."""
+    """(P + L - 1, head_dim) rotation angles of every input position (consecutive pairs of features share a
+    frequency, as decoder.rotate applies them)."""
     head_dim = cfg.dim // cfg.heads
     h, w = cfg.grid
     n_prefix, n_codes = cfg.prefix_length, cfg.sequence_length - 1  # the last code is never an input
@@ -85,14 +88,7 @@ def rotary_frequencies(cfg: GeneratorConfig) -> torch.Tensor:
         j = torch.arange(n_codes)
         codes = torch.cat([angles(j // w, head_dim // 2), angles(j % w, head_dim // 2)], dim=1)
         freqs = torch.cat([torch.zeros(n_prefix, head_dim, dtype=torch.float64), codes])
-    return freqs.float()[None]
-
-
-def drop_glu_biases(decoder: nn.Module) -> None:
-    """x-transformers' GLU input projection keeps a bias even with ff_no_bias; Llama has none."""
-    for module in decoder.modules():
-        if isinstance(module, GLU) and module.proj.bias is not None:
-            module.proj = nn.Linear(module.proj.in_features, module.proj.out_features, bias=False)
+    return freqs.float()
 
 
 class OutputHead(nn.Linear):
@@ -121,25 +117,22 @@ class Generator(PretrainedModel, nn.Module):
         d, k = cfg.dim, cfg.codebook_size
         self.condition = Condition(cfg)
         self.token_embed = nn.Embedding(k, d)
-        self.decoder = Decoder(dim=d, depth=cfg.depth, heads=cfg.heads, attn_dim_head=d // cfg.heads,
-                               use_rmsnorm=True, ff_glu=True, ff_swish=True, ff_mult=swiglu_hidden(d) / d,
-                               ff_no_bias=True, attn_flash=True)
-        drop_glu_biases(self.decoder)
+        angles = rotary_frequencies(cfg)
+        self.decoder = Decoder(d, cfg.depth, cfg.heads, swiglu_hidden(d), angles.cos(), angles.sin(),
+                               checkpoint_activations=cfg.checkpoint_activations)
         self.head = OutputHead(d, k, loss_chunk_mb)
-        self.register_buffer("rope", rotary_frequencies(cfg), persistent=False)
+        self._step_compiled = False
+
+    @classmethod
+    def check_layout(cls, state: dict[str, torch.Tensor], source: Path) -> None:
+        if any(key.startswith("decoder.layers.") for key in state):
+            raise ArtifactError(f"{source} holds a generator with the x-transformers decoder of simvq-gen before "
+                                f"2026-12-01, whose weights are laid out differently: retrain it (simvq "
+                                f"train-generator) with this version")
 
     @property
     def prefix_length(self) -> int:
         return self.config.prefix_length
-
-    def _decode(self, x: torch.Tensor, cache: LayerIntermediates | None = None):
-        """Run the decoder over x (B, n, d), the new positions after those in `cache`."""
-        end = (cache.cache_length if cache is not None else 0) + x.shape[1]
-        if end > self.rope.shape[1]:
-            raise ValueError(f"sequence of {end} positions; the model's grid {self.config.grid} with a prefix of "
-                             f"{self.prefix_length} allows {self.rope.shape[1]}")
-        return self.decoder(x, cache=cache, cache_age=x.shape[1], rotary_pos_emb=(self.rope[:, :end], 1.0),
-                            return_hiddens=True)
 
     def _inputs(self, codes: torch.Tensor, condition, drop) -> torch.Tensor:
         prefix = self.condition(condition, drop, batch_size=len(codes))
@@ -148,29 +141,45 @@ class Generator(PretrainedModel, nn.Module):
     def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-code cross-entropy of codes (B, L) given the conditions; `drop` (B,) bool nulls some."""
-        hidden, _ = self._decode(self._inputs(codes, condition, drop))
+        hidden = self.decoder(self._inputs(codes, condition, drop))
         return self.head(hidden[:, self.prefix_length - 1:], codes)  # positions predicting code_0 .. code_{L-1}
 
     def logits(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Uncached fp32 logits (B, L, K) of every code given the ones before it (for tests and scoring)."""
-        hidden, _ = self._decode(self._inputs(codes, condition, None))
+        hidden = self.decoder(self._inputs(codes, condition, None))
         return self.head(hidden[:, self.prefix_length - 1:])
 
     @torch.no_grad()
     def prefill(self, condition: torch.Tensor | None, batch_size: int | None = None,
-                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerIntermediates]:
+                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
         """Encode the prefix (and any given leading codes (B, t)): the logits (B, K) of the next code and the cache."""
         x = self.condition(condition, None, batch_size=batch_size)
         if codes is not None and codes.shape[1]:
             x = torch.cat([x, self.token_embed(codes)], dim=1)
-        hidden, cache = self._decode(x)
+        cache = self.decoder.new_cache(len(x), like=x)
+        hidden = self.decoder(x, cache)
+        cache.advance(x.shape[1])
         return self.head(hidden[:, -1]), cache
 
     @torch.no_grad()
-    def decode_step(self, code: torch.Tensor, cache: LayerIntermediates) -> tuple[torch.Tensor, LayerIntermediates]:
-        """Append code (B,) to the cached sequence: the logits (B, K) of the code after it and the new cache."""
-        hidden, cache = self._decode(self.token_embed(code)[:, None], cache)
-        return self.head(hidden[:, -1]), cache
+    def decode_step(self, code: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """Append code (B,) to the cached sequence (in place): the logits (B, K) of the code after it, and the cache."""
+        if cache.filled >= cache.capacity:
+            raise ValueError(f"the cache is full: the grid {self.config.grid} with a prefix of {self.prefix_length} "
+                             f"allows {cache.capacity} positions")
+        logits = self._step(code, cache)
+        cache.advance(1)
+        return logits, cache
+
+    def _step(self, code: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.head(self.decoder(self.token_embed(code)[:, None], cache, step=True)[:, -1])
+
+    def compile_decode_step(self) -> None:
+        """Compile the decode step (once per model; a new batch size compiles once more). Every step has the same
+        shapes (the cache is preallocated, the position is a tensor), so one graph serves every position."""
+        if not self._step_compiled:
+            self._step = torch.compile(self._step, dynamic=False)
+            self._step_compiled = True
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -181,3 +190,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def training_flops_per_token(cfg: GeneratorConfig) -> int:
+    """Model FLOPs of one trained token (forward + backward), for MFU: 6 per weight of every matrix product
+    (attention and feed-forward projections, the output head; embeddings are lookups) plus 12 x layers x width
+    x positions for the attention scores and their weighted sum (PaLM's count; causal masking not discounted)."""
+    d, positions = cfg.dim, cfg.prefix_length + cfg.sequence_length - 1
+    matmul_weights = cfg.depth * (4 * d * d + 3 * d * swiglu_hidden(d)) + d * cfg.codebook_size
+    if cfg.conditioning == "text":
+        matmul_weights += cfg.text_dim * cfg.text_tokens * d
+    return 6 * matmul_weights + 12 * cfg.depth * d * positions

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from simvq_common.numerics import use_compile
+
 from .config import SamplingConfig
 from .model import Generator
 
@@ -73,6 +75,8 @@ def generate(model: Generator, condition: torch.Tensor | None, indices, cfg: Sam
     cfg.check(conditional)
     batch, length = len(indices), model.config.sequence_length
     device = next(model.parameters()).device
+    if use_cache and use_compile(cfg.compile, device):
+        model.compile_decode_step()
     uniforms = sample_uniforms(cfg.seed, indices, length)
     codes = torch.zeros(batch, length, dtype=torch.long, device=device)
     start = 0 if prefix_codes is None else prefix_codes.shape[1]

@@ -25,7 +25,7 @@ from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
 from simvq_common.io import write_json_atomic
 from simvq_common.run_dir import RunDir
-from simvq_common.numerics import set_deterministic, use_bf16
+from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
@@ -140,6 +140,8 @@ class GeneratorTrainer:
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=self.ds_config)
+        if use_compile(cfg.run.compile, self.device):
+            self.engine.compile()  # in place: the module's parameter names, and so the checkpoints, stay as they are
         self.step = 0
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
         self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True, kind="generator-run") if rank() == 0 else None

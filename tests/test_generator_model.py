@@ -121,7 +121,7 @@ def test_kv_cached_logits_equal_the_uncached_ones(conditioning, rope):
 
 def test_2d_rotary_angles_follow_the_code_grid():
     cfg = config("text", "2d", size="tiny", grid=(3, 4))  # head width 32, 2 prefix tokens
-    freqs = rotary_frequencies(cfg)[0]
+    freqs = rotary_frequencies(cfg)
     head = cfg.dim // cfg.heads
     assert freqs.shape == (cfg.prefix_length + cfg.sequence_length - 1, head)
     assert torch.all(freqs[:cfg.prefix_length] == 0)  # prefix tokens are not rotated

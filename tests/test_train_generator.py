@@ -269,3 +269,17 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
         train_generator(tiny(tmp_path, "run.steps=4", "run.checkpoint_every=1", "run.val_every=100"))
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_compiled_and_checkpointed_training_takes_the_eager_steps(tmp_path, one_thread):
+    common = ["run.steps=3", "run.checkpoint_every=3", "run.val_every=100", "model.condition_dropout=0.5"]
+    train_generator(tiny(tmp_path / "eager", *common, "run.compile=false"))
+    train_generator(tiny(tmp_path / "fast", *common, "run.compile=true", "model.checkpoint_activations=true",
+                         cache=tmp_path / "eager" / "cache"))
+    eager, fast = metrics(tmp_path / "eager" / "run"), metrics(tmp_path / "fast" / "run")
+    assert [r["loss"] for r in fast if "loss" in r] == pytest.approx([r["loss"] for r in eager if "loss" in r], rel=1e-5)
+    a, b = exported(tmp_path / "eager" / "run"), exported(tmp_path / "fast" / "run")
+    assert a.keys() == b.keys()  # compiled in place: no _orig_mod. prefixes in checkpoints or exports
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)

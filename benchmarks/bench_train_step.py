@@ -1,0 +1,263 @@
+"""One stage-2 training step, ours against a lean plain-PyTorch implementation of the same model.
+
+    python benchmarks/bench_train_step.py [--sizes nano,small,B] [--codebook-size 16384] [--grid 16]
+                                          [--batch 4] [--steps 4] [--repeats 2] [--compile] [--quick]
+
+A step is forward + backward + AdamW (betas 0.9 / 0.95, weight decay on matrices, no clipping) on a batch of
+random codes and class labels, for (a) ours: `stage2_generator.Generator` (x-transformers decoder, chunked
+loss) and (b) lean: benchmarks/lean_generator.py (fused qkv and SwiGLU projections, SDPA, one
+`F.cross_entropy` over materialised logits), with the same size, vocabulary, batch and starting weights (the
+lean model is loaded from ours; the parameter counts are asserted equal and the per-step losses compared).
+Every (implementation, size, repeat) runs in a fresh process, alternating ours / lean, so neither inherits
+the other's allocator or caches; tokens/s = batch x codes x timed steps / their time, after `--warmup` steps.
+`--compile` adds both implementations under torch.compile (warm-up then includes compilation).
+
+Precision: fp32 on the CPU; bf16 autocast (fp32 weights) on CUDA. Peak memory: on CUDA max_memory_allocated
+over the steps (weights, optimizer state and activations); on the CPU the RSS high-water mark during the timed
+steps above the RSS before them (activations and gradients; weights and the optimizer state exist by then).
+MFU = model FLOPs per token (stage2_generator.model.training_flops_per_token: 6 x matmul parameters +
+12 x layers x width x positions) x tokens/s over the machine's GEMM rate measured in the same run (fp32
+torch.mm 2048^3 on the CPU, bf16 8192^3 on CUDA), before and after the runs: the higher of the two.
+Writes benchmarks/results/train_step.json and the train_step section of docs/BENCHMARKS.md;
+`--quick` (size nano, K = 1,024, 8 x 8 grid, 3 steps, 1 repeat) prints only and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (MIB, cpu_times, gemm_rate, markdown_table, other_cpu_share,  # noqa: E402
+                               proc_status_kib, provenance, publish, reset_peak_rss)
+from benchmarks.lean_generator import LeanGenerator, load_generator_weights  # noqa: E402
+from stage2_generator.config import GeneratorConfig  # noqa: E402
+from stage2_generator.model import Generator, parameter_groups, training_flops_per_token  # noqa: E402
+
+IMPLEMENTATIONS = ("ours", "lean")
+NUM_CLASSES = 1000
+QUICK = {"sizes": "nano", "codebook_size": 1024, "grid": 8, "steps": 3, "repeats": 1}
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+def model_config(size: str, codebook_size: int, grid: int) -> GeneratorConfig:
+    return GeneratorConfig(size=size, conditioning="class", codebook_size=codebook_size, grid=[grid, grid],
+                           num_classes=NUM_CLASSES)
+
+
+def build(implementation: str, cfg: GeneratorConfig, device: torch.device) -> torch.nn.Module:
+    """The implementation's model with ours' starting weights (seed 0; our zero head re-drawn at random, so
+    that the losses after step 0 say whether both compute the same function)."""
+    torch.manual_seed(0)
+    ours = Generator(cfg)
+    torch.nn.init.normal_(ours.head.weight, std=0.02)
+    if implementation == "ours":
+        return ours.to(device)
+    lean = LeanGenerator(cfg)
+    load_generator_weights(lean, ours)
+    return lean.to(device)
+
+
+def worker(args) -> dict:
+    """Train `args.implementation` for warm-up + timed steps in this process; print one JSON record."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    cfg = model_config(args.size, args.codebook_size, args.grid)
+    model = build(args.implementation, cfg, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    step_model = torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, cfg.codebook_size, (args.batch, cfg.sequence_length), generator=g).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> float:
+        with autocast:
+            loss = step_model(codes, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    losses, tic = [step() for _ in range(args.warmup)], time.perf_counter()
+    sync()
+    compile_and_warmup_s = time.perf_counter() - tic if args.warmup else 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    rss_before = proc_status_kib("VmRSS") * 1024
+    times = []
+    for _ in range(args.steps):
+        sync()
+        tic = time.perf_counter()
+        losses.append(step())
+        sync()
+        times.append(time.perf_counter() - tic)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else proc_status_kib("VmHWM") * 1024 - rss_before)
+    tokens = args.batch * cfg.sequence_length
+    return {"implementation": args.implementation, "size": args.size, "compile": args.compile,
+            "parameters": parameters, "flops_per_token": training_flops_per_token(cfg),
+            "tokens_per_step": tokens, "step_times_s": times, "tokens_per_s": tokens * len(times) / sum(times),
+            "peak_bytes": int(peak), "losses": [float(x) for x in losses], "warmup_s": compile_and_warmup_s}
+
+
+# ------------------------------------------------------------------------------------- driver side
+
+def run_worker(args, implementation: str, size: str, compile_: bool) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", implementation, "--size", size,
+               "--codebook-size", str(args.codebook_size), "--grid", str(args.grid), "--batch", str(args.batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+               "--threads", str(args.threads)] + (["--compile"] if compile_ else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"worker {implementation} {size} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine_rate(device: str) -> dict:
+    """FLOP/s of a large matrix product now: the MFU yardstick."""
+    if device == "cpu":
+        return {"flops": gemm_rate()["gflops"] * 1e9, "what": "fp32 torch.mm 2048^3"}
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    torch.mm(a, b)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        tic = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - tic)
+    return {"flops": 2 * 8192**3 / statistics.median(times), "what": "bf16 torch.mm 8192^3"}
+
+
+def compare(args, console: Console | None = None) -> dict:
+    """All sizes, ours and lean (eager, and compiled with --compile) in alternating fresh processes."""
+    variants = [(impl, c) for c in ([False, True] if args.compile else [False]) for impl in IMPLEMENTATIONS]
+    rates = [machine_rate(args.device)]
+    records = []
+    for size in args.sizes.split(","):
+        for repeat in range(args.repeats):
+            for impl, c in variants:
+                records.append({**run_worker(args, impl, size, c), "repeat": repeat})
+                if console:
+                    r = records[-1]
+                    console.log(f"{size} {impl}{' compiled' if c else ''} #{repeat}: {r['tokens_per_s']:,.0f} "
+                                f"tokens/s, peak {r['peak_bytes'] / MIB:,.0f} MiB")
+    rates.append(machine_rate(args.device))
+    peak_rate = max(r["flops"] for r in rates)
+    summary = []
+    for size in args.sizes.split(","):
+        by = {(impl, c): [r for r in records if r["size"] == size and r["implementation"] == impl
+                          and r["compile"] == c] for impl, c in variants}
+        if len({rs[0]["parameters"] for rs in by.values()}) != 1:
+            raise SystemExit(f"size {size}: ours and lean differ in parameter count: "
+                             + ", ".join(f"{k}: {v[0]['parameters']:,}" for k, v in by.items()))
+        for c in sorted({c for _, c in variants}):
+            ours, lean = by[("ours", c)], by[("lean", c)]
+            row = {"size": size, "compile": c, "parameters": ours[0]["parameters"]}
+            for impl, rs in (("ours", ours), ("lean", lean)):
+                best = max(r["tokens_per_s"] for r in rs)  # the least disturbed repeat of each
+                row[impl] = {"tokens_per_s": best, "tokens_per_s_all": [r["tokens_per_s"] for r in rs],
+                             "peak_bytes": max(r["peak_bytes"] for r in rs),
+                             "mfu": best * rs[0]["flops_per_token"] / peak_rate, "warmup_s": rs[0]["warmup_s"]}
+            row["speed_ratio"] = row["ours"]["tokens_per_s"] / row["lean"]["tokens_per_s"]
+            row["memory_ratio"] = row["ours"]["peak_bytes"] / max(1, row["lean"]["peak_bytes"])
+            row["max_loss_difference"] = max(abs(a - b) for a, b in zip(ours[0]["losses"], lean[0]["losses"]))
+            summary.append(row)
+    return {"records": records, "summary": summary, "gemm_rates": rates, "peak_rate": peak_rate}
+
+
+def table(summary: list[dict]) -> str:
+    header = ["size", "parameters", "compile", "ours tokens/s", "lean tokens/s", "ours / lean", "ours MFU",
+              "lean MFU", "ours peak MiB", "lean peak MiB", "max loss diff"]
+    rows = [[s["size"], f"{s['parameters']:,}", "yes" if s["compile"] else "no", f"{s['ours']['tokens_per_s']:,.0f}",
+             f"{s['lean']['tokens_per_s']:,.0f}", f"{s['speed_ratio']:.2f}x", f"{s['ours']['mfu']:.1%}",
+             f"{s['lean']['mfu']:.1%}", f"{s['ours']['peak_bytes'] / MIB:,.0f}",
+             f"{s['lean']['peak_bytes'] / MIB:,.0f}", f"{s['max_loss_difference']:.1e}"] for s in summary]
+    return markdown_table(header, rows)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="nano,small,B", help="comma-separated keys of stage2_generator SIZES")
+    parser.add_argument("--codebook-size", type=int, default=16384)
+    parser.add_argument("--grid", type=int, default=16, help="codes per side: grid^2 codes per sequence")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per implementation and size")
+    parser.add_argument("--compile", action="store_true", help="also both implementations under torch.compile")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
+    parser.add_argument("--quick", action="store_true", help="nano, K = 1,024, 8 x 8, 3 steps; print only")
+    parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        args.implementation = args.worker
+        print(json.dumps(worker(args)))
+        return
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)  # the GEMM yardstick runs on the workers' thread count
+    console = Console()
+    start = cpu_times()
+    results = compare(args, console)
+    other = other_cpu_share(start)
+    console.print(table(results["summary"]))
+    if args.quick:
+        return
+    p = provenance("bench_train_step.py", sys.argv[1:], "stage2_generator", packages=("x-transformers",))
+    results.update(provenance=p, other_cpu_share=other, settings={k: v for k, v in vars(args).items()
+                                                                   if k not in ("worker", "size")})
+    rate = results["peak_rate"]
+    section = f"""## Stage-2 training step: ours vs a lean plain-PyTorch implementation
+
+Command: `{p['command']}` ({p['date']}, git {p['git_revision']}, {p['cpu_model']}, {p['cpu_count']} cores,
+{args.threads} torch threads, torch {p['torch']}, x-transformers {p['x-transformers']}, device {args.device}).
+Raw numbers: `benchmarks/results/train_step.json`.
+
+Forward + backward + AdamW on a batch of {args.batch} random sequences of {args.grid}x{args.grid} codes
+(K = {args.codebook_size:,}, class-conditioned), {'fp32' if args.device == 'cpu' else 'bf16 autocast'}; ours =
+`stage2_generator.Generator`, lean = `benchmarks/lean_generator.py` loaded with ours' weights (same parameter
+count, asserted; "max loss diff" = the largest difference of the two's losses over all {args.warmup + args.steps}
+steps). Each (implementation, size) ran {args.repeats} time(s) in fresh processes, alternating; the table keeps
+each one's fastest repeat ({args.steps} timed steps after {args.warmup} warm-up). MFU = model FLOPs
+(6 x matmul parameters + 12 x layers x width x positions per token) x tokens/s / {rate / 1e9:,.1f} GFLOP/s, the
+higher of this run's two GEMM measurements ({', '.join(f"{r['flops'] / 1e9:,.1f}" for r in results['gemm_rates'])},
+{results['gemm_rates'][0]['what']}). Peak MiB: {'the RSS high-water mark during the timed steps above the RSS '
+'before them' if args.device == 'cpu' else 'max_memory_allocated'}. Other processes used {other:.0%} of the
+machine's CPU time during the run.
+
+{table(results['summary'])}
+"""
+    publish("train_step", results, section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The generator's decoder: Llama-style pre-norm blocks (RMSNorm, rotary attention through
+`scaled_dot_product_attention`, SwiGLU), with a preallocated KV cache for generation.
+
+Written here rather than taken from x-transformers: the project needs one fixed architecture, and the general
+library's per-layer work (the rotation recomputed and concatenated in every layer, RMSNorm as three kernels,
+separate q / k / v products) cost a measured 4-34% of the training step (docs/BENCHMARKS.md, "Stage-2
+training step"); its growing cache also changes shape at every decode step, which torch.compile cannot keep.
+Here the cache has a fixed shape and the decode position is a tensor, so a compiled decode step is one graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, NORM_EPS)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, heads, n, head_dim); consecutive feature pairs (x0, x1) share an angle:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). In the angles' fp32, returned in x's dtype (bf16 under
+    DeepSpeed bf16, which casts the weights but not these buffers)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x * cos + swapped * sin).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for up to `keys.shape[-2]` positions, and how many are filled.
+
+    keys, values: (layers, B, heads, max_positions, head_dim). The filled length is kept twice: `length`, a
+    1-element int64 tensor on the cache's device, is what the decoder reads, so that a (compiled) decode step
+    is the same graph at every position; `filled` is the same number on the host, for checks that must not
+    wait for the device.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: torch.Tensor
+    filled: int = 0
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, heads: int, positions: int, head_dim: int, like: torch.Tensor):
+        shape = (layers, batch, heads, positions, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape), torch.zeros(1, dtype=torch.long, device=like.device))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2]
+
+    def advance(self, positions: int) -> None:
+        """Record `positions` more filled (after the decoder wrote them)."""
+        self.length += positions
+        self.filled += positions
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.ff_norm = RMSNorm(dim), RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.up_gate = nn.Linear(dim, 2 * hidden, bias=False)  # [up; gate]: the SwiGLU is up * silu(gate)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+               layer: int, step: bool) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif not step:  # prefill: the cache is empty, the n positions attend causally among themselves
+            cache.keys[layer, :, :, :n], cache.values[layer, :, :, :n] = k, v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # one new position at cache.length: written in place, attending to every filled position
+            cache.keys[layer].index_copy_(2, cache.length, k)
+            cache.values[layer].index_copy_(2, cache.length, v)
+            filled = (torch.arange(cache.capacity, device=x.device) <= cache.length)[None, :]  # (1 query, keys)
+            out = F.scaled_dot_product_attention(q, cache.keys[layer], cache.values[layer], attn_mask=filled)
+        return self.out(out.transpose(1, 2).reshape(b, n, d))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0, step: bool = False) -> torch.Tensor:
+        x = x + self.attend(self.attn_norm(x), cos, sin, cache, layer, step)
+        up, gate = self.up_gate(self.ff_norm(x)).chunk(2, dim=-1)
+        return x + self.down(up * F.silu(gate))
+
+
+class Decoder(nn.Module):
+    """`depth` blocks and a final RMSNorm over inputs (B, n, dim); `cos` / `sin` (max_positions, head_dim)
+    hold the rotation of every position."""
+
+    def __init__(self, dim: int, depth: int, heads: int, hidden: int, cos: torch.Tensor, sin: torch.Tensor,
+                 checkpoint_activations: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(depth))
+        self.norm = RMSNorm(dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.checkpoint_activations = checkpoint_activations
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def new_cache(self, batch: int, like: torch.Tensor) -> KVCache:
+        return KVCache.empty(len(self.blocks), batch, self.heads, self.max_positions, self.head_dim, like)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, step: bool = False) -> torch.Tensor:
+        """Training / scoring (no cache), prefill (an empty cache: fill it with x's positions), or one decode
+        step (x of one position, written at cache.length). The caller advances the cache (KVCache.advance):
+        outside a compiled step, so that the host-side count never enters its graph."""
+        n = x.shape[1]
+        if step:
+            cos, sin = self.cos.index_select(0, cache.length), self.sin.index_select(0, cache.length)
+        else:
+            if n > self.max_positions:
+                raise ValueError(f"{n} positions; the decoder allows {self.max_positions}")
+            cos, sin = self.cos[:n], self.sin[:n]
+        for i, block in enumerate(self.blocks):
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                # keep each block's input only; its activations are recomputed in the backward
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i, step)
+        return self.norm(x)
