@@ -36,9 +36,9 @@ on the CPU at tiny sizes, to prove the code runs where no GPU is: its numbers ar
   on by default on CUDA). In the
   rehearsal: size "nano", against the CPU's fp32 GEMM rate measured in the same run (benchmarks.common).
 
-- train_step: benchmarks/bench_train_step.py on the device: one training step of GPT-B (K = 16,384, 256
-  codes, batch 32, bf16 autocast, AdamW) of ours against the lean plain-PyTorch implementation of the same
-  model, eager and compiled, each in a fresh process. Targets: ours >= 1.0x the lean tokens/s with no more
+- train_step: benchmarks/bench_train_step.py on the device: one training step of GPT-B, L and XL (K = 16,384,
+  256 codes, batch 32, bf16 autocast, AdamW) of ours against the lean plain-PyTorch implementation of the
+  same model, eager, and compiled at B, each in a fresh process. Targets: ours >= 1.0x the lean tokens/s with no more
   peak memory; compiled, MFU >= 40% of the measured bf16 GEMM rate.
 
 Timing on CUDA: CUDA events around each call, after warm-up calls, median of the repeats; peak memory =
@@ -81,8 +81,8 @@ SIZES = {
         "train": {"size": "B", "codebook_size": 16384, "grid": 16, "batch": 128, "steps": 30, "log_every": 10,
                   "sequences": 4096, "precision": "bf16", "deepspeed": "configs/deepspeed/zero2.yaml",
                   "gemm_size": 8192, "loss_chunk_mb": 8192.0},
-        "train_step": {"sizes": "B", "codebook_size": 16384, "grid": 16, "batch": 32, "steps": 10, "warmup": 3,
-                       "compile": True},
+        "train_step": {"sizes": "B,L,XL", "codebook_size": 16384, "grid": 16, "batch": 32, "steps": 10, "warmup": 3,
+                       "compile": "B"},
     },
     "rehearsal": {
         "quantizer": {"codebook_size": 8192, "dim": 128, "batch": 4, "side": 16, "repeats": 2,
@@ -93,7 +93,7 @@ SIZES = {
                   "sequences": 64, "precision": "bf16", "deepspeed": "configs/deepspeed/zero2.yaml",
                   "gemm_size": 0, "loss_chunk_mb": 256.0},
         "train_step": {"sizes": "nano", "codebook_size": 1024, "grid": 4, "batch": 2, "steps": 2, "warmup": 1,
-                       "compile": False},
+                       "compile": ""},
     },
 }
 DEVICES = {"cuda": "cuda", "rehearsal": "cpu"}
@@ -383,12 +383,12 @@ def train(device: torch.device, size: str, codebook_size: int, grid: int, batch:
 
 
 def train_step(device: torch.device, sizes: str, codebook_size: int, grid: int, batch: int, steps: int,
-               warmup: int, compile: bool) -> dict:
+               warmup: int, compile: str) -> dict:
     from benchmarks.bench_train_step import compare, parse_args
 
     args = parse_args(["--sizes", sizes, "--codebook-size", str(codebook_size), "--grid", str(grid), "--batch",
                        str(batch), "--steps", str(steps), "--warmup", str(warmup), "--repeats", "1", "--device",
-                       device.type] + (["--compile"] if compile else []))
+                       device.type] + (["--compile", compile] if compile else []))
     measured = compare(args)
     rows = []
     for s in measured["summary"]:

@@ -206,6 +206,11 @@ def bench_settings(result: dict) -> str:
                 f"{s['chunk_rows']} rows ({s['chunk_mb']:g} MiB of fp32 logits); reference "
                 f"F.cross_entropy((hidden @ W.T).float()); agreement (relative max) loss {a['loss']:.1e}, "
                 f"grads {a['grad_hidden']:.1e} / {a['grad_weight']:.1e}")
+    if name == "train_step":
+        return (f"sizes {s['sizes']}, K = {s['codebook_size']:,}, {s['grid']}x{s['grid']} codes, batch {s['batch']}, "
+                f"{s['precision']}, AdamW, {s['steps']} timed steps after {s['warmup']}, each variant in a fresh "
+                f"process; reference the lean plain-PyTorch model of benchmarks/lean_generator.py with the same "
+                f"weights; MFU against the {result['measured']['gemm_rates'][0]['what']} measured in this run")
     m = result["mfu"]
     return (f"size {s['size']} ({s['parameters']:,} parameters, {s['depth']} layers, width {s['dim']}), "
             f"K = {s['codebook_size']:,}, {s['positions']} positions, batch {s['batch']}, {s['steps']} steps "

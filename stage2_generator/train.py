@@ -30,7 +30,7 @@ from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
 from .config import GeneratorConfig, GeneratorTrainConfig
-from .model import Generator, parameter_groups
+from .model import Generator, parameter_groups, training_flops_per_token
 
 # DeepSpeed keys this trainer sets from the experiment config; a DeepSpeed file may not set them
 OWNED_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per_gpu": "data.batch_size",
@@ -291,6 +291,7 @@ class GeneratorTrainer:
                           f"global batch {global_batch} ({tokens_per_step:,} tokens/step), "
                           f"{'bf16' if self.bf16 else 'fp32'}")
         batches = self.batches()
+        flops_per_token = training_flops_per_token(cfg.model)
         tic, steps_timed = time.perf_counter(), 0
         with progress(disable=rank() != 0) as bar:
             task = bar.add_task("generator", total=run.steps, completed=self.step, status="")
@@ -304,6 +305,8 @@ class GeneratorTrainer:
                                   grad_norm=float(self.engine.get_global_grad_norm() or float("nan")),
                                   global_batch=global_batch, tokens_per_step=tokens_per_step,
                                   tokens_per_s=steps_timed * tokens_per_step / elapsed, epoch=self.loader.epoch)
+                    # achieved model FLOP/s over all processes (MFU = this / the devices' peak; docs/BENCHMARKS.md)
+                    record["model_flops_per_s"] = record["tokens_per_s"] * flops_per_token
                     tic, steps_timed = time.perf_counter(), 0
                 paused = time.perf_counter()  # validation and checkpoints stay out of tokens/s
                 if self.val_cache is not None and (self.step % run.val_every == 0 or self.step == run.steps):

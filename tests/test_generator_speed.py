@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,7 +105,7 @@ def test_activation_checkpointing_changes_no_loss_or_gradient():
 
 def test_a_full_cache_is_refused():
     model = random_model(config()).eval()
-    logits, cache = model.prefill(torch.tensor([1]), codes=torch.randint(0, 64, (1, 11)))  # 1 + 11 = 12 positions
+    _, cache = model.prefill(torch.tensor([1]), codes=torch.randint(0, 64, (1, 11)))  # 1 + 11 = 12 positions
     assert cache.filled == cache.capacity == 12 and int(cache.length) == 12
     with pytest.raises(ValueError, match="cache is full"):
         model.decode_step(torch.tensor([3]), cache)
