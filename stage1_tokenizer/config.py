@@ -80,6 +80,8 @@ class RunConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     deterministic: bool = False  # deterministic CUDA kernels: bitwise resume on GPU, at some speed (docs/RECIPE.md)
+    compile: bool | None = None  # torch.compile of the conv nets; null = auto: on on CUDA, off on CPU; true / false
+    channels_last: bool | None = None  # NHWC conv nets and batches; null = auto: on on CUDA, off on CPU; true / false
     log_every: int = 10
     image_every: int = 500  # reconstruction grid PNG
     checkpoint_every: int = 500

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -24,7 +25,7 @@ from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
 from simvq_common.run_dir import RunDir
-from simvq_common.numerics import set_deterministic, use_bf16
+from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .config import TokenizerTrainConfig
 from .datasets import build_image_dataset
@@ -39,6 +40,11 @@ from .visualize import save_image_grid
 
 def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(precision, device) else nullcontext()
+
+
+def use_channels_last(setting: bool | None, device: torch.device) -> bool:
+    """run.channels_last: true / false, or null = auto: CHANNELS_LAST_AUTO (docs/BENCHMARKS.md)."""
+    return device.type in CHANNELS_LAST_AUTO if setting is None else bool(setting)
 
 
 @torch.no_grad()
@@ -58,6 +64,14 @@ def check_resumable(saved: dict, cfg: TokenizerTrainConfig) -> None:
                               f"{value}; use a new run.out_dir or the original config")
 
 
+# where run.channels_last=null turns NHWC on: CUDA, where cuDNN's tensor-core convs are NHWC kernels (NCHW
+# activations are transposed around each; not measured here yet: `benchmarks/bench_tokenizer_train.py` on a GPU
+# should confirm or flip it). Not the CPU: a step of the CPU demo's config ran 1.03-1.09x faster in NHWC on a
+# loaded 2-core machine (docs/BENCHMARKS.md), but NHWC rounds differently, and the CPU results in
+# docs/RESULTS.md are reproduced bit for bit by their commands; `run.channels_last=true` takes the gain.
+CHANNELS_LAST_AUTO = ("cuda",)
+
+
 class TokenizerTrainer:
     def __init__(self, cfg: TokenizerTrainConfig):
         self.cfg = cfg
@@ -73,6 +87,7 @@ class TokenizerTrainer:
         self.perceptual = build_perceptual_loss(cfg.loss.perceptual, cfg.loss.perceptual_weights)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
+        self._set_speed_options()
         # what the training step calls: the models themselves, or their DDP wrappers under several processes
         self.tokenizer_ddp, self.discriminator_ddp = self.tokenizer, self.discriminator
         if world_size() > 1:
@@ -98,6 +113,34 @@ class TokenizerTrainer:
         self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True, kind="tokenizer-run") if rank() == 0 else None
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
         self._resume()
+
+    def _set_speed_options(self) -> None:
+        """run.channels_last: NHWC weights (the input batches follow in train_step); run.compile: torch.compile
+        of the conv nets in place (encoder, decoder, perceptual net, discriminator), so that the modules, their
+        state dicts and the checkpoints keep their own keys (no `_orig_mod.`). The quantizer stays eager: its
+        blocked nearest-code search asks the host which rows improved, a graph break per code block."""
+        run = self.cfg.run
+        self.channels_last = use_channels_last(run.channels_last, self.device)
+        self.compiled = use_compile(run.compile, self.device)
+        if self.channels_last:  # the EMA copy stays NCHW: it only runs for the image grids and the export
+            for net in (self.tokenizer, self.discriminator, self.perceptual):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
+        if not self.compiled:
+            return
+        nets = [self.tokenizer.encoder, self.tokenizer.decoder]
+        if self.perceptual is not None:
+            nets.append(self.perceptual)
+        if self.cfg.loss.gan_adaptive:
+            # the adaptive weight backpropagates through the decoder's and D's graphs (retain_graph=True) before
+            # the real backward. AOTAutograd's donated buffers allow one backward only, and a compiled D
+            # (training-mode BatchNorm, then in-place LeakyReLU) returns a wrong input gradient from its second
+            # backward on (torch 2.14, CPU; tests/test_tokenizer_speed_options.py): D stays eager then
+            torch._functorch.config.donated_buffer = False
+        else:
+            nets.append(self.discriminator)
+        for net in nets:
+            net.compile()
 
     def _fixed_val_batch(self, n: int = 16) -> torch.Tensor:
         val = build_image_dataset(self.cfg.data.source, "val", self.cfg.data.resolution, self.cfg.run.seed)
@@ -180,6 +223,8 @@ class TokenizerTrainer:
 
     def train_step(self, x: torch.Tensor) -> dict:
         cfg, loss_cfg = self.cfg, self.cfg.loss
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         lr = self._set_lr()
         gan_weight = gan_weight_at(self.step, loss_cfg.gan_start_step, loss_cfg.gan_weight)
         autocast = autocast_context(self.device, cfg.run.precision)

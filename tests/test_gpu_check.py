@@ -43,8 +43,11 @@ def test_rehearsal_passes_every_stage_and_measures_every_benchmark(tmp_path):
         for row in bench["rows"]:
             for side in ("ours", "reference", "ratio"):
                 assert math.isfinite(row[side]) and row[side] > 0, (bench["name"], row)
-    train = result["benchmarks"][-1]
+    by_name = {b["name"]: b for b in result["benchmarks"]}
+    train = by_name["train"]
     assert 0 < train["mfu"]["mfu"] and train["settings"]["bf16"]
+    step = by_name["train_step"]["measured"]["summary"][0]  # ours and the lean reference computed the same losses
+    assert step["max_loss_difference"] < 1e-4 and step["ours"]["mfu"] > 0
 
     section = doc.read_text()
     assert "<!-- gpu_check_rehearsal:begin -->" in section and "CPU rehearsal" in section
