@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import gemm_rate, markdown_table, proc_status_kib, reset_peak_rss  # noqa: E402
+from benchmarks.common import machine_rate, markdown_table, proc_status_kib, reset_peak_rss  # noqa: E402
 
 BENCHMARKS = ("quantizer", "sampling", "loss", "train", "train_step")
 MODES = ("cuda", "rehearsal")
@@ -139,14 +139,8 @@ def measure(fn, device: torch.device, repeats: int, warmup: int = 1) -> dict:
 
 
 def gemm_flops(device: torch.device, size: int, repeats: int = 10) -> dict:
-    """The device's matrix-product rate now: bf16 size^3 on CUDA; on the CPU fp32 2048^3 (common.gemm_rate)."""
-    if device.type == "cpu":
-        return {"flops": gemm_rate(repeats)["gflops"] * 1e9, "what": "fp32 torch.mm 2048^3 (benchmarks.common)"}
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=g)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=g)
-    m = measure(lambda: torch.mm(a, b), device, repeats, warmup=3)
-    return {"flops": 2 * size**3 / m["median_s"], "what": f"bf16 torch.mm {size}^3, random data"}
+    """The device's matrix-product rate now: bf16 size^3 on CUDA; on the CPU fp32 2048^3 (common.machine_rate)."""
+    return machine_rate(device.type, size, repeats)
 
 
 def row(metric: str, unit: str, ours: float, reference: float, higher_is_better: bool,

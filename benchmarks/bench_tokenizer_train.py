@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,13 +53,14 @@ from benchmarks.common import (
     MIB,
     REPO,
     cpu_times,
-    gemm_rate,
+    machine_rate,
     markdown_table,
     other_cpu_share,
     proc_status_kib,
     provenance,
     publish,
     reset_peak_rss,
+    run_json_worker,
 )
 from simvq_common.config import load_config
 from stage1_tokenizer.config import TokenizerTrainConfig
@@ -143,26 +143,7 @@ def run_worker(args, overrides: list[str], compile_: bool, channels_last: bool) 
     command += ["--compile"] if compile_ else []
     command += ["--channels-last"] if channels_last else []
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
-    if done.returncode:
-        raise SystemExit(f"worker {variant_name(compile_, channels_last)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine_rate(device: str) -> dict:
-    """FLOP/s of a large matrix product now: the MFU yardstick."""
-    if device == "cpu":
-        return {"flops": gemm_rate()["gflops"] * 1e9, "what": "fp32 torch.mm 2048^3"}
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    torch.mm(a, b)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        tic = time.perf_counter()
-        torch.mm(a, b)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
-    return {"flops": 2 * 8192**3 / statistics.median(times), "what": "bf16 torch.mm 8192^3"}
+    return run_json_worker(command, variant_name(compile_, channels_last), cwd=REPO, env=env)
 
 
 def perceptual_backend(cfg: TokenizerTrainConfig) -> tuple[str, str]:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -41,8 +39,8 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import (MIB, cpu_times, gemm_rate, markdown_table, other_cpu_share,  # noqa: E402
-                               proc_status_kib, provenance, publish, reset_peak_rss)
+from benchmarks.common import (MIB, cpu_times, machine_rate, markdown_table, other_cpu_share,  # noqa: E402
+                               proc_status_kib, provenance, publish, reset_peak_rss, run_json_worker)
 from benchmarks.lean_generator import LeanGenerator, load_generator_weights  # noqa: E402
 from stage2_generator.config import GeneratorConfig  # noqa: E402
 from stage2_generator.model import Generator, parameter_groups, training_flops_per_token  # noqa: E402
@@ -131,26 +129,7 @@ def run_worker(args, implementation: str, size: str, compile_: bool) -> dict:
                "--codebook-size", str(args.codebook_size), "--grid", str(args.grid), "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                "--threads", str(args.threads)] + (["--compile"] if compile_ else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"worker {implementation} {size} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine_rate(device: str) -> dict:
-    """FLOP/s of a large matrix product now: the MFU yardstick."""
-    if device == "cpu":
-        return {"flops": gemm_rate()["gflops"] * 1e9, "what": "fp32 torch.mm 2048^3"}
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    torch.mm(a, b)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        tic = time.perf_counter()
-        torch.mm(a, b)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - tic)
-    return {"flops": 2 * 8192**3 / statistics.median(times), "what": "bf16 torch.mm 8192^3"}
+    return run_json_worker(command, f"{implementation} {size}")
 
 
 def variants_of(size: str, args) -> list[tuple[str, bool]]:

@@ -38,6 +38,31 @@ def gemm_rate(repeats: int = 10) -> dict:
     return {"times_s": times, "gflops": 2 * GEMM_SIZE**3 / statistics.median(times) / 1e9}
 
 
+def machine_rate(device: str, size: int = 8192, repeats: int = 10) -> dict:
+    """FLOP/s of a large matrix product on `device` now, the MFU yardstick: fp32 2048^3 on the CPU (gemm_rate),
+    bf16 size^3 on CUDA."""
+    if device == "cpu":
+        return {"flops": gemm_rate(repeats)["gflops"] * 1e9, "what": f"fp32 torch.mm {GEMM_SIZE}^3"}
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    torch.mm(a, b)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - tic)
+    return {"flops": 2 * size**3 / statistics.median(times), "what": f"bf16 torch.mm {size}^3, random data"}
+
+
+def run_json_worker(command: list[str], what: str, **kwargs) -> dict:
+    """Run a benchmark's worker process; its last stdout line is its JSON record (stderr shown if it fails)."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+    if done.returncode:
+        raise SystemExit(f"worker {what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
