@@ -16,7 +16,9 @@ or at the sizes listed (`--compile nano,small`).
 
 Precision: fp32 on the CPU; bf16 autocast (fp32 weights) on CUDA. Peak memory: on CUDA max_memory_allocated
 over the steps (weights, optimizer state and activations); on the CPU the RSS high-water mark during the timed
-steps above the RSS before them (activations and gradients; weights and the optimizer state exist by then).
+step above the RSS before it (activations and gradients; weights and the optimizer state exist by then), in one
+more process per variant with glibc told to map every allocation >= 128 KiB and unmap it when freed, so that
+RSS follows the live tensors (the speed runs keep glibc's defaults: that mapping costs page faults).
 MFU = model FLOPs per token (stage2_generator.model.training_flops_per_token: 6 x matmul parameters +
 12 x layers x width x positions) x tokens/s over the machine's GEMM rate measured in the same run (fp32
 torch.mm 2048^3 on the CPU, bf16 8192^3 on CUDA), before and after the runs: the higher of the two.
@@ -124,12 +126,17 @@ def worker(args) -> dict:
 
 # ------------------------------------------------------------------------------------- driver side
 
-def run_worker(args, implementation: str, size: str, compile_: bool) -> dict:
+def run_worker(args, implementation: str, size: str, compile_: bool, memory: bool = False) -> dict:
+    """One worker process. memory=True: one timed step with every allocation of 128 KiB or more mmapped and
+    unmapped when freed (no glibc heap retention), so that the RSS high-water mark follows the live tensors; that
+    costs page faults, so the speed runs keep glibc's defaults and take no memory figure."""
+    steps = 1 if memory else args.steps
     command = [sys.executable, os.path.abspath(__file__), "--worker", implementation, "--size", size,
                "--codebook-size", str(args.codebook_size), "--grid", str(args.grid), "--batch", str(args.batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+               "--steps", str(steps), "--warmup", str(args.warmup), "--device", args.device,
                "--threads", str(args.threads)] + (["--compile"] if compile_ else [])
-    return run_json_worker(command, f"{implementation} {size}")
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if memory and args.device == "cpu" else {})}
+    return run_json_worker(command, f"{implementation} {size}", env=env)
 
 
 def variants_of(size: str, args) -> list[tuple[str, bool]]:
@@ -150,14 +157,18 @@ def compare(args, console: Console | None = None) -> dict:
                 if console:
                     r = records[-1]
                     console.log(f"{size} {impl}{' compiled' if c else ''} #{repeat}: {r['tokens_per_s']:,.0f} "
-                                f"tokens/s, peak {r['peak_bytes'] / MIB:,.0f} MiB")
+                                f"tokens/s")
+        for impl, c in variants_of(size, args):
+            records.append({**run_worker(args, impl, size, c, memory=True), "repeat": "memory"})
     rates.append(machine_rate(args.device))
     peak_rate = max(r["flops"] for r in rates)
     summary = []
     for size in args.sizes.split(","):
         variants = variants_of(size, args)
         by = {(impl, c): [r for r in records if r["size"] == size and r["implementation"] == impl
-                          and r["compile"] == c] for impl, c in variants}
+                          and r["compile"] == c and r["repeat"] != "memory"] for impl, c in variants}
+        memory = {(r["implementation"], r["compile"]): r["peak_bytes"] for r in records
+                  if r["size"] == size and r["repeat"] == "memory"}
         if len({rs[0]["parameters"] for rs in by.values()}) != 1:  # the same model in every variant
             raise SystemExit(f"size {size}: ours and lean differ in parameter count: "
                              + ", ".join(f"{k}: {v[0]['parameters']:,}" for k, v in by.items()))
@@ -170,7 +181,7 @@ def compare(args, console: Console | None = None) -> dict:
             for impl, rs in measured:
                 best = max(r["tokens_per_s"] for r in rs)  # the least disturbed repeat of each
                 row[impl] = {"tokens_per_s": best, "tokens_per_s_all": [r["tokens_per_s"] for r in rs],
-                             "peak_bytes": max(r["peak_bytes"] for r in rs),
+                             "peak_bytes": memory[(impl, c)],
                              "mfu": best * rs[0]["flops_per_token"] / peak_rate, "warmup_s": rs[0]["warmup_s"]}
             row["speed_ratio"] = row["ours"]["tokens_per_s"] / row["lean"]["tokens_per_s"]
             row["memory_ratio"] = row["ours"]["peak_bytes"] / max(1, row["lean"]["peak_bytes"])
@@ -266,7 +277,9 @@ each one's fastest repeat ({args.steps} timed steps after {args.warmup} warm-up,
 (6 x matmul parameters + 12 x layers x width x positions per token) x tokens/s / {rate / 1e9:,.1f} GFLOP/s, the
 higher of this run's two GEMM measurements ({', '.join(f"{r['flops'] / 1e9:,.1f}" for r in results['gemm_rates'])},
 {results['gemm_rates'][0]['what']}). Peak MiB: {'the RSS high-water mark during the timed steps above the RSS '
-'before them' if args.device == 'cpu' else 'max_memory_allocated'}. Other processes used {other:.0%} of the
+'before them, in a separate process per variant with glibc mapping every allocation >= 128 KiB, so that RSS '
+'follows the live tensors' if args.device == 'cpu'
+else 'max_memory_allocated'}. Other processes used {other:.0%} of the
 machine's CPU time during the run.
 
 {table(results['summary'])}

@@ -145,7 +145,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely codes; 0 = all
     top_p: float = 1.0  # keep the smallest set of codes whose probability reaches p; 1 = all
     seed: int = 0
-    compile: Optional[bool] = None  # torch.compile the decode step: null = auto (on CUDA, off on CPU) | true | false
+    compile: bool = False  # torch.compile the decode step (opt-in: slower than eager on the CPU at size small, docs/BENCHMARKS.md)
 
     def check(self, conditional: bool) -> None:
         if self.guidance_scale < 0:

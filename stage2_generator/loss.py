@@ -9,6 +9,7 @@ row's log-sum-exp and the backward recomputes each chunk's logits (one extra GEM
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_CHUNK_MB = 256.0
 
@@ -89,4 +90,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"chunked_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} do not fit (N, d), (K, d), (N,)")
+    if rows >= len(hidden) and torch.compiler.is_compiling():
+        # compiled, the logits that fit are left to inductor, which fuses the log-softmax, the gather and their
+        # backward into fewer passes over them than the in-place eager form above (docs/BENCHMARKS.md)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        return F.cross_entropy((hidden @ weight.to(hidden.dtype).T).to(acc), targets)
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, rows)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from simvq_common.numerics import use_compile
-
 from .config import SamplingConfig
 from .model import Generator
 
@@ -75,7 +73,7 @@ def generate(model: Generator, condition: torch.Tensor | None, indices, cfg: Sam
     cfg.check(conditional)
     batch, length = len(indices), model.config.sequence_length
     device = next(model.parameters()).device
-    if use_cache and use_compile(cfg.compile, device):
+    if use_cache and cfg.compile:
         model.compile_decode_step()
     uniforms = sample_uniforms(cfg.seed, indices, length)
     codes = torch.zeros(batch, length, dtype=torch.long, device=device)

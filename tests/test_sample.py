@@ -111,7 +111,7 @@ def test_images_are_the_decoded_codes_of_generate(dirs, tmp_path, one_thread):
                        "tokenizer_fingerprint": tokenizer_fp}
     assert record["seeds"] == SEEDS_RULE and "default_rng([seed, g])" in record["seeds"]
     assert record["config"]["sampling"] == {"guidance_scale": 2.0, "guidance_schedule": "constant",
-                                            "temperature": 0.9, "top_k": 40, "top_p": 1.0, "seed": 7, "compile": None}
+                                            "temperature": 0.9, "top_k": 40, "top_p": 1.0, "seed": 7, "compile": False}
     assert record["tokenizer"] == {"path": str(dirs["tokenizer"].resolve()), "fingerprint": tokenizer_fp}
     assert record["generator"]["fingerprint"] == generator_fp
     assert record["classes"] == {"ids": [0, 1, 2], "names": CLASS_NAMES}
