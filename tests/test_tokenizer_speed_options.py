@@ -84,14 +84,17 @@ def test_compiled_training_equals_eager_and_resumes(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_compiled_training_with_the_adaptive_gan_weight_equals_eager(tmp_path, one_thread, monkeypatch):
+def test_compiled_training_with_the_adaptive_gan_weight_equals_eager(tmp_path, one_thread):
     # the adaptive weight backpropagates through the decoder and D twice before the real backward: a compiled D
     # got a wrong gradient from its second backward (0.6% off the eager loss at step 2), so D stays eager then
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", torch._functorch.config.donated_buffer)
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     extra = ("run.steps=3", "loss.gan_adaptive=true")
     train_tokenizer(tiny_config(eager, *extra, "run.compile=false"))
-    train_tokenizer(tiny_config(compiled, *extra, "run.compile=true"))
+    previous = torch._functorch.config.donated_buffer  # the trainer turns it off for the process; restored here
+    try:
+        train_tokenizer(tiny_config(compiled, *extra, "run.compile=true"))
+    finally:
+        torch._functorch.config.donated_buffer = previous
     assert_close_losses(losses(eager), losses(compiled), rtol=1e-5)
     gan_weights = [m["gan_weight"] for m in read_metrics(compiled / "metrics.jsonl")]
     assert gan_weights[0] == 0 and all(w > 0 for w in gan_weights[1:])  # the adaptive weight ran

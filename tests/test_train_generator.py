@@ -281,5 +281,8 @@ def test_compiled_and_checkpointed_training_takes_the_eager_steps(tmp_path, one_
     assert [r["loss"] for r in fast if "loss" in r] == pytest.approx([r["loss"] for r in eager if "loss" in r], rel=1e-5)
     a, b = exported(tmp_path / "eager" / "run"), exported(tmp_path / "fast" / "run")
     assert a.keys() == b.keys()  # compiled in place: no _orig_mod. prefixes in checkpoints or exports
+    # compiled, the loss is inductor's fused cross-entropy, which rounds differently; Adam turns a rounding-level
+    # gradient difference on a weight whose gradient is ~0 into up to lr per step (3e-3 here): hence the weights
+    # are compared to 1e-4, the losses (above) to 1e-5
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
