@@ -56,11 +56,10 @@ from benchmarks.common import (
     machine_rate,
     markdown_table,
     other_cpu_share,
-    proc_status_kib,
     provenance,
     publish,
-    reset_peak_rss,
     run_json_worker,
+    timed_steps,
 )
 from simvq_common.config import load_config
 from stage1_tokenizer.config import TokenizerTrainConfig
@@ -109,19 +108,8 @@ def worker(args) -> dict:
                 losses.append(step())
         sync()
         warmup_s = time.perf_counter() - tic
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        reset_peak_rss()
-        rss_before = proc_status_kib("VmRSS") * 1024
-        times = []
-        for _ in range(args.steps):
-            sync()
-            tic = time.perf_counter()
-            losses.append(step())
-            sync()
-            times.append(time.perf_counter() - tic)
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else proc_status_kib("VmHWM") * 1024 - rss_before)
+        timed, times, peak = timed_steps(step, args.steps, device)
+        losses += timed
         record = {"compile": args.compile, "channels_last": args.channels_last,
                   "used": {"compile": trainer.compiled, "channels_last": trainer.channels_last},
                   "device": str(device), "batch": x.shape[0], "resolution": x.shape[-1],

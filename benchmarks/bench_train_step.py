@@ -42,7 +42,7 @@ from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (MIB, cpu_times, machine_rate, markdown_table, other_cpu_share,  # noqa: E402
-                               proc_status_kib, provenance, publish, reset_peak_rss, run_json_worker)
+                               provenance, publish, run_json_worker, timed_steps)
 from benchmarks.lean_generator import LeanGenerator, load_generator_weights  # noqa: E402
 from stage2_generator.config import GeneratorConfig  # noqa: E402
 from stage2_generator.model import Generator, parameter_groups, training_flops_per_token  # noqa: E402
@@ -104,24 +104,13 @@ def worker(args) -> dict:
     losses = [step() for _ in range(args.warmup + (2 if args.compile else 0))]  # compiled: 2 more, past recompiles
     sync()
     compile_and_warmup_s = time.perf_counter() - tic
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    reset_peak_rss()
-    rss_before = proc_status_kib("VmRSS") * 1024
-    times = []
-    for _ in range(args.steps):
-        sync()
-        tic = time.perf_counter()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - tic)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else proc_status_kib("VmHWM") * 1024 - rss_before)
+    timed, times, peak = timed_steps(step, args.steps, device)
+    losses += timed
     tokens = args.batch * cfg.sequence_length
     return {"implementation": args.implementation, "size": args.size, "compile": bool(args.compile),
             "parameters": parameters, "flops_per_token": training_flops_per_token(cfg),
             "tokens_per_step": tokens, "step_times_s": times, "tokens_per_s": tokens * len(times) / sum(times),
-            "peak_bytes": int(peak), "losses": [float(x) for x in losses], "warmup_s": compile_and_warmup_s}
+            "peak_bytes": peak, "losses": [float(x) for x in losses], "warmup_s": compile_and_warmup_s}
 
 
 # ------------------------------------------------------------------------------------- driver side

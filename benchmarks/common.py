@@ -82,6 +82,30 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def timed_steps(step, steps: int, device: torch.device) -> tuple[list, list[float], int]:
+    """Call step() `steps` times: (its results, the seconds of each, and the peak memory over them: on CUDA
+    max_memory_allocated, on the CPU the RSS high-water mark above the RSS before the first)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    rss_before = proc_status_kib("VmRSS") * 1024
+    results, times = [], []
+    for _ in range(steps):
+        sync()
+        tic = time.perf_counter()
+        results.append(step())
+        sync()
+        times.append(time.perf_counter() - tic)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else proc_status_kib("VmHWM") * 1024 - rss_before)
+    return results, times, int(peak)
+
+
 def peak_rss_increase(run) -> tuple[float, int]:
     """(seconds, bytes of RSS high-water mark above the RSS before) of calling `run()` once."""
     reset_peak_rss()
