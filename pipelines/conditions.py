@@ -11,13 +11,17 @@ Either way a sample's class does not depend on the batch size, the process count
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipelines.config import SampleConfig
-from pipelines.text import TEXT_ENCODER, TextEncoder
+from pipelines.text import TextEncoder, check_same_encoder
 from simvq_common.errors import UserError
+from simvq_common.fingerprint import file_sha256
+from stage2_generator.cache_reader import CodeCache
+from stage2_generator.condition import TextTokens
 from stage2_generator.config import GeneratorConfig
 
 NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
@@ -30,8 +34,9 @@ class Conditions:
     names: list[str]  # the class names, the prompts, or [""] (unconditional)
     class_ids: list[int]  # the class id of each slot; -1 for text and unconditional
     prompts: list[str]  # the prompt of each slot; "" for class and unconditional
-    model_input: torch.Tensor | None  # class ids (C,) or prompt embeddings (C, text_dim); None unconditional
-    text_encoder: dict | None = None  # TextEncoder.info when prompts were embedded
+    model_input: torch.Tensor | TextTokens | None  # class ids (C,), prompt features (C, ...); None unconditional
+    text_encoder: dict | None = None  # TextEncoder.info when prompts were encoded
+    prompt_source: dict | None = None  # where the prompts came from: config, file (path, hash) or cache
     order: np.ndarray | None = None  # with class_counts: the slot of global indices 0..sum - 1; None = round robin
 
     def slots(self, indices: np.ndarray) -> np.ndarray:
@@ -109,9 +114,11 @@ def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torc
                         + ("pass prompts=[...] instead" if kind == "text" else "drop classes"))
     if cfg.class_counts and kind != "class":
         raise UserError(f"class_counts={cfg.class_counts} but the generator is {described}: drop class_counts")
-    if cfg.prompts and kind != "text":
-        raise UserError(f"prompts={cfg.prompts} but the generator is {described}: "
-                        + ("pass classes=[...] instead" if kind == "class" else "drop prompts"))
+    given = [f"{key}={value}" for key, value in (("prompts", cfg.prompts), ("prompts_file", cfg.prompts_file),
+                                                 ("prompts_from", cfg.prompts_from)) if value]
+    if given and kind != "text":
+        raise UserError(f"{given[0]} but the generator is {described}: "
+                        + ("pass classes=[...] instead" if kind == "class" else "drop the prompts"))
     if kind == "class":
         ids = resolve_classes(cfg.classes, model_cfg)
         names = [model_cfg.class_names[i] if i < len(model_cfg.class_names) else str(i) for i in ids]
@@ -122,20 +129,61 @@ def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torc
         return Conditions(names, ids, [""] * len(ids), torch.tensor(ids, dtype=torch.long, device=device),
                           order=order)
     if kind == "text":
-        if not cfg.prompts:
-            raise UserError("the generator is text-conditional: pass prompts=['a photo of ...', ...]")
-        if model_cfg.text_encoder != TEXT_ENCODER:
-            # another encoder's embeddings live in another space: the generator would read noise
-            raise UserError(f"the generator learned embeddings of text encoder "
-                            f"{model_cfg.text_encoder or '(unrecorded)'}; sampling embeds prompts with "
-                            f"{TEXT_ENCODER}: retrain on a cache pre-tokenized with {TEXT_ENCODER}")
-        encoder = TextEncoder(device)
-        if encoder.info["dim"] != model_cfg.text_dim:
-            raise UserError(f"text encoder {TEXT_ENCODER} gives {encoder.info['dim']}-d embeddings; the generator "
-                            f"expects text_dim={model_cfg.text_dim}")
-        embeddings = torch.from_numpy(encoder(list(cfg.prompts))).to(device)
-        return Conditions(list(cfg.prompts), [-1] * len(cfg.prompts), list(cfg.prompts), embeddings, encoder.info)
+        prompts, source = prompt_list(cfg)
+        encoder = generator_text_encoder(model_cfg, device)
+        text = encoder.encode(prompts)
+        model_input = (torch.from_numpy(text.features).to(device) if text.mask is None else
+                       TextTokens(torch.from_numpy(text.features), torch.from_numpy(text.mask)).to(device))
+        return Conditions(prompts, [-1] * len(prompts), prompts, model_input, encoder.info, prompt_source=source)
     return Conditions([""], [-1], [""], None)
+
+
+def prompt_list(cfg: SampleConfig) -> tuple[list[str], dict]:
+    """The prompts of one of prompts / prompts_file / prompts_from, and where they came from (sampling.json)."""
+    given = [key for key in ("prompts", "prompts_file", "prompts_from") if getattr(cfg, key)]
+    if len(given) != 1:
+        raise UserError("the generator is text-conditional: give exactly one of prompts=['a photo of ...'], "
+                        "prompts_file=FILE (one per line) or prompts_from=CACHE (a cache's captions)"
+                        + (f"; got {' and '.join(given)}" if given else ""))
+    if cfg.prompts:
+        return list(cfg.prompts), {"kind": "config"}
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise UserError(f"prompts_file={path} does not exist: give a text file with one prompt per line")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"prompts_file={path} holds no prompts: write one per line")
+        return prompts, {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path, memo=False)[:16]}
+    cache = CodeCache(cfg.prompts_from)
+    prompts = cache_captions(cache)
+    return prompts, {"kind": "cache", "path": str(Path(cfg.prompts_from).resolve()), "fingerprint": cache.fingerprint,
+                     "images": len(prompts)}
+
+
+def cache_captions(cache: CodeCache) -> list[str]:
+    """One caption per image of `cache` (its first view's), in image order: the prompts whose samples are
+    compared with those images (a text-to-image FID on held-out captions)."""
+    images, first = np.unique(cache.image_index(np.arange(len(cache))), return_index=True)
+    return [cache.caption(int(i)) for i in first]
+
+
+def generator_text_encoder(model_cfg: GeneratorConfig, device: torch.device) -> TextEncoder:
+    """The text encoder the generator was trained with, loaded by its name and checked to be the same one
+    (features, width, tokens, weights)."""
+    if not model_cfg.text_encoder:
+        raise UserError("the generator records no text encoder: retrain it on a cache pre-tokenized with "
+                        "text_embeddings=true")
+    features = model_cfg.text_features or "pooled"  # generators from before token features were pooled
+    encoder = TextEncoder(model_cfg.text_encoder, device, features, max(model_cfg.text_max_tokens, 1))
+    recorded = {"name": model_cfg.text_encoder, "features": features, "dim": model_cfg.text_dim,
+                "max_tokens": model_cfg.text_max_tokens,
+                # generators from before the weights' hash was recorded cannot check it
+                "weights_sha256": model_cfg.text_encoder_sha256 or encoder.info["weights_sha256"]}
+    check_same_encoder(recorded, encoder.info, "the generator",
+                       f"load the encoder it was trained with ({model_cfg.text_encoder}) or retrain it on a cache "
+                       f"pre-tokenized with this one")
+    return encoder
 
 
 def sample_count(cfg: SampleConfig, conditions: Conditions, per_condition: int) -> int:

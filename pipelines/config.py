@@ -3,7 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipelines.text import DEFAULT_TEXT_ENCODER
 from stage2_generator.config import SamplingConfig
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which text encoder turns captions into the generator's text condition (pipelines/text.py)."""
+
+    name: str = DEFAULT_TEXT_ENCODER  # a sentence-transformers or transformers model: Hub id or directory
+    features: str = "auto"  # auto (pooled for sentence-transformers models, else tokens) | pooled | tokens
+    max_tokens: int = 120  # token features: tokens kept per caption (LlamaGen: 120 of flan-t5-xl)
+    batch_size: int = 256  # captions per encoder call
 
 
 @dataclass
@@ -18,7 +29,8 @@ class PretokenizeConfig:
     images_per_shard: int = 8192
     batch_size: int = 64  # images per encode call (each with its views)
     num_workers: int = 2  # DataLoader processes that decode images
-    text_embeddings: bool = False  # also store all-MiniLM-L6-v2 embeddings of the captions
+    text_embeddings: bool = False  # also store the captions' text features (images without a caption are skipped)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     overwrite: bool = False  # replace what `out` holds if it is another cache (or not a cache)
 
 
@@ -42,7 +54,9 @@ class SampleConfig:
     # num_samples = 0 means every index from first_index to sum - 1. Empty = round robin
     class_counts: list[int] = field(default_factory=list)
     per_class: int = 8  # class-conditional and unconditional generators (unconditional = one class)
-    prompts: list[str] = field(default_factory=list)  # text-conditional generators: required
+    prompts: list[str] = field(default_factory=list)  # text-conditional generators: these, or one of the two below
+    prompts_file: str = ""  # a text file of prompts, one per line (blank lines skipped)
+    prompts_from: str = ""  # a code cache (e.g. the val split's): its captions, one per image, in image order
     per_prompt: int = 8
     prefix_image: str = ""  # an image file whose top prefix_rows rows of codes every sample keeps
     prefix_rows: int = 0  # in [1, grid rows - 1] when prefix_image is set
@@ -89,6 +103,7 @@ class PipelineConfig:
     aug: str = "flip"  # pre-tokenization views of the train split: none | flip | tencrop
     max_images: int = 0  # the first N train images (0 = all): for quick runs
     pretokenize_batch_size: int = 64
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # when a generator is text-conditional
     generators: list[GeneratorStage] = field(default_factory=lambda: [GeneratorStage()])
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sample_batch_size: int = 64

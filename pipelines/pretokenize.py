@@ -6,8 +6,12 @@ the number of processes nor which process wrote it, nor on where an interrupted 
 prepares the folder (refusing another cache), then every rank takes its share of the shards still missing,
 and rank 0 writes the manifest once all are complete. Resuming = running the same command again.
 
+A source with its own shards (WebDataset tars) gets one cache shard per tar, so a process reads only the tars
+of the shards it writes. Captions travel with the images (DataLoader workers read them); with text features
+on, captions the source lacks are skipped and counted like unreadable images.
+
 While the model encodes, DataLoader workers decode the next images and one writer thread serialises,
-hashes and writes the finished shard (and embeds its captions), so the I/O hides behind the model.
+hashes and writes the finished shard (and encodes its captions), so the I/O hides behind the model.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from stage1_tokenizer.emoji import EMOJI_NATIVE_RESOLUTION
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.transforms import center_crop_offset
 from stage2_generator.cache_format import (AUGMENTATION_VIEWS, PROVENANCE_FILE, code_dtype, manifest_header,
-                                           shard_image_range)
+                                           sharding_image_range)
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
 
 TENCROP_SCALE = 1.1  # ten-crop takes crops of `resolution` from the image resized to 1.1x (as LlamaGen)
@@ -69,7 +73,7 @@ def make_views(image: torch.Tensor, aug: str, resolution: int) -> torch.Tensor:
 
 
 class _ImageViews(Dataset):
-    """Item i -> (i, its views or None if the file is unreadable, its label)."""
+    """Item i -> (i, its views or None if the file is unreadable (or its caption missing), its label, caption)."""
 
     def __init__(self, dataset: Dataset, aug: str, resolution: int) -> None:
         self.dataset, self.aug, self.resolution = dataset, aug, resolution
@@ -77,39 +81,28 @@ class _ImageViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int, str]:
         item = self.dataset[index]
         if item is None:
-            return index, None, -1
+            return index, None, -1, ""
         image, label = item
-        return index, make_views(image, self.aug, self.resolution), label
+        return index, make_views(image, self.aug, self.resolution), label, self.dataset.caption(index) or ""
 
 
 class ViewBatch(NamedTuple):
     indices: list[int]  # the readable images of the batch, in order
     images: torch.Tensor | None  # (len(indices) * views, 3, R, R), image-major; None if all were unreadable
     labels: list[int]
+    captions: list[str]
     skipped: list[int]  # the unreadable images of the batch
 
 
 def collate_views(items: list) -> ViewBatch:
-    kept = [(i, views, label) for i, views, label in items if views is not None]
-    return ViewBatch(indices=[i for i, _, _ in kept],
-                     images=torch.cat([views for _, views, _ in kept]) if kept else None,
-                     labels=[label for _, _, label in kept],
-                     skipped=[i for i, views, _ in items if views is None])
-
-
-# ------------------------------------------------------------------------------------------------
-# Captions and their text embeddings
-# ------------------------------------------------------------------------------------------------
-
-def image_captions(dataset: Dataset, num_images: int) -> tuple[list[str], str]:
-    """(the caption of each image, where captions come from): the emoji's names, else the class names."""
-    if hasattr(dataset, "captions"):
-        return list(dataset.captions[:num_images]), "emoji names"
-    labels = dataset.labels[:num_images]
-    return [dataset.class_names[label] for label in labels], "class names"
+    kept = [item for item in items if item[1] is not None]
+    return ViewBatch(indices=[i for i, _, _, _ in kept],
+                     images=torch.cat([views for _, views, _, _ in kept]) if kept else None,
+                     labels=[label for _, _, label, _ in kept], captions=[caption for *_, caption in kept],
+                     skipped=[item[0] for item in items if item[1] is None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +137,8 @@ class _ShardParts:
     """The encoded batches of one shard, until it is complete."""
 
     def __init__(self, image_range: tuple[int, int]) -> None:
-        self.image_range, self.codes, self.indices, self.labels, self.skipped = image_range, [], [], [], []
+        self.image_range, self.codes, self.indices, self.labels = image_range, [], [], []
+        self.captions, self.skipped = [], []
 
     def add(self, batch: ViewBatch, codes: np.ndarray | None) -> None:
         self.skipped += batch.skipped
@@ -152,16 +146,18 @@ class _ShardParts:
             self.codes.append(codes)
             self.indices += batch.indices
             self.labels += batch.labels
+            self.captions += batch.captions
 
-    def content(self, views: int, grid: tuple[int, int], dtype: np.dtype, captions: list[str],
-                embed: TextEncoder | None) -> ShardContent:
+    def content(self, views: int, grid: tuple[int, int], dtype: np.dtype, encoder: TextEncoder | None
+                ) -> ShardContent:
         image_index = np.repeat(np.array(self.indices, dtype=np.int64), views)
-        caption_ids, table = caption_table([captions[i] for i in image_index])
+        caption_ids, table = caption_table([c for c in self.captions for _ in range(views)])
+        text = encoder.encode(table) if encoder is not None else None
         return ShardContent(
             codes=np.concatenate(self.codes) if self.codes else np.zeros((0, *grid), dtype),
             labels=np.repeat(np.array(self.labels, dtype=np.int32), views), image_index=image_index,
             view=np.tile(np.arange(views, dtype=np.uint8), len(self.indices)), caption_ids=caption_ids,
-            captions=table, text_embeddings=embed(table) if embed is not None else None,
+            captions=table, text_embeddings=text.features if text else None, text_mask=text.mask if text else None,
             image_range=self.image_range, skipped=self.skipped)
 
 
@@ -176,10 +172,15 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         raise UserError(f"resolution {cfg.resolution} is not a multiple of the tokenizer's downsampling "
                         f"{tokenizer.downsample_factor}")
     base = base_resolution(cfg.aug, cfg.resolution)
-    dataset = build_image_dataset(cfg.data, cfg.split, base, random_crop=False)
+    dataset = build_image_dataset(cfg.data, cfg.split, base, random_crop=False, require_captions=cfg.text_embeddings)
     n = min(len(dataset), cfg.max_images) if cfg.max_images else len(dataset)
-    captions, caption_source = image_captions(dataset, n)
-    text_encoder = TextEncoder(device) if cfg.text_embeddings else None
+    boundaries = None
+    if dataset.shard_boundaries is not None:  # one cache shard per tar (the last cut at max_images)
+        boundaries = [b for b in dataset.shard_boundaries if b < n] + [n]
+    text_encoder = None
+    if cfg.text_embeddings:
+        text = cfg.text
+        text_encoder = TextEncoder(text.name, device, text.features, text.max_tokens, text.batch_size)
     grid = (tokenizer.grid_size(cfg.resolution),) * 2
     header = manifest_header(
         tokenizer_fingerprint=tokenizer.fingerprint(), tokenizer_path=str(Path(cfg.tokenizer).resolve()),
@@ -187,9 +188,9 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         resolution=cfg.resolution, augmentation=cfg.aug, base_resolution=base,
         dataset={"source": cfg.data if cfg.data == "emoji" else str(Path(cfg.data).resolve()), "split": cfg.split,
                  "max_images": cfg.max_images, "num_images": n, "class_names": list(dataset.class_names),
-                 "caption_source": caption_source},
+                 "caption_source": dataset.caption_source},
         text_encoder=text_encoder.info if text_encoder else None, images_per_shard=cfg.images_per_shard,
-        batch_size=cfg.batch_size)
+        batch_size=cfg.batch_size, shard_boundaries=boundaries)
     out, total = Path(cfg.out), header["sharding"]["num_shards"]
     writer = CacheWriter(out, header, cfg.overwrite)
     missing = distributed.rank0_decides(writer.prepare)
@@ -197,7 +198,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
     if rank == 0 and len(missing) < total:
         console.print(f"resuming {out}: {total - len(missing)} of {total} shards already complete")
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # same algorithms every run
-        _encode_shards(mine, tokenizer, dataset, captions, text_encoder, writer, cfg, device)
+        _encode_shards(mine, tokenizer, dataset, text_encoder, writer, cfg, device)
 
     def finish() -> dict:
         manifest = writer.finish()
@@ -225,14 +226,13 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
 
 
 @torch.no_grad()
-def _encode_shards(shards: list[int], tokenizer: Tokenizer, dataset: Dataset, captions: list[str],
-                   text_encoder: TextEncoder | None, cache_writer: CacheWriter, cfg: PretokenizeConfig,
-                   device: torch.device) -> None:
+def _encode_shards(shards: list[int], tokenizer: Tokenizer, dataset: Dataset, text_encoder: TextEncoder | None,
+                   cache_writer: CacheWriter, cfg: PretokenizeConfig, device: torch.device) -> None:
     """Encode and write `shards` (this rank's share), one writer thread overlapping the next shard's encoding."""
     header = cache_writer.header
-    n, per_shard, views = header["dataset"]["num_images"], cfg.images_per_shard, header["augmentation"]["views"]
+    views = header["augmentation"]["views"]
     grid, dtype = tuple(header["grid"]), code_dtype(header["codebook_size"])
-    ranges = {s: shard_image_range(s, n, per_shard) for s in shards}
+    ranges = {s: sharding_image_range(header, s) for s in shards}
     # batches never cross a shard boundary and always start at its first image: the same batches, hence the
     # same floating-point results, whatever the process count or resume point
     batches = [list(range(b, min(b + cfg.batch_size, end))) for begin, end in ranges.values()
@@ -244,7 +244,7 @@ def _encode_shards(shards: list[int], tokenizer: Tokenizer, dataset: Dataset, ca
     batch_iter = iter(loader)
 
     def write(s: int, parts: _ShardParts) -> None:
-        cache_writer.write_shard(s, parts.content(views, grid, dtype, captions, text_encoder))
+        cache_writer.write_shard(s, parts.content(views, grid, dtype, text_encoder))
 
     with progress() as bar, ThreadPoolExecutor(max_workers=1) as writer:
         task = bar.add_task("pretokenize", total=sum(end - begin for begin, end in ranges.values()), status="",

@@ -225,7 +225,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         cache_cfg = PretokenizeConfig(tokenizer=tok["path"], data=cfg.data, split=split, resolution=cfg.resolution,
                                       out=str(out / f"cache_{split}"), aug=aug, text_embeddings=text,
                                       max_images=cfg.max_images if split == "train" else cfg.max_reference,
-                                      batch_size=cfg.pretokenize_batch_size, num_workers=0)
+                                      batch_size=cfg.pretokenize_batch_size, num_workers=0, text=cfg.text)
         caches[split] = stages.run(
             f"cache-{split}", tokenizer_job_identity(cache_cfg, tok["fingerprint"]), out / f"cache_{split}",
             lambda c=cache_cfg: {"path": str(pretokenize(c)), "fingerprint": CodeCache(c.out).fingerprint,

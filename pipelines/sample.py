@@ -302,7 +302,8 @@ def sample(cfg: SampleConfig) -> dict:
                       "codebook_size": model_cfg.codebook_size},
         "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "fingerprint": tokenizer.fingerprint()},
         "classes": {"ids": conditions.class_ids, "names": conditions.names} if is_class else None,
-        "text_encoder": conditions.text_encoder,  # the prompts are config.prompts
+        "text_encoder": conditions.text_encoder,
+        "prompt_source": conditions.prompt_source,  # the prompts themselves are in samples.npz
         "prefix": None if prefix is None else {"image": str(Path(cfg.prefix_image).resolve()),
                                                "rows": cfg.prefix_rows, "codes": prefix[0].tolist()},
         "counts": {"num_samples": num_samples, "first_index": int(indices[0]), "last_index": int(indices[-1]),

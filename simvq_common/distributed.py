@@ -143,6 +143,16 @@ def broadcast_object(obj):
     return holder[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (small picklable objects: nccl stages each pickle on the
+    current GPU, as broadcast_object's do); [obj] in a single process."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -1,4 +1,5 @@
-"""The dataset of a data source and split: the bundled emoji, or an image folder (ImageNet layout included)."""
+"""The dataset of a data source and split: the bundled emoji, an image folder (ImageNet layout included), a
+captioned folder (metadata.jsonl or .txt sidecars) or WebDataset tar shards."""
 from __future__ import annotations
 
 import warnings
@@ -6,17 +7,35 @@ from pathlib import Path
 
 from simvq_common.errors import ArtifactError
 
+from .captioned_folder import METADATA_FILE, CaptionedFolderDataset, sidecar_share
 from .emoji import EmojiDataset
-from .image_folder import ImageFolderDataset
+from .image_folder import ACCEPTED_LAYOUTS, ImageFolderDataset
+from .webdataset import TarShardDataset, list_tars
 
 _SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 
 
-def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
-                        random_crop: bool | None = None) -> EmojiDataset | ImageFolderDataset:
-    """The dataset for `split` of `source`: "emoji" (bundled) or a folder (how the split's folder is found:
-    docs/DATA.md). Split "train" gets random crops, any other split centre crops, unless `random_crop` says
-    otherwise (pre-tokenization centre-crops the train split: its codes must not depend on a seed)."""
+def detect_layout(folder: Path) -> str:
+    """What a split's folder holds, by the first rule that applies (docs/DATA.md): "jsonl" (a metadata.jsonl),
+    "webdataset" (*.tar files), "sidecar" (most images have a .txt beside them) or "image folder"; an
+    ArtifactError listing the accepted layouts if it holds no images at all."""
+    if (folder / METADATA_FILE).is_file():
+        return "jsonl"
+    if list_tars(folder):
+        return "webdataset"
+    looked, with_sidecar = sidecar_share(folder)
+    if looked == 0:
+        raise ArtifactError(f"no images, tars or metadata.jsonl found in {folder}: {ACCEPTED_LAYOUTS}")
+    return "sidecar" if 2 * with_sidecar > looked else "image folder"
+
+
+def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0, random_crop: bool | None = None,
+                        require_captions: bool = False
+                        ) -> EmojiDataset | ImageFolderDataset | CaptionedFolderDataset | TarShardDataset:
+    """The dataset for `split` of `source`: "emoji" (bundled) or a folder (how the split's folder and its layout
+    are found: docs/DATA.md). Split "train" gets random crops, any other split centre crops, unless `random_crop`
+    says otherwise (pre-tokenization centre-crops the train split: its codes must not depend on a seed).
+    `require_captions`: items of captioned layouts without a caption are None (tokenizer training needs none)."""
     if source == "emoji":
         return EmojiDataset(split, resolution)
     root = Path(source).expanduser()
@@ -38,4 +57,10 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
             warnings.warn(f"{root} has no '{split}' subfolder: the '{split}' split uses the same images as "
                           f"training (centre-cropped)", stacklevel=2)
     train = split == "train" if random_crop is None else random_crop
+    layout = detect_layout(folder)
+    if layout == "webdataset":
+        return TarShardDataset(folder, resolution, train=train, seed=seed, require_captions=require_captions)
+    if layout in ("jsonl", "sidecar"):
+        return CaptionedFolderDataset(folder, resolution, train=train, seed=seed, layout=layout,
+                                      require_captions=require_captions)
     return ImageFolderDataset(folder, resolution, train=train, seed=seed)

@@ -67,6 +67,9 @@ def load_emoji(split: str = "train", resolution: int = 64) -> ImageSet:
 class EmojiDataset(Dataset):
     """The bundled emoji (load_emoji) as a Dataset with ImageFolderDataset's item format and interface."""
 
+    caption_source = "emoji names"
+    shard_boundaries = None  # in memory: no tar shards
+
     def __init__(self, split: str = "train", resolution: int = 64) -> None:
         self.image_set = load_emoji(split, resolution)
         self.split, self.resolution, self.epoch = split, resolution, 0
@@ -83,6 +86,10 @@ class EmojiDataset(Dataset):
     @property
     def labels(self) -> list[int]:
         return self.image_set.labels.tolist()
+
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption: its emoji name (never missing)."""
+        return self.captions[check_index(index, len(self))]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = check_index(index, len(self))

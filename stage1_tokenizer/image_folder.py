@@ -16,10 +16,20 @@ from simvq_common.errors import ArtifactError, ConfigError
 from .transforms import center_crop, image_to_rgb, random_crop, to_model_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# what an error about a data source that holds none of them lists (docs/DATA.md describes each)
+ACCEPTED_LAYOUTS = ("the layouts accepted (docs/DATA.md): source=emoji (the bundled emoji); class subfolders of "
+                    "images (ImageNet's train/n01440764/*.JPEG); a flat folder of images; a folder with a "
+                    "metadata.jsonl (one {\"file_name\": ..., \"text\": ...} object per line); images with .txt "
+                    "caption sidecars (a/b.jpg + a/b.txt); WebDataset tar shards (*.tar holding KEY.jpg + KEY.txt "
+                    "or KEY.json)")
 
 
 class BadImageWarning(UserWarning):
-    """An image file could not be decoded and its item was skipped."""
+    """An image file could not be decoded (or lacked the caption it needed) and its item was skipped."""
+
+
+class MissingCaptionError(ValueError):
+    """An item's caption is missing or empty while the dataset requires captions (`require_captions=True`)."""
 
 
 class BadFileLog:
@@ -37,7 +47,8 @@ class BadFileLog:
         self.skipped += 1
         if path not in self.errors:
             self.errors[path] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"skipping unreadable image {path}: {self.errors[path]}", BadImageWarning, stacklevel=3)
+            what = "image without a caption" if isinstance(error, MissingCaptionError) else "unreadable image"
+            warnings.warn(f"skipping {what} {path}: {self.errors[path]}", BadImageWarning, stacklevel=3)
 
     @property
     def paths(self) -> list[str]:
@@ -73,13 +84,38 @@ def check_index(index, length: int) -> int:
     return i
 
 
+def warn_if_truncated_images_allowed() -> None:
+    """Warn when other code set PIL's LOAD_TRUNCATED_IMAGES: truncated JPEGs must fail to decode, not be padded."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some other code): truncated "
+                      "images will be padded with grey instead of being skipped", RuntimeWarning, stacklevel=3)
+
+
+def decode_image(file, resolution: int, train: bool, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """An image file (path or binary file object) as float32 (3, R, R) in [-1, 1]: the transform of docs/DATA.md
+    (random crop of item `index` in `epoch` if `train`, else the centre crop); raises if it does not decode."""
+    with Image.open(file) as img:
+        img.load()  # decode everything now: truncation and corruption raise here
+        rgb = image_to_rgb(img)
+    if train:
+        rgb = random_crop(rgb, resolution, seed, epoch, index)
+    else:
+        rgb = center_crop(rgb, resolution)
+    pixels = np.array(rgb, dtype=np.uint8)
+    return to_model_range(torch.from_numpy(pixels).permute(2, 0, 1)).contiguous()
+
+
 class ImageFolderDataset(Dataset):
     """Images of an ImageFolder-style tree: class subfolders (ImageNet's train/n01440764/*.JPEG) or a flat folder.
 
     Item i: (float32 (3, R, R) in [-1, 1], label), the shorter side resized to R, then a random crop (train,
     a function of (seed, epoch, i): call `set_epoch` before each epoch's DataLoader iterator) or the centre
     crop; None for an unreadable file, logged in `bad_files`. Which folders are classes: docs/DATA.md.
+    Captions (`caption(i)`) are the class names.
     """
+
+    caption_source = "class names"
+    shard_boundaries = None  # not tar shards: any sampler order reads files equally fast
 
     def __init__(self, root: str | os.PathLike, resolution: int, train: bool, seed: int = 0) -> None:
         if int(resolution) < 1:
@@ -90,9 +126,7 @@ class ImageFolderDataset(Dataset):
         self.resolution, self.train, self.seed, self.epoch = int(resolution), bool(train), int(seed), 0
         self.class_names, self.samples = self._scan(self.root)
         self.bad_files = BadFileLog()
-        if ImageFile.LOAD_TRUNCATED_IMAGES:  # truncated JPEGs must fail to decode, not be padded
-            warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some other code): truncated "
-                          "images will be padded with grey instead of being skipped", RuntimeWarning, stacklevel=2)
+        warn_if_truncated_images_allowed()
 
     @staticmethod
     def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -133,18 +167,14 @@ class ImageFolderDataset(Dataset):
     def labels(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    def caption(self, index: int) -> str | None:
+        """Item `index`'s caption: its class name."""
+        return self.class_names[self.samples[check_index(index, len(self))][1]]
+
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         """Item `index` in the current epoch; raises on an unreadable file (`__getitem__` does not)."""
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            img.load()  # decode everything now: truncation and corruption raise here
-            rgb = image_to_rgb(img)
-        if self.train:
-            rgb = random_crop(rgb, self.resolution, self.seed, self.epoch, index)
-        else:
-            rgb = center_crop(rgb, self.resolution)
-        pixels = np.array(rgb, dtype=np.uint8)
-        return to_model_range(torch.from_numpy(pixels).permute(2, 0, 1)).contiguous(), label
+        return decode_image(path, self.resolution, self.train, self.seed, self.epoch, index), label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         index = check_index(index, len(self))

@@ -29,7 +29,7 @@ from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .config import TokenizerTrainConfig
 from .datasets import build_image_dataset
-from .loading import EpochSampler, collate_skip_none
+from .loading import collate_skip_none, epoch_sampler_for
 from .losses import (PatchDiscriminator, adaptive_generator_weight, check_generator_loss_kind, gan_weight_at,
                      generator_adversarial_loss, hinge_d_loss)
 from .perceptual import build_perceptual_loss
@@ -104,7 +104,7 @@ class TokenizerTrainer:
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.optim.lr, betas=betas)
         # data
         self.dataset = build_image_dataset(cfg.data.source, "train", cfg.data.resolution, cfg.run.seed)
-        self.sampler = EpochSampler(len(self.dataset), seed=cfg.run.seed, rank=rank(), world_size=world_size())
+        self.sampler = epoch_sampler_for(self.dataset, seed=cfg.run.seed, rank=rank(), world_size=world_size())
         self.val_images = self._fixed_val_batch()
         # state that the checkpoint carries
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0

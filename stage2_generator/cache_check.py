@@ -8,7 +8,7 @@ import numpy as np
 
 from simvq_common.fingerprint import file_sha256
 
-from .cache_format import MANIFEST_FILE, CacheError, read_manifest, shard_image_range
+from .cache_format import MANIFEST_FILE, CacheError, read_manifest, sharding_image_range, text_encoder_info
 from .cache_reader import open_shard
 
 
@@ -43,8 +43,14 @@ def _check_shard(cache_dir: Path, record: dict, m: dict, counts: np.ndarray) -> 
     expected = {"codes": ((n, *m["grid"]), m["dtype"]), "labels": ((n,), "int32"), "image_index": ((n,), "int64"),
                 "view": ((n,), "uint8"), "caption_ids": ((n,), "int32"),
                 "caption_offsets": ((record["captions"] + 1,), "int64")}
-    if m["text_encoder"] is not None:
-        expected["text_embeddings"] = ((record["captions"], m["text_encoder"]["dim"]), "float32")
+    text = text_encoder_info(m)
+    if text is not None and text["features"] == "tokens":
+        expected["text_token_offsets"] = ((record["captions"] + 1,), "int64")
+        if "text_token_offsets" in arrays:
+            tokens = int(arrays["text_token_offsets"][-1])
+            expected["text_token_features"] = ((tokens, text["dim"]), "float16")
+    elif text is not None:
+        expected["text_embeddings"] = ((record["captions"], text["dim"]), "float32")
     misshapen = [f"{name}: tensor '{tensor}' is "
                  f"{(arrays[tensor].shape, arrays[tensor].dtype.name) if tensor in arrays else 'missing'}, "
                  f"expected {shape} {dtype}"
@@ -75,6 +81,13 @@ def _check_shard(cache_dir: Path, record: dict, m: dict, counts: np.ndarray) -> 
         problems.append(f"{name}: caption offsets do not index the caption bytes")
     if "text_embeddings" in expected and not np.isfinite(arrays["text_embeddings"]).all():
         problems.append(f"{name}: non-finite text embeddings")
+    if "text_token_features" in expected:
+        lengths = np.diff(np.asarray(arrays["text_token_offsets"]))
+        if arrays["text_token_offsets"][0] != 0 or lengths.min(initial=1) < 1 or lengths.max(initial=0) > text[
+                "max_tokens"]:
+            problems.append(f"{name}: text token offsets are not 1..{text['max_tokens']} tokens per caption")
+        if not np.isfinite(arrays["text_token_features"]).all():
+            problems.append(f"{name}: non-finite text token features")
     return problems
 
 
@@ -87,13 +100,12 @@ def check_cache(cache_dir: str | Path) -> CacheCheck:
         raise CacheError(f"cache {cache_dir} is incomplete (pre-tokenization was interrupted): re-run the same "
                          f"`simvq pretokenize` command to finish it")
     problems, counts = [], np.zeros(m["codebook_size"], dtype=np.int64)
-    num_images, per_shard = m["dataset"]["num_images"], m["sharding"]["images_per_shard"]
     if len(m["shards"]) != m["sharding"]["num_shards"]:
         problems.append(f"{MANIFEST_FILE}: lists {len(m['shards'])} shards, expected {m['sharding']['num_shards']}")
     for i, record in enumerate(m["shards"]):
-        if record["index"] != i or record["image_range"] != list(shard_image_range(i, num_images, per_shard)):
+        if record["index"] != i or record["image_range"] != list(sharding_image_range(m, i)):
             problems.append(f"{record['file']}: index {record['index']} / image range {record['image_range']} "
-                            f"out of place (shard {i} holds images {shard_image_range(i, num_images, per_shard)})")
+                            f"out of place (shard {i} holds images {sharding_image_range(m, i)})")
         problems += _check_shard(cache_dir, record, m, counts)
     sequences = sum(r["sequences"] for r in m["shards"])
     if m["totals"]["sequences"] != sequences or m["totals"]["tokens"] != sequences * m["sequence_length"]:

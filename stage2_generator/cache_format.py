@@ -24,7 +24,7 @@ PROGRESS_KEYS = ("complete", "shards", "totals")
 AUGMENTATION_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
 # safetensors dtype names -> numpy (the format is little-endian), for the dtypes a shard uses
 SAFETENSORS_DTYPES = {"U8": np.dtype("u1"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"),
-                      "F32": np.dtype("<f4")}
+                      "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 
 
 class CacheError(UserError, ValueError):
@@ -50,23 +50,59 @@ def num_shards(num_images: int, images_per_shard: int) -> int:
     return math.ceil(num_images / images_per_shard)
 
 
-def shard_image_range(index: int, num_images: int, images_per_shard: int) -> tuple[int, int]:
-    """Shard `index` holds the images [begin, end): fixed by the image count alone, not by the process count."""
+def shard_image_range(index: int, num_images: int, images_per_shard: int,
+                      boundaries: Sequence[int] | None = None) -> tuple[int, int]:
+    """Shard `index` holds the images [begin, end): fixed by the image count alone (or by the source's own
+    shards, `boundaries` = their cumulative image counts: one cache shard per WebDataset tar), never by the
+    process count."""
+    if boundaries is not None:
+        return int(boundaries[index]), int(boundaries[index + 1])
     begin = index * images_per_shard
     return begin, min(begin + images_per_shard, num_images)
 
 
+def sharding_image_range(manifest: dict, index: int) -> tuple[int, int]:
+    """shard_image_range of shard `index` of the cache `manifest` describes."""
+    sharding = manifest["sharding"]
+    return shard_image_range(index, manifest["dataset"]["num_images"], sharding["images_per_shard"],
+                             sharding.get("boundaries"))
+
+
+TEXT_ENCODER_IDENTITY = ("name", "features", "dim", "max_tokens", "weights_sha256")  # what makes features alike
+
+
+def text_encoder_differences(a: dict, b: dict) -> str:
+    """'key: A vs B; ...' over the keys where two text encoder records differ ('' when they are the same)."""
+    return "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in TEXT_ENCODER_IDENTITY if a.get(k) != b.get(k))
+
+
+def text_encoder_info(manifest: dict) -> dict | None:
+    """The manifest's text encoder record, with the keys caches written before token features lacked filled in
+    (their embeddings are pooled)."""
+    info = manifest["text_encoder"]
+    return None if info is None else {"features": "pooled", "max_tokens": 0, **info}
+
+
 def manifest_header(*, tokenizer_fingerprint: str, tokenizer_path: str, downsample_factor: int, codebook_size: int,
                     grid: Sequence[int], resolution: int, augmentation: str, base_resolution: int, dataset: dict,
-                    text_encoder: dict | None, images_per_shard: int, batch_size: int) -> dict:
+                    text_encoder: dict | None, images_per_shard: int, batch_size: int,
+                    shard_boundaries: Sequence[int] | None = None) -> dict:
     """The manifest of a cache not yet written: its identity, no shards (`complete` false).
 
-    `dataset` holds source, split, max_images, num_images, class_names and caption_source.
+    `dataset` holds source, split, max_images, num_images, class_names and caption_source. `shard_boundaries`
+    (a WebDataset source's cumulative images per tar) makes one cache shard per tar.
     """
     if augmentation not in AUGMENTATION_VIEWS:
         raise ValueError(f"unknown augmentation '{augmentation}': expected one of {sorted(AUGMENTATION_VIEWS)}")
     if dataset["num_images"] < 1:
         raise ValueError("a cache needs at least one image")
+    sharding = {"images_per_shard": images_per_shard, "batch_size": batch_size,
+                "num_shards": num_shards(dataset["num_images"], images_per_shard)}
+    if shard_boundaries is not None:
+        bounds = [int(b) for b in shard_boundaries]
+        if bounds[0] != 0 or bounds[-1] != dataset["num_images"] or any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
+            raise ValueError(f"shard boundaries {bounds[:5]}... must rise from 0 to the image count")
+        sharding.update(num_shards=len(bounds) - 1, boundaries=bounds)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -82,8 +118,7 @@ def manifest_header(*, tokenizer_fingerprint: str, tokenizer_path: str, downsamp
                          "base_resolution": base_resolution},
         "dataset": dataset,
         "text_encoder": text_encoder,
-        "sharding": {"images_per_shard": images_per_shard, "batch_size": batch_size,
-                     "num_shards": num_shards(dataset["num_images"], images_per_shard)},
+        "sharding": sharding,
         "shards": [],
         "totals": None,
     }

@@ -13,7 +13,8 @@ import torch
 
 from simvq_common.artifacts import expect_kind
 
-from .cache_format import MANIFEST_FILE, SAFETENSORS_DTYPES, CacheError, read_manifest
+from .cache_format import MANIFEST_FILE, SAFETENSORS_DTYPES, CacheError, read_manifest, text_encoder_info
+from .condition import TextTokens
 
 
 def open_shard(path: str | Path) -> dict[str, np.ndarray]:
@@ -50,7 +51,7 @@ class CodeBatch(NamedTuple):
     codes: torch.Tensor  # int64 (B, L): the code sequences, row-major over the grid
     labels: torch.Tensor  # int64 (B,)
     index: torch.Tensor  # int64 (B,): the sequences' indices in the cache
-    text_embeddings: torch.Tensor | None  # float32 (B, dim), when asked for and present
+    text_embeddings: torch.Tensor | TextTokens | None  # float32 (B, dim) pooled or TextTokens, when asked for
 
 
 class CodeCache:
@@ -81,7 +82,8 @@ class CodeCache:
         self.codebook_size, self.grid = m["codebook_size"], tuple(m["grid"])
         self.sequence_length = m["sequence_length"]
         self.class_names: list[str] = m["dataset"]["class_names"]
-        self.has_text = m["text_encoder"] is not None
+        self.text_encoder = text_encoder_info(m)  # None when the cache holds no text features
+        self.has_text = self.text_encoder is not None
         self.shards = [self._open(record) for record in m["shards"]]
         counts = [record["sequences"] for record in m["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -141,26 +143,43 @@ class CodeCache:
         begin, end = shard["caption_offsets"][entry], shard["caption_offsets"][entry + 1]
         return bytes(shard["caption_bytes"][begin:end]).decode("utf-8")
 
-    def text_embeddings(self, indices) -> np.ndarray:
-        """(len(indices), dim) float32: the sentence embedding of each sequence's caption."""
+    def text_embeddings(self, indices) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The text features of each sequence's caption: pooled (len(indices), dim) float32, or token features
+        (len(indices), max_tokens, dim) float32 with their mask (len(indices), max_tokens), left-padded with
+        zeros (a caption's tokens last)."""
         if not self.has_text:
             raise CacheError(f"cache {self.path} holds no text embeddings (pretokenize with text_embeddings=true)")
         indices = np.asarray(indices, dtype=np.int64)
         ids = self._gather("caption_ids", indices)
         shard_of = np.searchsorted(self._starts, indices, side="right") - 1
-        dim = self.manifest["text_encoder"]["dim"]
-        out = np.empty((len(indices), dim), dtype=np.float32)
-        for s in np.unique(shard_of):
-            mask = shard_of == s
-            out[mask] = self.shards[s]["text_embeddings"][ids[mask]]
-        return out
+        dim, tokens = self.text_encoder["dim"], self.text_encoder["features"] == "tokens"
+        if not tokens:
+            out = np.empty((len(indices), dim), dtype=np.float32)
+            for s in np.unique(shard_of):
+                rows = shard_of == s
+                out[rows] = self.shards[s]["text_embeddings"][ids[rows]]
+            return out
+        width = self.text_encoder["max_tokens"]
+        features, mask = np.zeros((len(indices), width, dim), np.float32), np.zeros((len(indices), width), bool)
+        for row, (s, entry) in enumerate(zip(shard_of, ids)):
+            begin, end = self.shards[s]["text_token_offsets"][entry:entry + 2]
+            features[row, width - (end - begin):] = self.shards[s]["text_token_features"][begin:end]
+            mask[row, width - (end - begin):] = True
+        return features, mask
+
+    def text_condition(self, indices) -> torch.Tensor | TextTokens:
+        """text_embeddings as the generator takes them: a tensor (pooled) or TextTokens."""
+        text = self.text_embeddings(indices)
+        if isinstance(text, tuple):
+            return TextTokens(torch.from_numpy(text[0]), torch.from_numpy(text[1]))
+        return torch.from_numpy(text)
 
     def batch(self, indices, text: bool = False) -> CodeBatch:
         indices = np.asarray(indices, dtype=np.int64)
         return CodeBatch(codes=torch.from_numpy(self.codes(indices).astype(np.int64)),
                          labels=torch.from_numpy(self.labels(indices).astype(np.int64)),
                          index=torch.from_numpy(indices.copy()),
-                         text_embeddings=torch.from_numpy(self.text_embeddings(indices)) if text else None)
+                         text_embeddings=self.text_condition(indices) if text else None)
 
     def __repr__(self) -> str:
         return (f"CodeCache({str(self.path)!r}, {len(self):,} sequences of {self.grid[0]}x{self.grid[1]}, "

@@ -26,7 +26,8 @@ class ShardContent:
     """One shard's sequences, in row order (image-major, view-minor).
 
     Captions are stored once per distinct caption in the shard (a shard-local table, which also holds
-    their text embeddings); rows point into it with `caption_ids`.
+    their text features); rows point into it with `caption_ids`. Pooled embeddings are stored as they are;
+    token features (with `text_mask`) only at their tokens, as float16 (docs/CACHE_FORMAT.md).
     """
 
     codes: np.ndarray  # (n, h, w) integer codes
@@ -35,9 +36,30 @@ class ShardContent:
     view: np.ndarray  # (n,) the augmentation view of each row (0 when there is one view)
     caption_ids: np.ndarray  # (n,) row -> caption table entry
     captions: list[str]  # the caption table
-    text_embeddings: np.ndarray | None  # (len(captions), dim) float32, or None
+    text_embeddings: np.ndarray | None  # (len(captions), dim) pooled, or (len(captions), T, dim) tokens; or None
     image_range: tuple[int, int]
     skipped: list[int] = field(default_factory=list)  # unreadable image indices in image_range
+    text_mask: np.ndarray | None = None  # (len(captions), T) bool with token features: True where a token is
+    # (left-padded: a caption's tokens last, as the generator reads them)
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def token_feature_tensors(features: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Token features (n, T, dim) with a left-padded mask (n, T) -> the tokens only, (sum of lengths, dim)
+    float16, and each caption's offsets (n + 1,) into them."""
+    lengths = mask.sum(axis=1)
+    if not np.array_equal(mask, np.arange(mask.shape[1])[None, :] >= mask.shape[1] - lengths[:, None]):
+        raise ValueError("text token masks must be left-padded (padding first, then a caption's tokens)")
+    if len(lengths) and lengths.min() < 1:
+        raise ValueError("every caption needs at least one text token")
+    tokens = features[mask]
+    if len(tokens) and np.abs(tokens).max() > FLOAT16_MAX:
+        raise ValueError(f"text token features reach {np.abs(tokens).max():.3g}, beyond float16's range "
+                         f"({FLOAT16_MAX:.0f}): this encoder's features cannot be cached as float16")
+    return {"text_token_features": np.ascontiguousarray(tokens, dtype=np.float16),
+            "text_token_offsets": np.cumsum([0, *lengths], dtype=np.int64)}
 
 
 def caption_table(captions: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -136,7 +158,9 @@ class CacheWriter:
             "caption_offsets": np.cumsum([0, *map(len, encoded)], dtype=np.int64),
             "caption_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8),
         }
-        if content.text_embeddings is not None:
+        if content.text_mask is not None:
+            tensors.update(token_feature_tensors(content.text_embeddings, content.text_mask))
+        elif content.text_embeddings is not None:
             tensors["text_embeddings"] = np.ascontiguousarray(content.text_embeddings, dtype=np.float32)
         data = _safetensors_bytes(tensors, {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                                             "shard": str(index)})

@@ -37,7 +37,7 @@ class GeneratorConfig:
     conditioning: str = "class"  # class | text | none
     rope: str = "2d"  # 2d: half of each head rotates by the code's row, half by its column | 1d: by sequence position
     rope_base: float = 10000.0
-    text_tokens: int = 4  # prefix tokens a text embedding is projected to (conditioning=text)
+    text_tokens: int = 4  # prefix tokens a pooled text embedding is projected to (conditioning=text)
     condition_dropout: float = 0.1  # training: the condition is replaced by the null condition with this p
     checkpoint_activations: bool = False  # training: keep each block's input only, recompute the rest in backward
     codebook_size: int = 0
@@ -45,7 +45,10 @@ class GeneratorConfig:
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)  # label i is class_names[i]
     text_dim: int = 0
-    text_encoder: str = ""  # the sentence encoder whose embeddings the cache holds (conditioning=text)
+    text_encoder: str = ""  # the text encoder whose features the cache holds (conditioning=text)
+    text_encoder_sha256: str = ""  # ... and its weights' hash (pipelines/text.py)
+    text_features: str = ""  # pooled (one embedding per caption) | tokens (token features with a mask)
+    text_max_tokens: int = 0  # token features: the prefix holds this many (padding masked out)
     tokenizer_fingerprint: str = ""
     tokenizer_path: str = ""
 
@@ -67,7 +70,9 @@ class GeneratorConfig:
 
     @property
     def prefix_length(self) -> int:
-        return self.text_tokens if self.conditioning == "text" else 1
+        if self.conditioning != "text":
+            return 1
+        return self.text_max_tokens if self.text_features == "tokens" else self.text_tokens
 
     def check(self) -> None:
         """Refuse an unbuildable config, naming the key and the fix."""
@@ -85,6 +90,12 @@ class GeneratorConfig:
         if self.conditioning == "text" and (self.text_dim < 1 or self.text_tokens < 1):
             raise ConfigError(f"model.conditioning=text needs text_dim >= 1 (the cache's text encoder) and "
                               f"text_tokens >= 1; got {self.text_dim} and {self.text_tokens}")
+        if self.conditioning == "text" and self.text_features == "tokens" and self.text_max_tokens < 1:
+            raise ConfigError(f"token text features need text_max_tokens >= 1 (the cache's encoder); got "
+                              f"{self.text_max_tokens}")
+        if self.text_features not in ("", "pooled", "tokens"):
+            raise ConfigError(f"model.text_features={self.text_features!r}: it comes from the cache (pooled or "
+                              f"tokens)")
         if self.rope == "2d" and (self.dim // self.heads) % 4:
             raise ConfigError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
         if not 0.0 <= self.condition_dropout < 1.0:

@@ -51,6 +51,7 @@ class KVCache:
     values: torch.Tensor
     length: torch.Tensor
     filled: int = 0
+    attended: torch.Tensor | None = None  # (B, 1, 1, max_positions) bool: False at masked-out (padding) keys
 
     @classmethod
     def empty(cls, layers: int, batch: int, heads: int, positions: int, head_dim: int, like: torch.Tensor):
@@ -77,26 +78,24 @@ class Block(nn.Module):
         self.up_gate = nn.Linear(dim, 2 * hidden, bias=False)  # [up; gate]: the SwiGLU is up * silu(gate)
         self.down = nn.Linear(hidden, dim, bias=False)
 
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-               layer: int, step: bool) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+               cache: KVCache | None, layer: int, step: bool) -> torch.Tensor:
+        """mask: the SDPA boolean mask (True = attend); None = causal (not stepping) or every filled key."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif not step:  # prefill: the cache is empty, the n positions attend causally among themselves
-            cache.keys[layer, :, :, :n], cache.values[layer, :, :, :n] = k, v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # one new position at cache.length: written in place, attending to every filled position
+        if step:  # one new position at cache.length: written in place, attending to every filled position
             cache.keys[layer].index_copy_(2, cache.length, k)
             cache.values[layer].index_copy_(2, cache.length, v)
-            filled = (torch.arange(cache.capacity, device=x.device) <= cache.length)[None, :]  # (1 query, keys)
-            out = F.scaled_dot_product_attention(q, cache.keys[layer], cache.values[layer], attn_mask=filled)
+            k, v = cache.keys[layer], cache.values[layer]
+        elif cache is not None:  # prefill: the cache is empty, the n positions attend among themselves
+            cache.keys[layer, :, :, :n], cache.values[layer, :, :, :n] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.out(out.transpose(1, 2).reshape(b, n, d))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, step: bool = False) -> torch.Tensor:
-        x = x + self.attend(self.attn_norm(x), cos, sin, cache, layer, step)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0, step: bool = False) -> torch.Tensor:
+        x = x + self.attend(self.attn_norm(x), cos, sin, mask, cache, layer, step)
         up, gate = self.up_gate(self.ff_norm(x)).chunk(2, dim=-1)
         return x + self.down(up * F.silu(gate))
 
@@ -122,21 +121,42 @@ class Decoder(nn.Module):
     def new_cache(self, batch: int, like: torch.Tensor) -> KVCache:
         return KVCache.empty(len(self.blocks), batch, self.heads, self.max_positions, self.head_dim, like)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, step: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, step: bool = False,
+                prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Training / scoring (no cache), prefill (an empty cache: fill it with x's positions), or one decode
-        step (x of one position, written at cache.length). The caller advances the cache (KVCache.advance):
-        outside a compiled step, so that the host-side count never enters its graph."""
+        step (x of one position, written at cache.length). `prefix_mask` (B, P) bool masks the keys of the
+        first P positions where False (a text prefix's padding; prefill records it in the cache for the steps). The caller
+        advances the cache (KVCache.advance): outside a compiled step, so that the host-side count never
+        enters its graph."""
         n = x.shape[1]
         if step:
             cos, sin = self.cos.index_select(0, cache.length), self.sin.index_select(0, cache.length)
+            mask = (torch.arange(cache.capacity, device=x.device) <= cache.length)[None, :]  # (1 query, keys)
+            if cache.attended is not None:
+                mask = mask & cache.attended
         else:
             if n > self.max_positions:
                 raise ValueError(f"{n} positions; the decoder allows {self.max_positions}")
             cos, sin = self.cos[:n], self.sin[:n]
+            mask = None if prefix_mask is None else self.causal_mask(prefix_mask, n)
+            if cache is not None and prefix_mask is not None:
+                cache.attended = torch.ones(len(x), 1, 1, cache.capacity, dtype=torch.bool, device=x.device)
+                cache.attended[:, 0, 0, :prefix_mask.shape[1]] = prefix_mask
         for i, block in enumerate(self.blocks):
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 # keep each block's input only; its activations are recomputed in the backward
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, i, step)
+                x = block(x, cos, sin, mask, cache, i, step)
         return self.norm(x)
+
+    @staticmethod
+    def causal_mask(prefix_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, 1, n, n) bool: query i attends key j <= i unless j is a masked prefix position; a masked position
+        attends itself alone (so that no query is left without a key, whose softmax would be NaN). No other
+        position reads it, and no loss does: its output is inert."""
+        keys = torch.ones(len(prefix_mask), n, dtype=torch.bool, device=prefix_mask.device)
+        keys[:, :prefix_mask.shape[1]] = prefix_mask
+        causal = torch.ones(n, n, dtype=torch.bool, device=prefix_mask.device).tril()
+        diagonal = torch.eye(n, dtype=torch.bool, device=prefix_mask.device)
+        return (causal[None, None] & keys[:, None, None, :]) | diagonal

@@ -1,10 +1,9 @@
 """The stage-2 generator: a Llama-style decoder (stage2_generator.decoder) over the tokenizer's codes.
 
 A sequence is [condition prefix, code_0, ..., code_{L-2}]; the hidden state at position P - 1 + j
-predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix is one class token
-(row `num_classes` of the class table is the null class used for guidance), `text_tokens` tokens
-projected from a sentence embedding (a learned null embedding for guidance), or one learned start
-token. Positions are rotary: 2d rotates half of each head by the code's row and half by its column
+predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix (stage2_generator.condition)
+is one class token, tokens projected from a sentence embedding or from a text encoder's token features
+(padding masked out of attention), or one learned start token, each with a null for guidance. Positions are rotary: 2d rotates half of each head by the code's row and half by its column
 (prefix tokens are not rotated); 1d by sequence position. The output head is zero-initialised, so
 training starts at the uniform loss ln K, and it scores only the K image codes: nothing outside the
 image vocabulary can be sampled.
@@ -17,58 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from simvq_common.errors import ArtifactError
 from simvq_common.pretrained import PretrainedModel
 
+from .condition import Condition
 from .config import GeneratorConfig, swiglu_hidden
 from .decoder import Decoder, KVCache
 from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
-
-
-class Condition(nn.Module):
-    """Maps a batch's conditions to prefix embeddings (B, P, d); `drop` (B,) bool swaps in the null one."""
-
-    def __init__(self, cfg: GeneratorConfig) -> None:
-        super().__init__()
-        self.kind = cfg.conditioning
-        d = cfg.dim
-        # the learned null text and start token begin random (a unit vector like the sentence embeddings; N(0, 1)
-        # like the token embeddings), not zero: a zero token makes the first RMSNorm (x / ||x||) differentiate
-        # at 0, where its gradient is not finite
-        if self.kind == "class":
-            self.classes = nn.Embedding(cfg.num_classes + 1, d)  # the last row is the null class
-            self.null_class = cfg.num_classes
-        elif self.kind == "text":
-            self.null_text = nn.Parameter(F.normalize(torch.randn(cfg.text_dim), dim=0))
-            self.project = nn.Linear(cfg.text_dim, cfg.text_tokens * d, bias=False)
-            self.tokens = cfg.text_tokens
-        else:
-            self.start = nn.Parameter(torch.randn(1, 1, d))
-        self.dim = d
-
-    def forward(self, condition: torch.Tensor | None, drop: torch.Tensor | None = None,
-                batch_size: int | None = None) -> torch.Tensor:
-        if self.kind == "class":
-            labels = condition if drop is None else torch.where(drop, self.null_class, condition)
-            return self.classes(labels)[:, None, :]
-        if self.kind == "text":
-            # in the projection's dtype: the cache's fp32 embeddings meet bf16 weights under DeepSpeed bf16
-            text = condition.to(self.project.weight.dtype)
-            if drop is not None:
-                text = torch.where(drop[:, None], self.null_text.to(text.dtype), text)
-            return self.project(text).view(len(text), self.tokens, self.dim)
-        return self.start.expand(batch_size if condition is None else len(condition), 1, self.dim)
-
-    def null(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
-        """The null condition for a batch: what `drop=True` would use (None when unconditional)."""
-        if self.kind == "class":
-            return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
-        if self.kind == "text":
-            return self.null_text.detach().expand(batch_size, -1)
-        return None
 
 
 def rotary_frequencies(cfg: GeneratorConfig) -> torch.Tensor:
@@ -134,30 +90,30 @@ class Generator(PretrainedModel, nn.Module):
     def prefix_length(self) -> int:
         return self.config.prefix_length
 
-    def _inputs(self, codes: torch.Tensor, condition, drop) -> torch.Tensor:
+    def _hidden(self, codes: torch.Tensor, condition, drop) -> torch.Tensor:
         prefix = self.condition(condition, drop, batch_size=len(codes))
-        return torch.cat([prefix, self.token_embed(codes[:, :-1])], dim=1)
+        x = torch.cat([prefix, self.token_embed(codes[:, :-1])], dim=1)
+        return self.decoder(x, prefix_mask=self.condition.prefix_mask(condition, drop))
 
-    def forward(self, codes: torch.Tensor, condition: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-code cross-entropy of codes (B, L) given the conditions; `drop` (B,) bool nulls some."""
-        hidden = self.decoder(self._inputs(codes, condition, drop))
+    def forward(self, codes: torch.Tensor, condition=None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-code cross-entropy of codes (B, L) given the conditions (class ids, text embeddings,
+        TextTokens or None); `drop` (B,) bool nulls some."""
+        hidden = self._hidden(codes, condition, drop)
         return self.head(hidden[:, self.prefix_length - 1:], codes)  # positions predicting code_0 .. code_{L-1}
 
-    def logits(self, codes: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, codes: torch.Tensor, condition=None) -> torch.Tensor:
         """Uncached fp32 logits (B, L, K) of every code given the ones before it (for tests and scoring)."""
-        hidden = self.decoder(self._inputs(codes, condition, None))
-        return self.head(hidden[:, self.prefix_length - 1:])
+        return self.head(self._hidden(codes, condition, None)[:, self.prefix_length - 1:])
 
     @torch.no_grad()
-    def prefill(self, condition: torch.Tensor | None, batch_size: int | None = None,
+    def prefill(self, condition, batch_size: int | None = None,
                 codes: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
         """Encode the prefix (and any given leading codes (B, t)): the logits (B, K) of the next code and the cache."""
         x = self.condition(condition, None, batch_size=batch_size)
         if codes is not None and codes.shape[1]:
             x = torch.cat([x, self.token_embed(codes)], dim=1)
         cache = self.decoder.new_cache(len(x), like=x)
-        hidden = self.decoder(x, cache)
+        hidden = self.decoder(x, cache, prefix_mask=self.condition.prefix_mask(condition))
         cache.advance(x.shape[1])
         return self.head(hidden[:, -1]), cache
 
@@ -198,6 +154,6 @@ def training_flops_per_token(cfg: GeneratorConfig) -> int:
     x positions for the attention scores and their weighted sum (PaLM's count; causal masking not discounted)."""
     d, positions = cfg.dim, cfg.prefix_length + cfg.sequence_length - 1
     matmul_weights = cfg.depth * (4 * d * d + 3 * d * swiglu_hidden(d)) + d * cfg.codebook_size
-    if cfg.conditioning == "text":
-        matmul_weights += cfg.text_dim * cfg.text_tokens * d
+    if cfg.conditioning == "text":  # the text projection, per sequence (pooled: to P tokens; tokens: P of them)
+        matmul_weights += cfg.text_dim * d * cfg.prefix_length
     return 6 * matmul_weights + 12 * cfg.depth * d * positions

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .condition import concat_conditions
 from .config import SamplingConfig
 from .model import Generator
 
@@ -65,7 +66,7 @@ def generate(model: Generator, condition: torch.Tensor | None, indices, cfg: Sam
              prefix_codes: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
     """Codes (B, L) for B = len(indices) samples with global indices `indices`.
 
-    condition: class ids (B,), text embeddings (B, text_dim) or None (unconditional). prefix_codes (B, t):
+    condition: class ids (B,), text embeddings (B, text_dim), TextTokens or None (unconditional). prefix_codes (B, t):
     the first t codes are given (an image's top rows) and the rest generated. use_cache=False recomputes
     the whole sequence at every step (the reference the cache is tested and benchmarked against).
     """
@@ -82,7 +83,7 @@ def generate(model: Generator, condition: torch.Tensor | None, indices, cfg: Sam
         codes[:, :start] = prefix_codes
     guided = conditional and cfg.guidance_scale != 1.0
     if guided:  # one doubled batch: rows [0, B) conditional, [B, 2B) null
-        condition = torch.cat([condition, model.condition.null(batch, device).to(condition)])
+        condition = concat_conditions(condition, model.condition.null(batch, device))
     rows = 2 * batch if guided else batch
 
     def run(t: int, cache):

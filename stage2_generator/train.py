@@ -27,6 +27,7 @@ from simvq_common.io import write_json_atomic
 from simvq_common.run_dir import RunDir
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
+from .cache_format import text_encoder_differences
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
 from .config import GeneratorConfig, GeneratorTrainConfig
@@ -82,25 +83,38 @@ def lr_lambda(cfg: GeneratorTrainConfig):
 
 
 def model_config_for(cfg: GeneratorConfig, cache: CodeCache) -> GeneratorConfig:
-    """The model config with the cache's vocabulary, grid, classes and text width filled in; a value the
+    """The model config with the cache's vocabulary, grid, classes and text encoder filled in; a value the
     config already sets must agree with the cache (both are named otherwise)."""
     m = cache.manifest
-    text = m["text_encoder"] or {}
+    text = cache.text_encoder or {}
     from_cache = {"codebook_size": m["codebook_size"], "grid": list(m["grid"]),
                   "num_classes": len(cache.class_names), "class_names": list(cache.class_names),
                   "text_dim": text.get("dim", 0), "text_encoder": text.get("name", ""),
+                  "text_encoder_sha256": text.get("weights_sha256", ""), "text_features": text.get("features", ""),
+                  "text_max_tokens": text.get("max_tokens", 0),
                   "tokenizer_fingerprint": m["tokenizer"]["fingerprint"], "tokenizer_path": m["tokenizer"]["path"]}
     # keys an experiment may pin (refused when the cache disagrees); the others are always the cache's
-    unset = {"codebook_size": 0, "grid": [0, 0], "num_classes": 0, "text_dim": 0, "tokenizer_fingerprint": ""}
+    unset = {"codebook_size": 0, "grid": [0, 0], "num_classes": 0, "text_dim": 0, "tokenizer_fingerprint": "",
+             "text_encoder": "", "text_encoder_sha256": ""}
     for key, default in unset.items():
         mine, value = getattr(cfg, key), from_cache[key]
         if mine != default and mine != value:
+            made_by = "text encoder" if key.startswith("text") else "tokenizer or dataset"
             raise UserError(f"model.{key}={mine} but the cache {cache.path} has {key} {value}: the cache was made "
-                            f"by another tokenizer or dataset; use a matching cache or leave model.{key} unset")
+                            f"by another {made_by}; use a matching cache or leave model.{key} unset")
     if cfg.conditioning == "text" and not cache.has_text:
         raise UserError(f"model.conditioning=text but cache {cache.path} holds no text embeddings: pretokenize "
                         f"with text_embeddings=true")
     return replace(cfg, **from_cache)
+
+
+def check_same_text_encoder(train: CodeCache, other: CodeCache) -> None:
+    """A val cache's captions must be encoded like the training cache's: the generator reads one encoder."""
+    a, b = train.text_encoder or {}, other.text_encoder or {}
+    both = text_encoder_differences(a, b)
+    if train.has_text and other.has_text and both:
+        raise UserError(f"data.val_cache {other.path} was pre-tokenized with text encoder {b.get('name')!r}, the "
+                        f"training cache {train.path} with {a.get('name')!r} ({both}): pre-tokenize both with one")
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -129,6 +143,8 @@ class GeneratorTrainer:
         self.loader = CacheLoader(self.cache, cfg.data.batch_size, seed=cfg.run.seed, drop_last=True, text=text)
         self.val_cache = (CodeCache(cfg.data.val_cache, expect_codebook_size=cfg.model.codebook_size,
                                     expect_tokenizer=cfg.model.tokenizer_fingerprint) if cfg.data.val_cache else None)
+        if self.val_cache is not None and text:
+            check_same_text_encoder(self.cache, self.val_cache)
         # model and engine; the seed makes every rank build the same initial weights
         torch.manual_seed(cfg.run.seed)
         self.model = Generator(cfg.model, cfg.run.loss_chunk_mb)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from stage2_generator.cache_check import check_cache
-from stage2_generator.cache_format import CacheError, code_dtype, write_manifest
+from stage2_generator.cache_format import CacheError, code_dtype, manifest_header, write_manifest
 from stage2_generator.cache_loader import CacheLoader
-from stage2_generator.cache_reader import CodeCache
-from stage2_generator.cache_writer import CacheWriter, ShardContent
-from synthetic_cache import FINGERPRINT, header_for, make_cache
+from stage2_generator.cache_reader import CodeCache, open_shard
+from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table, token_feature_tensors
+from stage2_generator.condition import TextTokens
+from synthetic_cache import EMBED_DIM, FINGERPRINT, MAX_TOKENS, header_for, make_cache
 
 # ---------------------------------------------------------------- format round trip ------------
 def test_shards_read_back_exactly_by_random_access(tmp_path):
@@ -32,6 +33,62 @@ def test_shards_read_back_exactly_by_random_access(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["totals"] == {"images": 10, "skipped": 1, "sequences": 20, "tokens": 120}
     assert [r["skipped"] for r in manifest["shards"]] == [[], [5], []]
+
+
+def test_token_features_read_back_left_padded_with_their_masks(tmp_path):
+    truth = make_cache(tmp_path, num_images=11, images_per_shard=4, aug="flip", text="tokens", skipped=(5,))
+    cache = CodeCache(tmp_path)
+    order = np.random.default_rng(2).permutation(len(cache))
+    features, mask = cache.text_embeddings(order)
+    assert features.shape == (len(cache), MAX_TOKENS, EMBED_DIM) and mask.dtype == bool
+    np.testing.assert_array_equal(features, truth["embeddings"][order])  # exact: the values are float16's
+    np.testing.assert_array_equal(mask, truth["masks"][order])
+    assert mask[:, -1].all() and 0 < mask.sum() < mask.size  # every caption ends the prefix; some padding
+    batch = cache.batch(order[:3], text=True)
+    assert isinstance(batch.text_embeddings, TextTokens)
+    np.testing.assert_array_equal(batch.text_embeddings.mask.numpy(), truth["masks"][order[:3]])
+    # only the tokens are stored: the token table holds sum(lengths) rows
+    shard = open_shard(tmp_path / "shards" / "00000.safetensors")
+    assert shard["text_token_features"].dtype == np.float16 and "text_embeddings" not in shard
+    lengths = np.diff(shard["text_token_offsets"])
+    assert len(shard["text_token_features"]) == lengths.sum() < len(lengths) * MAX_TOKENS
+    assert check_cache(tmp_path).problems == []
+
+
+def test_the_writer_refuses_right_padded_or_empty_token_masks(tmp_path):
+    features = np.ones((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="left-padded"):
+        token_feature_tensors(features, np.array([[True, False, False], [True, True, True]]))
+    with pytest.raises(ValueError, match="at least one"):
+        token_feature_tensors(features, np.array([[False, False, False], [True, True, True]]))
+    with pytest.raises(ValueError, match="float16"):
+        token_feature_tensors(features * 1e6, np.ones((2, 3), bool))
+
+
+def test_a_source_with_its_own_shards_gets_one_cache_shard_each(tmp_path):
+    """WebDataset tars of 4, 0 (unreadable) and 3 images: three cache shards with those image ranges."""
+    header = manifest_header(
+        tokenizer_fingerprint=FINGERPRINT, tokenizer_path="/nowhere", downsample_factor=8, codebook_size=10,
+        grid=(1, 2), resolution=8, augmentation="none", base_resolution=8,
+        dataset={"source": "tars", "split": "train", "max_images": 0, "num_images": 7, "class_names": ["x"],
+                 "caption_source": "webdataset"},
+        text_encoder=None, images_per_shard=8192, batch_size=2, shard_boundaries=[0, 4, 4, 7])
+    assert header["sharding"]["num_shards"] == 3
+    writer = CacheWriter(tmp_path, header)
+    assert writer.prepare() == [0, 1, 2]
+    for s, (begin, end) in enumerate([(0, 4), (4, 4), (4, 7)]):
+        images = np.arange(begin, end)
+        ids, table = caption_table(["x"] * len(images))
+        writer.write_shard(s, ShardContent(codes=np.zeros((len(images), 1, 2)), labels=np.zeros(len(images)),
+                                           image_index=images, view=np.zeros(len(images)), caption_ids=ids,
+                                           captions=table, text_embeddings=None, image_range=(begin, end)))
+    writer.finish()
+    assert check_cache(tmp_path).problems == [] and len(CodeCache(tmp_path)) == 7
+    with pytest.raises(ValueError, match="rise from 0"):
+        manifest_header(**{**dict(tokenizer_fingerprint=FINGERPRINT, tokenizer_path="/", downsample_factor=8,
+                                  codebook_size=10, grid=(1, 2), resolution=8, augmentation="none",
+                                  base_resolution=8, dataset=header["dataset"], text_encoder=None,
+                                  images_per_shard=1, batch_size=1), "shard_boundaries": [0, 5, 4, 7]})
 
 
 @pytest.mark.parametrize("k, dtype", [(65536, np.uint16), (65537, np.int32), (262144, np.int32)])

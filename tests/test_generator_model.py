@@ -8,12 +8,16 @@ import torch.nn.functional as F
 
 from stage2_generator.config import SIZES, GeneratorConfig, swiglu_hidden
 from stage2_generator.loss import chunk_rows, chunked_cross_entropy
+from stage2_generator.condition import TextTokens
 from stage2_generator.model import Generator, parameter_groups, rotary_frequencies
 
 LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6}  # LlamaGen's GPT sizes (K = 16,384, 1,000 classes)
 
 
 def config(conditioning="class", rope="2d", size="nano", k=97, grid=(3, 4), **kw) -> GeneratorConfig:
+    """conditioning "tokens" is text with token features (3 per caption)."""
+    if conditioning == "tokens":
+        conditioning, kw = "text", {"text_features": "tokens", "text_max_tokens": 3, **kw}
     return GeneratorConfig(size=size, conditioning=conditioning, rope=rope, codebook_size=k, grid=list(grid),
                            num_classes=5, text_dim=6, text_tokens=2, **kw)
 
@@ -22,9 +26,19 @@ def condition_for(cfg: GeneratorConfig, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if cfg.conditioning == "class":
         return torch.randint(0, cfg.num_classes, (n,), generator=g)
+    if cfg.conditioning == "text" and cfg.text_features == "tokens":
+        return random_text_tokens(n, cfg.text_max_tokens, cfg.text_dim, g)
     if cfg.conditioning == "text":
         return torch.randn(n, cfg.text_dim, generator=g)
     return None
+
+
+def random_text_tokens(n: int, width: int, dim: int, g: torch.Generator) -> TextTokens:
+    """Left-padded token features of random lengths 1..width (row 0 has 1 token: padding is exercised)."""
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    lengths[0] = 1
+    mask = torch.arange(width)[None, :] >= width - lengths[:, None]
+    return TextTokens(torch.randn(n, width, dim, generator=g) * mask[..., None], mask)
 
 
 def random_model(cfg: GeneratorConfig, seed: int = 0) -> Generator:
@@ -80,7 +94,7 @@ def test_chunk_rows_respects_the_memory_budget():
     assert chunk_rows(1000, 1.0) * 1000 * 4 <= 2**20 < (chunk_rows(1000, 1.0) + 1) * 1000 * 4
 
 
-@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "tokens", "none"])
 def test_training_starts_at_the_uniform_loss_because_the_head_is_zero(conditioning):
     cfg = config(conditioning)
     model = Generator(cfg)
@@ -89,7 +103,7 @@ def test_training_starts_at_the_uniform_loss_because_the_head_is_zero(conditioni
     assert loss.item() == pytest.approx(math.log(cfg.codebook_size), abs=1e-6)
 
 
-@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "tokens", "none"])
 def test_loss_is_the_mean_cross_entropy_of_the_uncached_logits(conditioning):
     cfg = config(conditioning)
     model = random_model(cfg)
@@ -101,7 +115,8 @@ def test_loss_is_the_mean_cross_entropy_of_the_uncached_logits(conditioning):
     assert model(codes, condition).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("conditioning,rope", [("class", "2d"), ("class", "1d"), ("text", "2d"), ("none", "2d")])
+@pytest.mark.parametrize("conditioning,rope", [("class", "2d"), ("class", "1d"), ("text", "2d"),
+                                                   ("tokens", "2d"), ("tokens", "1d"), ("none", "2d")])
 def test_kv_cached_logits_equal_the_uncached_ones(conditioning, rope):
     cfg = config(conditioning, rope)
     model = random_model(cfg)
@@ -143,7 +158,7 @@ def test_2d_rope_makes_attention_depend_on_grid_position_not_sequence_index():
     assert (la[:, 6:] - lb[:, 6:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("conditioning", ["class", "text"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "tokens"])
 def test_dropped_conditions_become_the_null_condition(conditioning):
     cfg = config(conditioning)
     model = random_model(cfg)
@@ -152,8 +167,13 @@ def test_dropped_conditions_become_the_null_condition(conditioning):
     drop = torch.tensor([True, False, True, False])
     mixed = model(codes, condition, drop)
     null = model.condition.null(4, torch.device("cpu"))
-    by_hand = torch.where(drop[:, None], null, condition) if conditioning == "text" else torch.where(drop, null,
-                                                                                                     condition)
+    if conditioning == "tokens":
+        by_hand = TextTokens(torch.where(drop[:, None, None], null.features, condition.features),
+                             torch.where(drop[:, None], null.mask, condition.mask))
+    elif conditioning == "text":
+        by_hand = torch.where(drop[:, None], null, condition)
+    else:
+        by_hand = torch.where(drop, null, condition)
     assert mixed.item() == pytest.approx(model(codes, by_hand).item(), rel=1e-6)
     assert abs(mixed.item() - model(codes, condition).item()) > 1e-4
 
@@ -197,7 +217,7 @@ def test_bad_configs_are_refused_naming_the_key():
         model.logits(torch.zeros(1, 13, dtype=torch.long), torch.tensor([0]))
 
 
-@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "tokens", "none"])
 def test_every_gradient_is_finite_and_reaches_the_condition(conditioning):
     # a zero null embedding or start token once gave non-finite gradients through the first RMSNorm
     cfg = config(conditioning)
@@ -209,5 +229,23 @@ def test_every_gradient_is_finite_and_reaches_the_condition(conditioning):
     model(codes, condition_for(cfg, 4), drop).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    learned = {"class": "classes.weight", "text": "null_text", "none": "start"}[conditioning]
+    learned = {"class": "classes.weight", "text": "null_text", "tokens": "null_text", "none": "start"}[conditioning]
     assert model.condition.get_parameter(learned).grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rope", ["2d", "1d"])
+def test_a_text_prefix_padding_is_invisible(rope):
+    """Whatever the features at masked (padding) positions hold, every code's logits are the same; a feature at
+    an attended position changes them (so the mask is not hiding everything)."""
+    cfg = config("tokens", rope)
+    model = random_model(cfg)
+    codes = torch.randint(0, cfg.codebook_size, (4, cfg.sequence_length))
+    text = condition_for(cfg, 4)
+    noisy = TextTokens(text.features + 5 * torch.randn_like(text.features) * ~text.mask[..., None], text.mask)
+    torch.testing.assert_close(model.logits(codes, noisy), model.logits(codes, text), rtol=0, atol=1e-6)
+    first_token = text.features.clone()
+    first_token[0, -1] += 1.0  # row 0's one token
+    assert (model.logits(codes, TextTokens(first_token, text.mask))[0] - model.logits(codes, text)[0]).abs().max() > 1e-3
+    # and the mask alone changes the result: unmasking row 0's padding makes it visible
+    unmasked = TextTokens(noisy.features, torch.ones_like(text.mask))
+    assert (model.logits(codes, unmasked)[0] - model.logits(codes, noisy)[0]).abs().max() > 1e-3

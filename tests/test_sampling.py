@@ -25,7 +25,7 @@ def by_hand(model, condition, indices, cfg: SamplingConfig, scale_of=None):
     return codes
 
 
-@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "tokens", "none"])
 @pytest.mark.parametrize("sampling", [SamplingConfig(seed=3), SamplingConfig(temperature=0.7, top_k=20, top_p=0.9),
                                       SamplingConfig(temperature=0)])
 def test_cached_sampling_equals_recomputing_the_sequence(conditioning, sampling):
@@ -47,7 +47,7 @@ def test_guidance_scale_1_is_plain_conditional_sampling():
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
-@pytest.mark.parametrize("conditioning", ["class", "text"])
+@pytest.mark.parametrize("conditioning", ["class", "text", "tokens"])
 def test_guided_sampling_combines_conditional_and_null_logits(schedule, conditioning):
     cfg = config(conditioning)
     model = random_model(cfg)

@@ -156,6 +156,32 @@ def test_text_conditioned_training_runs_on_the_cached_embeddings(tmp_path):
     assert model.condition.null_text.shape == (4,)
 
 
+def test_token_feature_training_learns_from_the_caption_tokens(tmp_path):
+    make_cache(tmp_path / "cache", num_images=12, images_per_shard=8, codebook_size=64, grid=(2, 3), text="tokens")
+    out = train_generator(tiny(tmp_path, "model.conditioning=text", "run.steps=2"))
+    model = Generator.from_pretrained(out)
+    cfg = model.config
+    assert (cfg.text_features, cfg.text_max_tokens, cfg.text_dim, cfg.prefix_length) == ("tokens", 5, 4, 5)
+    assert (cfg.text_encoder, cfg.text_encoder_sha256) == ("test-tokens", "feedfacefeedface")
+    assert model.condition.null_text.shape == (5, 4) and model.condition.project.weight.shape == (cfg.dim, 4)
+    torch.manual_seed(0)  # the trainer's seed: the weights training began from; the text projection moved
+    assert not torch.equal(model.condition.project.weight, Generator(cfg).condition.project.weight)
+
+
+def test_a_cache_made_with_another_text_encoder_is_refused(tmp_path):
+    make_cache(tmp_path / "cache", num_images=12, images_per_shard=8, codebook_size=64, grid=(2, 3), text="tokens")
+    make_cache(tmp_path / "pooled", num_images=6, images_per_shard=8, codebook_size=64, grid=(2, 3), text=True)
+    with pytest.raises(UserError, match=r"val_cache .* text encoder 'test', the training cache .* 'test-tokens' "
+                                        r"\(name: 'test-tokens' vs 'test'; features: 'tokens' vs 'pooled'"):
+        GeneratorTrainer(tiny(tmp_path, "model.conditioning=text", val=tmp_path / "pooled"))
+    with pytest.raises(UserError, match="model.text_encoder=google/flan-t5-xl but the cache .* has text_encoder "
+                                        "test-tokens: the cache was made by another text encoder"):
+        GeneratorTrainer(tiny(tmp_path, "model.conditioning=text", "model.text_encoder=google/flan-t5-xl"))
+    with pytest.raises(UserError, match="text_encoder_sha256=abcd but the cache .* has text_encoder_sha256 "
+                                        "feedfacefeedface"):
+        GeneratorTrainer(tiny(tmp_path, "model.conditioning=text", "model.text_encoder_sha256=abcd"))
+
+
 def _worker(local_rank, world, port, cfg_overrides, tmp, results):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
