@@ -146,5 +146,5 @@ def check_same_encoder(recorded: dict, info: dict, what: str, fix: str) -> None:
     """Refuse features from another encoder than `recorded` (name, kind, width, tokens, weights), naming both."""
     both = text_encoder_differences(recorded, info)
     if both:
-        raise UserError(f"{what} was made with text encoder {recorded.get('name')!r}, not {info.get('name')!r} "
-                        f"({both}): {fix}")
+        raise UserError(f"{what} was made with text encoder {recorded.get('name')!r}, which differs from the one "
+                        f"loaded here ({both}; the made-with value first): {fix}")

@@ -176,6 +176,15 @@ def rank0_decides(decide: Callable[[], object]) -> object:
     return value
 
 
+_working_alone = False  # True while rank 0 runs run_on_rank0's work: the other ranks are in no collective
+
+
+def working_alone() -> bool:
+    """Whether this process runs work alone (run_on_rank0's, on rank 0): code that would otherwise share work
+    over the ranks through a collective (e.g. the tar scan of stage1_tokenizer.webdataset) must do it all here."""
+    return _working_alone
+
+
 class Rank0Failed(UserError, RuntimeError):
     """On the other ranks: what stopped rank 0 (which printed it in full)."""
 
@@ -186,15 +195,19 @@ def run_on_rank0(work: Callable[[], object], record: Path, poll_s: float = 2.0) 
     For long single-process work (an evaluation) that would outlast nccl's collective timeout. `record` must
     be on a filesystem every rank sees (as the run's other outputs are) and must not exist beforehand.
     """
+    global _working_alone
     if world_size() == 1:
         return work()
     if rank() == 0:
         try:
+            _working_alone = True
             result = json.loads(json.dumps(work()))  # what the other ranks read: the same on every rank
             write_json_atomic(record, {"result": result})
         except BaseException as err:  # the others must not wait for a result that never comes
             write_json_atomic(record, {"error": f"{type(err).__name__}: {err}"})
             raise
+        finally:
+            _working_alone = False
         return result
     while not record.is_file():
         time.sleep(poll_s)

@@ -157,7 +157,7 @@ class CaptionedFolderDataset(ImageFolderDataset):
                 self.missing_files.append(path)
         if self.missing_files:
             warnings.warn(f"{len(self.missing_files)} image(s) listed in {metadata} do not exist and are left out: "
-                          f"{self.missing_files[:3]}{' ...' if len(self.missing_files) > 3 else ''}", stacklevel=4)
+                          f"{self.missing_files[:3]}{' ...' if len(self.missing_files) > 3 else ''}", stacklevel=5)
         if not paths:
             raise ArtifactError(f"none of the images listed in {metadata} exist: file_name must be relative to {root}")
         return paths

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from simvq_common import distributed
@@ -175,7 +176,8 @@ class TarShardDataset(Dataset):
     Item i: (float32 (3, R, R) in [-1, 1], 0), read by seeking to its image's bytes in its tar; None if they do
     not decode or, with `require_captions`, if its caption is missing (logged in `bad_files`). Tar t holds the
     items shard_boundaries[t]:shard_boundaries[t + 1]. Rank r of `world_size` scans tars r::world_size here and
-    the counts are gathered: every rank of the group must build the dataset (world_size=1: scan all, no collective).
+    the counts are gathered: every rank of the group must build the dataset (world_size=1, or inside
+    distributed.run_on_rank0's work: scan all here, no collective).
     """
 
     caption_source = "webdataset"
@@ -197,8 +199,9 @@ class TarShardDataset(Dataset):
         if not self.tars:
             raise ArtifactError(f"no *.tar files in {self.root}: {ACCEPTED_LAYOUTS}")
         self.shard_names = [p.name for p in self.tars]
-        rank = distributed.rank() if rank is None else int(rank)
-        world = distributed.world_size() if world_size is None else int(world_size)
+        alone = distributed.working_alone()  # rank 0 in run_on_rank0: the other ranks would not join the gather
+        rank = (0 if alone else distributed.rank()) if rank is None else int(rank)
+        world = (1 if alone else distributed.world_size()) if world_size is None else int(world_size)
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"bad rank {rank} of world size {world}")
         self._indices: OrderedDict[int, TarIndex] = OrderedDict()
@@ -213,16 +216,25 @@ class TarShardDataset(Dataset):
         """(samples, skipped, missing captions, damage, error) of every tar: this rank's share scanned here, the
         others' gathered from their ranks (or scanned here when no process group holds them)."""
         names_digest = hashlib.blake2b("\n".join(self.shard_names).encode(), digest_size=8).hexdigest()
-        mine = {}
-        for t in range(rank, len(self.tars), world):
-            index = scan_tar(self.tars[t])
-            self._keep(t, index)
-            mine[t] = (len(index.samples), index.skipped, index.missing_captions, index.damage, index.error)
-        shares = distributed.all_gather_object((names_digest, mine)) if world > 1 else [(names_digest, mine)]
-        if any(digest != names_digest for digest, _ in shares):
+        mine, failure = {}, None
+        try:  # whatever stops one rank's scan must reach the others, waiting in the gather
+            for t in range(rank, len(self.tars), world):
+                index = scan_tar(self.tars[t])
+                self._keep(t, index)
+                mine[t] = (len(index.samples), index.skipped, index.missing_captions, index.damage, index.error)
+        except Exception as err:  # noqa: BLE001 - raised below, on every rank
+            if world == 1:
+                raise
+            failure = f"{type(err).__name__}: {err}"
+        share = (names_digest, mine, failure)
+        shares = distributed.all_gather_object(share) if world > 1 else [share]
+        failed = [(r, f) for r, (_, _, f) in enumerate(shares) if f is not None]
+        if failed:
+            raise ArtifactError(f"rank {failed[0][0]} could not scan its tars in {self.root}: {failed[0][1]}")
+        if any(digest != names_digest for digest, _, _ in shares):
             raise ArtifactError(f"the ranks see different *.tar files in {self.root}: every rank needs the same "
                                 f"folder (a shared filesystem)")
-        summary = {t: row for _, rows in shares for t, row in rows.items()}
+        summary = {t: row for _, rows, _ in shares for t, row in rows.items()}
         for t in range(len(self.tars)):  # no group (rank and world_size passed by hand): scan the rest here
             if t not in summary:
                 index = scan_tar(self.tars[t])
@@ -269,9 +281,9 @@ class TarShardDataset(Dataset):
         if index is None:
             index = scan_tar(self.tars[t])
             if len(index.samples) != self.sample_counts[t]:
-                raise ArtifactError(f"{self.tars[t]} changed since the dataset was built: it now holds "
-                                    f"{len(index.samples)} samples, not {self.sample_counts[t]}; restart with the "
-                                    f"tars left as they are")
+                now = f"is unreadable ({index.error})" if index.error else f"holds {len(index.samples)} samples"
+                raise ArtifactError(f"{self.tars[t]} changed since the dataset was built: it now {now}, not "
+                                    f"{self.sample_counts[t]} samples; restart with the tars left as they are")
         self._keep(t, index)
         return index
 
@@ -309,7 +321,11 @@ class TarShardDataset(Dataset):
             data = f.read(sample.size)
         if len(data) != sample.size:
             raise OSError(f"member {sample.member} is cut short: {len(data)} of {sample.size} bytes (the tar shrank)")
-        return decode_image(io.BytesIO(data), self.resolution, self.train, self.seed, self.epoch, i), 0
+        try:
+            return decode_image(io.BytesIO(data), self.resolution, self.train, self.seed, self.epoch, i), 0
+        except UnidentifiedImageError:  # PIL would name the BytesIO object, not the member
+            raise UnidentifiedImageError(f"cannot identify the image in member {sample.member} ({sample.size} "
+                                         f"bytes)") from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         t, sample = self.locate(index)

@@ -3,9 +3,10 @@ damaged tars; the per-rank scan; ShardedEpochSampler; the layout errors."""
 import bisect
 import io
 import json
+import shutil
 import tarfile
-import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,7 +152,8 @@ def test_metadata_jsonl_skips_missing_images_and_counts_missing_captions(tmp_pat
     assert len(ds) == 3 and ds.missing_files == [str(folder / "gone.png")] and ds.missing_captions == 2
     assert [ds.caption(i) for i in range(3)] == ["first", None, None]
     assert all(ds[i] is not None for i in range(3))  # tokenizer training needs no captions
-    strict = build_image_dataset(str(folder), "train", 16, random_crop=False, require_captions=True)
+    with pytest.warns(UserWarning, match="do not exist"):
+        strict = build_image_dataset(str(folder), "train", 16, random_crop=False, require_captions=True)
     with pytest.warns(BadImageWarning, match="image without a caption"):
         assert [strict[i] is None for i in range(3)] == [False, True, True]
     assert strict.bad_files.skipped == 2 and "null or empty" in strict.bad_files.errors[str(folder / "c.png")]
@@ -205,14 +207,25 @@ def test_damaged_tars_keep_what_precedes_the_damage_and_count_the_rest(emoji, tm
     assert ds.missing_captions == 1 and ds.caption(5) is None and ds.caption(10) == "from json"
     assert list(ds.unreadable_tars) == [str(root / "x.tar")] and "ReadError" in ds.unreadable_tars[str(root / "x.tar")]
     assert list(ds.damaged_tars) == [str(first)]
-    with pytest.warns(BadImageWarning, match="00002.tar:a.png"):
+    with pytest.warns(BadImageWarning, match="00002.tar:a.png: UnidentifiedImageError: cannot identify the image in"):
         items = [ds[i] for i in range(len(ds))]
     assert [i for i, item in enumerate(items) if item is None] == [9]  # the undecodable image, at read time
     assert ds.bad_files.paths == [f"{root / '00002.tar'}:a.png"]
-    strict = TarShardDataset(root, 16, train=False, require_captions=True)
-    with pytest.warns(BadImageWarning, match="image without a caption"):
+    with pytest.warns(DamagedTarWarning):
+        strict = TarShardDataset(root, 16, train=False, require_captions=True)
+    with pytest.warns(BadImageWarning) as caught:
         assert [i for i in range(len(strict)) if strict[i] is None] == [5, 9]
-    assert strict.bad_files.skipped == 2
+    assert strict.bad_files.skipped == 2 and "image without a caption" in str(caught[0].message)
+    assert strict.bad_files.errors[f"{root / '00001.tar'}:00000008.png"].startswith("MissingCaptionError")
+
+
+def test_a_tar_changed_under_a_built_dataset_is_an_error(layouts, tmp_path):
+    shutil.copytree(layouts / "tars" / "train", tmp_path / "tars")
+    ds = TarShardDataset(tmp_path / "tars", 32, train=False, max_indexed_tars=1)  # holds the last tar's index only
+    assert len(ds._indices) == 1
+    write_tar(tmp_path / "tars" / "00000.tar", {"a.png": png_bytes(0)})
+    with pytest.raises(ArtifactError, match=r"00000\.tar changed since the dataset was built: it now holds 1 samples"):
+        ds[0]
 
 
 def test_folders_without_any_layout_name_the_path_and_the_layouts(tmp_path):
@@ -235,52 +248,46 @@ def test_folders_without_any_layout_name_the_path_and_the_layouts(tmp_path):
 
 
 # ---------------------------------------------------------------- ranks ------------------------
-def test_each_rank_scans_only_its_tars_and_the_counts_are_gathered(layouts, monkeypatch):
-    local, opened, lock = threading.local(), [], threading.Lock()
-    barrier, posted = threading.Barrier(2, timeout=30), {}
-    real_scan = webdataset.scan_tar
+def _two_ranks_worker(rank: int, world: int, port: int, out: str) -> None:
+    from test_distributed import _join, _report
 
-    def recording_scan(path):
-        with lock:
-            opened.append((local.rank, (path.name)))
-        return real_scan(path)
+    def body(result):
+        import nccl_rules
 
-    def all_gather_object(obj):  # the two threads stand for two ranks
-        posted[local.rank] = obj
-        barrier.wait()
-        gathered = [posted[r] for r in range(2)]
-        barrier.wait()
-        return gathered
+        _join(rank, world, port)
+        rules = nccl_rules.install()  # the gather as a GPU run would make it
+        opened, real_scan = [], webdataset.scan_tar
+        webdataset.scan_tar = lambda path: (opened.append(Path(path).name), real_scan(path))[1]
+        ds = build_image_dataset(str(Path(out) / "tars"), "train", 32, random_crop=False)
+        result.update(at_construction=list(opened), boundaries=ds.shard_boundaries, calls=sorted(set(rules.calls)))
+        opened.clear()
+        other = 1 - rank  # a tar of the other rank's share: scanned here when first read, once
+        result["captions"] = [ds.caption(other * PER_TAR), ds.caption(other * PER_TAR + 1)]
+        result["on_access"] = list(opened)
+        result["gathered"] = distributed.all_gather_object({"rank": rank})
+        opened.clear()  # rank 0's work alone (an evaluation): it scans every tar itself, joining no collective
+        result["alone"] = distributed.run_on_rank0(lambda: len(build_image_dataset(str(Path(out) / "tars"), "train", 32)),
+                                                   Path(out) / "alone.json", poll_s=0.05)
+        result["opened_alone"] = opened
+    _report(rank, out, body)
 
-    monkeypatch.setattr(webdataset, "scan_tar", recording_scan)
-    monkeypatch.setattr(distributed, "rank", lambda: local.rank)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "all_gather_object", all_gather_object)
-    built, errors = {}, []
 
-    def rank_main(r):
-        local.rank = r
-        try:
-            built[r] = build_image_dataset(str(layouts / "tars"), "train", 32, random_crop=False)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-            barrier.abort()
+def test_each_rank_scans_only_its_tars_and_the_counts_are_gathered(layouts, emoji, tmp_path):
+    from test_distributed import run_ranks
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    shutil.copytree(layouts / "tars" / "train", tmp_path / "tars")
+    ranks = run_ranks(_two_ranks_worker, tmp_path)
     names = [f"{t:05d}.tar" for t in range(N // PER_TAR)]
-    assert sorted(n for r, n in opened if r == 0) == names[0::2]
-    assert sorted(n for r, n in opened if r == 1) == names[1::2]
-    assert built[0].shard_boundaries == built[1].shard_boundaries == list(range(0, N + 1, PER_TAR))
-    opened.clear()
-    local.rank = 0
-    assert built[0].caption(PER_TAR) == built[1].caption(PER_TAR)  # tar 1, scanned by rank 1 only: rank 0 scans it
-    built[0].caption(PER_TAR + 1)
-    assert opened == [(0, "00001.tar")]  # once, when first needed
+    for rank, res in enumerate(ranks):
+        assert res["at_construction"] == names[rank::2]
+        assert res["boundaries"] == list(range(0, N + 1, PER_TAR))
+        assert res["calls"] == ["all_gather_object"]
+        other = 1 - rank
+        assert res["on_access"] == [names[other]]
+        assert res["captions"] == [emoji.caption(other * PER_TAR), emoji.caption(other * PER_TAR + 1)]
+        assert res["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert res["alone"] == N and res["opened_alone"] == (names if rank == 0 else [])
+    assert distributed.all_gather_object("alone") == ["alone"]  # a lone process exchanges nothing
 
 
 # ---------------------------------------------------------------- ShardedEpochSampler ----------

@@ -12,15 +12,20 @@ from PIL import Image
 from pipelines.config import SampleConfig
 from pipelines.conditions import Conditions, class_order
 from pipelines.sample import SEEDS_RULE, RankParts, generate_images, grid_layout, sample, write_samples
-from pipelines.text import TEXT_ENCODER, TextEncoder
+from pipelines.text import DEFAULT_TEXT_ENCODER as TEXT_ENCODER
+from pipelines.text import TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.run_dir import RunDir
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
+from stage2_generator.cache_reader import CodeCache
+from stage2_generator.condition import TextTokens
 from stage2_generator.config import GeneratorConfig, SamplingConfig
 from stage2_generator.model import Generator
 from stage2_generator.sampling import generate
+from synthetic_cache import make_cache
+from text_encoders import tiny_t5_dir
 
 K, GRID, PIXELS = 64, [4, 4], 8  # the tiny tokenizer downsamples by 2: 4 x 4 codes <-> 8 x 8 px
 CLASS_NAMES = ["ant", "bee", "cat"]
@@ -57,6 +62,14 @@ def dirs(tmp_path_factory):
                                    ("text", "text", {"text_dim": 384, "text_encoder": TEXT_ENCODER}),
                                    ("text_other", "text", {"text_dim": 384, "text_encoder": "someone/else"})]:
         random_generator(conditioning, tokenizer, root / "tokenizer", **kw).save_pretrained(root / name)
+        made[name] = root / name
+    # token features of a small T5 made here, and a generator that learned another copy of its weights
+    made["t5"] = tiny_t5_dir(root / "t5")
+    t5 = TextEncoder(str(made["t5"]), max_tokens=6).info
+    tokens = {"text_dim": t5["dim"], "text_encoder": t5["name"], "text_encoder_sha256": t5["weights_sha256"],
+              "text_features": "tokens", "text_max_tokens": 6}
+    for name, kw in [("tokens", tokens), ("tokens_other_weights", {**tokens, "text_encoder_sha256": "0123abcd"})]:
+        random_generator("text", tokenizer, root / "tokenizer", **kw).save_pretrained(root / name)
         made[name] = root / name
     made["run"] = RunDir(root / "run", kind="generator-run").root  # a run directory passed for its generator/
     return made
@@ -240,18 +253,27 @@ def test_prefix_rows_are_the_prefix_images_codes(dirs, tmp_path, one_thread):
     ("class", {"prompts": ["a cat"]}, "class-conditional: pass classes"),
     ("none", {"classes": ["0"]}, "unconditional: drop classes"),
     ("text", {"classes": ["0"]}, "text-conditional: pass prompts"),
-    ("text", {}, "pass prompts="),
-    ("text_other", {"prompts": ["a cat"]}, f"someone/else.*{TEXT_ENCODER}"),
+    ("text", {}, "give exactly one of prompts="),
+    ("text", {"prompts": ["a"], "prompts_file": "p.txt"}, "exactly one of .*; got prompts and prompts_file"),
+    ("text", {"prompts_file": "nowhere.txt"}, "prompts_file=nowhere.txt does not exist"),
+    ("class", {"prompts_file": "p.txt"}, "prompts_file=p.txt but the generator is class-conditional"),
+    ("text_other", {"prompts": ["a cat"]}, "text encoder 'someone/else' is neither a directory nor a Hub model "
+                                           "available here"),
+    ("tokens_other_weights", {"prompts": ["a cat"]}, r"the generator was made with text encoder .*, which differs "
+                                                     r"from the one loaded here \(weights_sha256: '0123abcd' vs "
+                                                     r"'[0-9a-f]{16}'"),
     ("none", {"sampling": SamplingConfig(guidance_scale=2.0)}, "guidance needs a conditional generator"),
     ("missing", {}, "generator directory .*missing does not exist"),
     ("tokenizer", {}, r"tokenizer is a tokenizer \(`simvq train-tokenizer` writes one as RUN_DIR/tokenizer\), not a "
                       r"generator"),
     ("run", {}, r"is a generator training run \(its generator is RUN_DIR/generator\), not a generator"),
 ])
-def test_misplaced_requests_are_refused(dirs, tmp_path, generator, kw, message):
+def test_misplaced_requests_are_refused(dirs, tmp_path, generator, kw, message, monkeypatch):
     directory = dirs.get(generator, dirs["root"] / generator)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a cat\n")
     with pytest.raises(UserError, match=message):
-        sample(SampleConfig(generator=str(directory), out=str(tmp_path), **kw))
+        sample(SampleConfig(generator=str(directory), out=str(tmp_path / "out"), **kw))
 
 
 def test_unconditional_samples_form_a_square_grid(dirs, tmp_path, one_thread):
@@ -280,12 +302,42 @@ def test_prompts_condition_a_text_generator(dirs, tmp_path, one_thread):
     sampling = SamplingConfig(guidance_scale=1.5, seed=2)
     _, got = run(dirs, tmp_path, generator="text", prompts=prompts, per_prompt=2, batch_size=3, sampling=sampling)
     assert got["prompts"].tolist() == prompts * 2 and got["labels"].tolist() == [-1] * 4
-    embeddings = torch.from_numpy(TextEncoder(torch.device("cpu"))(prompts))
+    embeddings = torch.from_numpy(TextEncoder(device=torch.device("cpu")).encode(prompts).features)
     codes, images = by_hand(dirs, "text", embeddings[torch.arange(4) % 2], range(4), sampling)
     np.testing.assert_array_equal(got["codes"], codes)
     np.testing.assert_array_equal(got["arr_0"], images)
     record = json.loads((tmp_path / "sampling.json").read_text())
     assert record["text_encoder"]["name"] == TEXT_ENCODER and record["config"]["prompts"] == prompts
+    assert record["prompt_source"] == {"kind": "config"}
+
+
+def test_token_feature_prompts_from_a_file_condition_their_samples(dirs, tmp_path, one_thread):
+    prompts = ["a red circle", "a blue square with a very long description"]  # the second one is truncated
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n  {prompts[1]}  \n")
+    sampling = SamplingConfig(guidance_scale=2.0, seed=4)
+    _, got = run(dirs, tmp_path / "out", generator="tokens", prompts_file=str(tmp_path / "prompts.txt"),
+                 per_prompt=2, batch_size=3, sampling=sampling)
+    assert got["prompts"].tolist() == prompts * 2
+    text = TextEncoder(str(dirs["t5"]), max_tokens=6).encode(prompts)
+    assert text.mask.sum(1).tolist() == [6, 6] and text.mask.all()
+    short = TextEncoder(str(dirs["t5"]), max_tokens=40).encode(prompts)
+    assert short.mask.sum(1).tolist() == [len(prompts[0].encode()) + 1, 40]  # bytes + EOS, left-padded
+    condition = TextTokens(torch.from_numpy(text.features), torch.from_numpy(text.mask))[torch.arange(4) % 2]
+    codes, images = by_hand(dirs, "tokens", condition, range(4), sampling)
+    np.testing.assert_array_equal(got["codes"], codes)
+    np.testing.assert_array_equal(got["arr_0"], images)
+    record = json.loads((tmp_path / "out" / "sampling.json").read_text())
+    assert record["text_encoder"]["features"] == "tokens" and record["text_encoder"]["max_tokens"] == 6
+    assert record["prompt_source"]["kind"] == "file" and len(record["prompt_source"]["sha256"]) == 16
+
+
+def test_prompts_from_a_cache_are_its_captions_one_per_image(dirs, tmp_path, one_thread):
+    make_cache(tmp_path / "val", num_images=5, images_per_shard=2, aug="flip", skipped=(3,))
+    _, got = run(dirs, tmp_path / "out", generator="text", prompts_from=str(tmp_path / "val"), per_prompt=1)
+    assert got["prompts"].tolist() == [f"image {i} of class {['cat', 'dog', 'owl'][i % 3]}" for i in (0, 1, 2, 4)]
+    record = json.loads((tmp_path / "out" / "sampling.json").read_text())
+    assert record["prompt_source"] == {"kind": "cache", "path": str((tmp_path / "val").resolve()),
+                                       "fingerprint": CodeCache(tmp_path / "val").fingerprint, "images": 4}
 
 
 TWO_PROCESS_COUNTS = [30, 3, 15]  # 48 samples in an unbalanced mix: each index's class must not depend on the rank
