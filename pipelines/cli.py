@@ -55,6 +55,13 @@ def _pretokenize(cfg) -> None:
         console.print(f"[green]done[/]: check it with `simvq verify-cache {out}`")
 
 
+def _pack_data(cfg) -> None:
+    from stage1_tokenizer.datasets import pack_data
+
+    for folder in pack_data(cfg):
+        console.print(f"[green]done[/]: {folder}")
+
+
 def _train_generator(cfg) -> None:
     from simvq_common.distributed import rank
     from stage2_generator.train import train_generator
@@ -150,6 +157,10 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
                      "check a code cache (checksums, counts, codes < K) and decode a few sequences into a PNG grid "
                      "with the tokenizer it records"),
     "dataset-info": (_dataset_info, "show the bundled emoji dataset: classes and split sizes"),
+    "pack-data": (_pack_data,
+                  "write a data source's splits as captioned files: WebDataset tars (layout=webdataset), PNGs with a "
+                  "metadata.jsonl (jsonl) or with .txt sidecars (sidecar), e.g. --data emoji --out runs/emoji_wds "
+                  "resolution=32"),
 }
 # The config schema of each command that takes one ("module:class", imported when the command runs).
 SCHEMAS: dict[str, str] = {
@@ -163,12 +174,13 @@ SCHEMAS: dict[str, str] = {
     "evaluate": "pipelines.config:EvaluateConfig",
     "run": "pipelines.config:PipelineConfig",
     "verify-cache": "pipelines.config:VerifyCacheConfig",
+    "pack-data": "stage1_tokenizer.config:PackDataConfig",
 }
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
 # them win), and the key its positional argument sets.
 FLAG_KEYS: dict[str, tuple[str, ...]] = {"pretokenize": ("tokenizer", "data", "out", "aug"),
                                          "verify-cache": ("tokenizer",), "evaluate": ("reference",),
-                                         "sample": ("generator", "tokenizer", "out")}
+                                         "sample": ("generator", "tokenizer", "out"), "pack-data": ("data", "out")}
 POSITIONAL_KEY: dict[str, str] = {"verify-cache": "cache", "evaluate": "samples"}
 
 

@@ -111,3 +111,15 @@ class TokenizerEvalConfig:
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
     device: str = "auto"  # auto = this process's GPU if there is one, else cpu
     out: str = ""  # eval.json path; default <tokenizer>/eval.json
+
+
+@dataclass
+class PackDataConfig:
+    """`simvq pack-data`: a data source's splits written as captioned files (stage1_tokenizer.datasets.pack_data)."""
+
+    data: str = "emoji"  # any source build_image_dataset reads
+    out: str = ""  # the new folder: OUT/train, OUT/val, ...
+    layout: str = "webdataset"  # webdataset (tars) | jsonl (PNGs + metadata.jsonl) | sidecar (PNGs + .txt)
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    resolution: int = 64  # images are written at this size (centre crop), losslessly
+    samples_per_tar: int = 1000  # webdataset only

@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from simvq_common.errors import ArtifactError
+from simvq_common.errors import ArtifactError, ConfigError
 
-from .captioned_folder import METADATA_FILE, CaptionedFolderDataset, sidecar_share
+from .captioned_folder import METADATA_FILE, CaptionedFolderDataset, sidecar_share, write_captioned_folder
+from .config import PackDataConfig
 from .emoji import EmojiDataset
 from .image_folder import ACCEPTED_LAYOUTS, ImageFolderDataset
-from .webdataset import TarShardDataset, list_tars
+from .webdataset import TarShardDataset, list_tars, write_webdataset
 
 _SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 
@@ -64,3 +65,24 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
         return CaptionedFolderDataset(folder, resolution, train=train, seed=seed, layout=layout,
                                       require_captions=require_captions)
     return ImageFolderDataset(folder, resolution, train=train, seed=seed)
+
+
+PACK_LAYOUTS = ("webdataset", "jsonl", "sidecar")
+
+
+def pack_data(cfg: PackDataConfig) -> list[Path]:
+    """Each split of `cfg.data` written under cfg.out/SPLIT in `cfg.layout`, centre-cropped to cfg.resolution,
+    with its captions: e.g. the bundled emoji as WebDataset tars, or an image folder packed into tars."""
+    if not cfg.out:
+        raise ConfigError("set out=DIR, the folder to write (it gets one subfolder per split)")
+    if cfg.layout not in PACK_LAYOUTS:
+        raise ConfigError(f"layout={cfg.layout!r}: choose one of {PACK_LAYOUTS}")
+    written = []
+    for split in cfg.splits:
+        dataset = build_image_dataset(cfg.data, split, cfg.resolution, random_crop=False)
+        out = Path(cfg.out) / split
+        if cfg.layout == "webdataset":
+            written.append(write_webdataset(dataset, out, cfg.samples_per_tar))
+        else:
+            written.append(write_captioned_folder(dataset, out, cfg.layout))
+    return written
