@@ -60,11 +60,17 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
     train = split == "train" if random_crop is None else random_crop
     layout = detect_layout(folder)
     if layout == "webdataset":
-        return TarShardDataset(folder, resolution, train=train, seed=seed, require_captions=require_captions)
-    if layout in ("jsonl", "sidecar"):
-        return CaptionedFolderDataset(folder, resolution, train=train, seed=seed, layout=layout,
-                                      require_captions=require_captions)
-    return ImageFolderDataset(folder, resolution, train=train, seed=seed)
+        dataset = TarShardDataset(folder, resolution, train=train, seed=seed, require_captions=require_captions)
+    elif layout in ("jsonl", "sidecar"):
+        dataset = CaptionedFolderDataset(folder, resolution, train=train, seed=seed, layout=layout,
+                                         require_captions=require_captions)
+    else:
+        dataset = ImageFolderDataset(folder, resolution, train=train, seed=seed)
+    if folder != root and dataset.class_names == [folder.resolve().name]:
+        # an uncategorised split (images or tars directly in train/, val/): its one class is the source, named
+        # alike in every split (else a generator trained on "train" knows no val image's class)
+        dataset.class_names = [root.resolve().name or "images"]
+    return dataset
 
 
 PACK_LAYOUTS = ("webdataset", "jsonl", "sidecar")

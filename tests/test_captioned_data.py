@@ -364,3 +364,20 @@ def test_tokenizer_training_runs_on_tars(layouts, tmp_path, one_thread):
     assert isinstance(trainer.sampler, ShardedEpochSampler) and trainer.val_images.shape == (8, 3, 16, 16)
     trainer.train()
     assert trainer.step == 2 and trainer.batch_in_epoch == 2
+
+
+@pytest.mark.parametrize("layout", ["flat", "jsonl", "tars"])
+def test_an_uncategorised_sources_one_class_is_named_alike_in_every_split(emoji, tmp_path, layout):
+    """train/ and val/ holding images (or tars) directly: one class, named after the source in both splits. It
+    was each split folder's name ('train', 'val'), so `simvq run` refused the val split as a class no generator
+    had learned."""
+    for split in ("train", "val"):
+        out = tmp_path / "pets" / split
+        if layout == "tars":
+            write_webdataset(emoji, out, 4, indices=range(6))
+        else:
+            write_captioned_folder(emoji, out, "jsonl", indices=range(6))
+            if layout == "flat":
+                (out / "metadata.jsonl").unlink()
+    names = [build_image_dataset(str(tmp_path / "pets"), split, 16).class_names for split in ("train", "val")]
+    assert names == [["pets"], ["pets"]]

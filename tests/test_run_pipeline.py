@@ -267,3 +267,34 @@ def test_generator_evaluations_use_the_configured_reference(tmp_path, monkeypatc
     assert default["eval-class"]["reference"] == cfg.data
     assert adm["eval-class"]["reference"] == "/data/VIRTUAL_imagenet256_labeled.npz"
     assert adm["tokenizer-eval"] == default["tokenizer-eval"]
+
+
+@pytest.mark.slow
+def test_run_on_webdataset_tars_trains_a_token_feature_text_generator(tmp_path, monkeypatch):
+    """The emoji as WebDataset tars, captions encoded by a small T5 made here: a text generator trains, samples
+    from the val captions and the stage's prompts, and gets a FID."""
+    from stage1_tokenizer.config import PackDataConfig
+    from stage1_tokenizer.datasets import pack_data
+    from text_encoders import tiny_t5_dir
+
+    monkeypatch.setenv("SIMVQ_FID_CACHE", str(tmp_path / "fid-cache"))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    pack_data(PackDataConfig(data="emoji", out=str(tmp_path / "tars"), resolution=16, samples_per_tar=200))
+    cfg = tiny_pipeline(tmp_path / "run")
+    cfg.data, cfg.baseline = str(tmp_path / "tars"), False
+    cfg.text.name, cfg.text.max_tokens = str(tiny_t5_dir(tmp_path / "t5")), 12
+    cfg.generators = [g for g in cfg.generators if g.name == "text"]
+    run_pipeline(cfg)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["generators"]["text"]["metrics"]["fid"] > 0
+    assert report["generators"]["text"]["metrics"]["num_generated"] == 8
+    train = CodeCache(tmp_path / "run" / "cache_train")
+    assert train.manifest["dataset"]["caption_source"] == "webdataset"
+    assert train.manifest["sharding"]["boundaries"] == [0, 64]  # max_images=64 cuts the first tar
+    assert (train.text_encoder["features"], train.text_encoder["max_tokens"]) == ("tokens", 12)
+    sampling = json.loads((tmp_path / "run" / "samples_text" / "sampling.json").read_text())
+    assert sampling["text_encoder"] == train.text_encoder
+    with np.load(tmp_path / "run" / "samples_text" / "samples.npz") as data:
+        val = CodeCache(tmp_path / "run" / "cache_val")
+        assert data["prompts"].tolist() == [val.caption(i) for i in range(8)]  # one sample per val caption
