@@ -14,6 +14,7 @@ failed stage stops only the stages that need its output):
     generator-class-zero3  ... and ZeRO-3
     generator-text-zero2   text-conditioned on the synthetic-embedding caches, ZeRO-2 ...
     generator-text-zero3   ... and ZeRO-3
+    generator-tokens-zero2 text-conditioned on synthetic token features (a masked prefix), ZeRO-2
     sample                 guided samples (sampling.guidance_scale=2) of the ZeRO-2 class generator
     evaluate               FID / KID / precision-recall of those samples against the val split
     pipeline               `simvq run -c configs/pipeline/gpu_check.yaml`

@@ -27,6 +27,9 @@ SYNTHETIC_TEXT_DIM = 384  # all-MiniLM-L6-v2's width, the encoder a real cache w
 
 SYNTHETIC_TEXT_ENCODER = ("synthetic: a seeded random unit vector per caption (gpu_check; stands in for "
                           "sentence-transformers/all-MiniLM-L6-v2, which cannot travel to the GPU machine)")
+SYNTHETIC_TOKENS = 16  # token-feature caches: up to 16 tokens per caption (one per word, plus one), 64-d
+SYNTHETIC_TOKEN_ENCODER = ("synthetic: seeded random features per word of the caption, left-padded (gpu_check; "
+                           "stands in for a T5 encoder's token features)")
 
 
 STANDIN_NOTE = ("FID, sFID, KID and precision/recall here come from a random-weight stand-in for the FID Inception "
@@ -38,8 +41,9 @@ PERCEPTUAL_NOTE = ("the tokenizer trains with loss.perceptual=none: the VGG weig
                    "(lpips / stlpips-pytorch) cannot travel to the GPU machine")
 
 
-TEXT_NOTE = ("text generators train on caption embeddings that are synthetic (a seeded random unit vector per "
-             "caption): the sentence encoder cannot travel to the GPU machine; the same in the rehearsal")
+TEXT_NOTE = ("text generators train on caption features that are synthetic (a seeded random unit vector per "
+             "caption; for token features, seeded random vectors per word with their padding mask): the text "
+             "encoders cannot travel to the GPU machine; the same in the rehearsal")
 
 
 LAUNCHER_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -165,20 +169,28 @@ def caption_vector(caption: str, dim: int) -> np.ndarray:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def synthetic_text_cache(source: Path, dest: Path, dim: int = SYNTHETIC_TEXT_DIM) -> int:
+def caption_tokens(caption: str, dim: int, width: int) -> np.ndarray:
+    """Seeded random features of one token per word (and one more, like an end token), at most `width`."""
+    n = min(width, len(caption.split()) + 1)
+    return np.stack([caption_vector(f"{caption}#{t}", dim) for t in range(n)])
+
+
+def synthetic_text_cache(source: Path, dest: Path, dim: int = SYNTHETIC_TEXT_DIM, tokens: int = 0) -> int:
     """A copy of the cache at `source` (codes, labels, captions: shard by shard) whose captions carry synthetic
-    embeddings, written through the cache format's own writer. Returns the number of sequences."""
+    text features (pooled; with `tokens`, up to that many token features each), written through the cache
+    format's own writer. Returns the number of sequences."""
     from stage2_generator.cache_format import manifest_header, read_manifest
     from stage2_generator.cache_reader import open_shard
     from stage2_generator.cache_writer import CacheWriter, ShardContent
 
     m = read_manifest(source)
+    encoder = ({"name": SYNTHETIC_TOKEN_ENCODER, "features": "tokens", "dim": dim, "max_tokens": tokens,
+                "weights_sha256": "synthetic"} if tokens else {"name": SYNTHETIC_TEXT_ENCODER, "dim": dim})
     header = manifest_header(
         tokenizer_fingerprint=m["tokenizer"]["fingerprint"], tokenizer_path=m["tokenizer"]["path"],
         downsample_factor=m["tokenizer"]["downsample_factor"], codebook_size=m["codebook_size"], grid=m["grid"],
         resolution=m["resolution"], augmentation=m["augmentation"]["mode"],
-        base_resolution=m["augmentation"]["base_resolution"], dataset=m["dataset"],
-        text_encoder={"name": SYNTHETIC_TEXT_ENCODER, "dim": dim},
+        base_resolution=m["augmentation"]["base_resolution"], dataset=m["dataset"], text_encoder=encoder,
         images_per_shard=m["sharding"]["images_per_shard"], batch_size=m["sharding"]["batch_size"])
     writer = CacheWriter(dest, header, overwrite=True)
     writer.prepare()
@@ -186,11 +198,18 @@ def synthetic_text_cache(source: Path, dest: Path, dim: int = SYNTHETIC_TEXT_DIM
         a = open_shard(source / record["file"])
         offsets, raw = a["caption_offsets"], bytes(a["caption_bytes"])
         captions = [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+        if tokens:  # left-padded: padding first, the caption's tokens last (what the generator reads)
+            features, mask = np.zeros((len(captions), tokens, dim), np.float32), np.zeros((len(captions), tokens), bool)
+            for j, caption in enumerate(captions):
+                words = caption_tokens(caption, dim, tokens)
+                features[j, tokens - len(words):], mask[j, tokens - len(words):] = words, True
+        else:
+            features, mask = np.stack([caption_vector(c, dim) for c in captions]), None
         writer.write_shard(record["index"], ShardContent(
             codes=np.asarray(a["codes"]), labels=np.asarray(a["labels"]), image_index=np.asarray(a["image_index"]),
             view=np.asarray(a["view"]), caption_ids=np.asarray(a["caption_ids"]), captions=captions,
-            text_embeddings=np.stack([caption_vector(c, dim) for c in captions]),
-            image_range=tuple(record["image_range"]), skipped=list(record["skipped"])))
+            text_embeddings=features, text_mask=mask, image_range=tuple(record["image_range"]),
+            skipped=list(record["skipped"])))
     return writer.finish()["totals"]["sequences"]
 
 
@@ -202,6 +221,7 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
     tok_dir = work / "tokenizer"
     caches = {split: work / f"cache_{split}" for split in ("train", "val")}
     text_caches = {split: work / f"cache_text_{split}" for split in ("train", "val")}
+    token_caches = {split: work / f"cache_tokens_{split}" for split in ("train", "val")}
     stages: list[Stage] = []
 
     def make_standin() -> list[str]:
@@ -240,40 +260,43 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
     def make_text_caches() -> list[str]:
         counts = {split: synthetic_text_cache(caches[split], text_caches[split]) for split in caches}
         for split in caches:
-            problems = cache_problems(text_caches[split], text=True)
+            synthetic_text_cache(caches[split], token_caches[split], dim=64, tokens=SYNTHETIC_TOKENS)
+            problems = cache_problems(text_caches[split], text=True) + cache_problems(token_caches[split], text=True)
             if problems:
                 raise RuntimeError("; ".join(problems))
-        return [f"{counts['train']} + {counts['val']} sequences with synthetic caption embeddings"]
+        return [f"{counts['train']} + {counts['val']} sequences with synthetic caption embeddings, and a copy with "
+                f"synthetic token features (up to {SYNTHETIC_TOKENS} per caption)"]
 
-    stages.append(Stage("text-caches", "copies of both caches with synthetic caption embeddings (in-process, the "
-                        "cache format's writer)", work=make_text_caches,
+    stages.append(Stage("text-caches", "copies of both caches with synthetic caption embeddings and token features "
+                        "(in-process, the cache format's writer)", work=make_text_caches,
                         needs=("pretokenize-train", "pretokenize-val"), notes=[TEXT_NOTE]))
 
     generators = {}
-    for conditioning in ("class", "text"):
-        for zero in (2, 3):
-            name = f"generator-{conditioning}-zero{zero}"
-            run_dir = work / f"generator_{conditioning}_zero{zero}"
-            data = caches if conditioning == "class" else text_caches
-            generators[name] = run_dir
+    # token features (a masked text prefix) once, at ZeRO-2: the attention mask is their only new device path
+    for conditioning, zero in (("class", 2), ("class", 3), ("text", 2), ("text", 3), ("tokens", 2)):
+        name = f"generator-{conditioning}-zero{zero}"
+        run_dir = work / f"generator_{conditioning}_zero{zero}"
+        data = {"class": caches, "text": text_caches, "tokens": token_caches}[conditioning]
+        generators[name] = run_dir
 
-            def check_generator(output: str, run_dir=run_dir, zero=zero):
-                problems = finite_losses(run_dir) + device_problems(run_dir / "environment.json", mode)
-                if f"ZeRO-{zero}" not in output:
-                    problems.append(f"the trainer did not report ZeRO-{zero}")
-                if "bf16" not in output:
-                    problems.append("the trainer did not report bf16")
-                if not (run_dir / "generator" / "model.safetensors").is_file():
-                    problems.append(f"{run_dir / 'generator'} was not exported")
-                return problems, []
+        def check_generator(output: str, run_dir=run_dir, zero=zero):
+            problems = finite_losses(run_dir) + device_problems(run_dir / "environment.json", mode)
+            if f"ZeRO-{zero}" not in output:
+                problems.append(f"the trainer did not report ZeRO-{zero}")
+            if "bf16" not in output:
+                problems.append("the trainer did not report bf16")
+            if not (run_dir / "generator" / "model.safetensors").is_file():
+                problems.append(f"{run_dir / 'generator'} was not exported")
+            return problems, []
 
-            stages.append(Stage(
-                name, f"train-generator under torchrun: {conditioning}-conditioned, bf16, ZeRO-{zero}",
-                command=[*torchrun, "train-generator", "-c", f"configs/generator/gpu_check_{conditioning}.yaml",
-                         f"data.cache={data['train']}", f"data.val_cache={data['val']}", f"run.out_dir={run_dir}",
-                         f"run.deepspeed=configs/deepspeed/zero{zero}.yaml", "run.precision=bf16", *s["generator"]],
-                needs=("pretokenize-train", "pretokenize-val") if conditioning == "class" else ("text-caches",),
-                check=check_generator, notes=[TEXT_NOTE] if conditioning == "text" else []))
+        stages.append(Stage(
+            name, f"train-generator under torchrun: {conditioning}-conditioned, bf16, ZeRO-{zero}",
+            command=[*torchrun, "train-generator", "-c",
+                     f"configs/generator/gpu_check_{'class' if conditioning == 'class' else 'text'}.yaml",
+                     f"data.cache={data['train']}", f"data.val_cache={data['val']}", f"run.out_dir={run_dir}",
+                     f"run.deepspeed=configs/deepspeed/zero{zero}.yaml", "run.precision=bf16", *s["generator"]],
+            needs=("pretokenize-train", "pretokenize-val") if conditioning == "class" else ("text-caches",),
+            check=check_generator, notes=[TEXT_NOTE] if conditioning != "class" else []))
 
     samples = work / "samples_class"
 

@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["fid-standin", "tokenizer", "pretokenize-train", "pretokenize-val", "text-caches", "generator-class-zero2",
-          "generator-class-zero3", "generator-text-zero2", "generator-text-zero3", "sample", "evaluate", "pipeline"]
+          "generator-class-zero3", "generator-text-zero2", "generator-text-zero3",
+          "generator-tokens-zero2", "sample", "evaluate", "pipeline"]
 BENCHMARKS = ["quantizer", "sampling", "loss", "train", "train_step"]
 LAUNCHER_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
