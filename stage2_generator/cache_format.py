@@ -100,7 +100,8 @@ def manifest_header(*, tokenizer_fingerprint: str, tokenizer_path: str, downsamp
                 "num_shards": num_shards(dataset["num_images"], images_per_shard)}
     if shard_boundaries is not None:
         bounds = [int(b) for b in shard_boundaries]
-        if bounds[0] != 0 or bounds[-1] != dataset["num_images"] or any(later < earlier for earlier, later in zip(bounds, bounds[1:])):
+        falling = any(later < earlier for earlier, later in zip(bounds, bounds[1:]))
+        if bounds[0] != 0 or bounds[-1] != dataset["num_images"] or falling:
             raise ValueError(f"shard boundaries {bounds[:5]}... must rise from 0 to the image count")
         sharding.update(num_shards=len(bounds) - 1, boundaries=bounds)
     return {

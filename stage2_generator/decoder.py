@@ -125,9 +125,9 @@ class Decoder(nn.Module):
                 prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Training / scoring (no cache), prefill (an empty cache: fill it with x's positions), or one decode
         step (x of one position, written at cache.length). `prefix_mask` (B, P) bool masks the keys of the
-        first P positions where False (a text prefix's padding; prefill records it in the cache for the steps). The caller
-        advances the cache (KVCache.advance): outside a compiled step, so that the host-side count never
-        enters its graph."""
+        first P positions where False (a text prefix's padding; prefill records it in the cache for the steps).
+        The caller advances the cache (KVCache.advance): outside a compiled step, so that the host-side count
+        never enters its graph."""
         n = x.shape[1]
         if step:
             cos, sin = self.cos.index_select(0, cache.length), self.sin.index_select(0, cache.length)

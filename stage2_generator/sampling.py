@@ -62,13 +62,14 @@ def pick_codes(logits: torch.Tensor, uniforms: torch.Tensor, cfg: SamplingConfig
 
 
 @torch.no_grad()
-def generate(model: Generator, condition: torch.Tensor | None, indices, cfg: SamplingConfig, *,
+def generate(model: Generator, condition, indices, cfg: SamplingConfig, *,
              prefix_codes: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
     """Codes (B, L) for B = len(indices) samples with global indices `indices`.
 
-    condition: class ids (B,), text embeddings (B, text_dim), TextTokens or None (unconditional). prefix_codes (B, t):
-    the first t codes are given (an image's top rows) and the rest generated. use_cache=False recomputes
-    the whole sequence at every step (the reference the cache is tested and benchmarked against).
+    condition: class ids (B,), text embeddings (B, text_dim), TextTokens or None (unconditional).
+    prefix_codes (B, t): the first t codes are given (an image's top rows) and the rest generated.
+    use_cache=False recomputes the whole sequence at every step (the reference the cache is tested and
+    benchmarked against).
     """
     conditional = model.config.conditioning != "none"
     cfg.check(conditional)
