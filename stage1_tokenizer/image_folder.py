@@ -105,6 +105,14 @@ def decode_image(file, resolution: int, train: bool, seed: int, epoch: int, inde
     return to_model_range(torch.from_numpy(pixels).permute(2, 0, 1)).contiguous()
 
 
+def check_image_arguments(resolution: int, seed: int) -> None:
+    """What every image dataset refuses: a non-positive resolution, a negative seed."""
+    if int(resolution) < 1:
+        raise ConfigError(f"resolution must be a positive number of pixels, got {resolution}")
+    if int(seed) < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+
+
 class ImageFolderDataset(Dataset):
     """Images of an ImageFolder-style tree: class subfolders (ImageNet's train/n01440764/*.JPEG) or a flat folder.
 
@@ -118,10 +126,7 @@ class ImageFolderDataset(Dataset):
     shard_boundaries = None  # not tar shards: any sampler order reads files equally fast
 
     def __init__(self, root: str | os.PathLike, resolution: int, train: bool, seed: int = 0) -> None:
-        if int(resolution) < 1:
-            raise ConfigError(f"resolution must be a positive number of pixels, got {resolution}")
-        if int(seed) < 0:
-            raise ConfigError(f"seed must be >= 0, got {seed}")
+        check_image_arguments(resolution, seed)
         self.root = Path(root)
         self.resolution, self.train, self.seed, self.epoch = int(resolution), bool(train), int(seed), 0
         self.class_names, self.samples = self._scan(self.root)

@@ -38,7 +38,41 @@ def collate_skip_none(batch: list) -> ImageBatch:
     return ImageBatch(images, labels.long(), skipped)
 
 
-class EpochSampler(Sampler[int]):
+class ResumableEpochSampler(Sampler[int]):
+    """What both samplers share: a list of indices per (epoch, rank), `rank_indices()`, of `num_per_rank` items;
+    `start_index` = k yields exactly its tail [k:]; `set_epoch` resets it to 0 (resume sets it after)."""
+
+    num_per_rank: int
+    epoch: int = 0
+
+    def rank_indices(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def start_index(self) -> int:
+        return self._start_index
+
+    @start_index.setter
+    def start_index(self, value: int) -> None:
+        if not 0 <= int(value) <= self.num_per_rank:
+            raise ValueError(f"start_index {value} outside [0, {self.num_per_rank}] (this rank's samples in epoch "
+                             f"{self.epoch}): resuming with another dataset size, batch size or world size?")
+        self._start_index = int(value)
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.rank_indices()[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_per_rank - self.start_index
+
+
+class EpochSampler(ResumableEpochSampler):
     """A deterministic permutation per (seed, epoch), sharded over ranks (simvq_common.sharding), resumable.
 
     Each rank gets `num_per_rank` indices, the first `num_real` real, the rest padding (evaluators can drop
@@ -60,23 +94,6 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
         self.start_index = start_index
 
-    @property
-    def start_index(self) -> int:
-        return self._start_index
-
-    @start_index.setter
-    def start_index(self, value: int) -> None:
-        if not 0 <= int(value) <= self.num_per_rank:
-            raise ValueError(f"start_index {value} outside [0, {self.num_per_rank}] (this rank's samples per "
-                             f"epoch): resuming with another dataset size, batch size or world size?")
-        self._start_index = int(value)
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
-        self.start_index = start_index
-
     def _permutation(self) -> np.ndarray:
         if self.shuffle:
             return derived_rng("epoch-permutation", self.seed, self.epoch).permutation(self.num_items)
@@ -90,14 +107,8 @@ class EpochSampler(Sampler[int]):
         """This rank's full list for the current epoch, ignoring start_index."""
         return rank_share(self._permutation(), self.world_size, self.rank, self.drop_last).tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.rank_indices()[self.start_index:])
 
-    def __len__(self) -> int:
-        return self.num_per_rank - self.start_index
-
-
-class ShardedEpochSampler(Sampler[int]):
+class ShardedEpochSampler(ResumableEpochSampler):
     """EpochSampler's interface for tar shards (a dataset with `shard_boundaries`): near-sequential reads.
 
     Per (seed, epoch) the tars holding samples are permuted and dealt to ranks (rank r takes the permuted tars
@@ -154,23 +165,6 @@ class ShardedEpochSampler(Sampler[int]):
     def total_size(self) -> int:
         return self.num_per_rank * self.world_size
 
-    @property
-    def start_index(self) -> int:
-        return self._start_index
-
-    @start_index.setter
-    def start_index(self, value: int) -> None:
-        if not 0 <= int(value) <= self.num_per_rank:
-            raise ValueError(f"start_index {value} outside [0, {self.num_per_rank}] (this rank's samples in epoch "
-                             f"{self.epoch}): resuming with other tars, batch size or world size?")
-        self._start_index = int(value)
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
-        self.start_index = start_index
-
     def rank_tars(self) -> list[int]:
         """This rank's tars this epoch, in reading order."""
         return self._deal()[0][self.rank].tolist()
@@ -185,12 +179,6 @@ class ShardedEpochSampler(Sampler[int]):
                 window = derived_rng("shard-window", self.seed, self.epoch, self.rank, w).permutation(window)
             parts.append(window)
         return np.resize(np.concatenate(parts), self.num_per_rank).tolist()  # np.resize wraps the list around
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.rank_indices()[self.start_index:])
-
-    def __len__(self) -> int:
-        return self.num_per_rank - self.start_index
 
 
 def epoch_sampler_for(dataset: Sized, seed: int = 0, rank: int | None = None, world_size: int | None = None, *,

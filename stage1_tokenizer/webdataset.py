@@ -27,7 +27,8 @@ from simvq_common import distributed
 from simvq_common.errors import ArtifactError, ConfigError
 
 from .captioned_folder import encode_png, normalise_caption, staged_directory
-from .image_folder import (ACCEPTED_LAYOUTS, BadFileLog, MissingCaptionError, check_index, decode_image,
+from .image_folder import (ACCEPTED_LAYOUTS, BadFileLog, MissingCaptionError, check_image_arguments, check_index,
+                           decode_image,
                            warn_if_truncated_images_allowed)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first of these it has
@@ -185,10 +186,7 @@ class TarShardDataset(Dataset):
     def __init__(self, root: str | os.PathLike, resolution: int, train: bool, seed: int = 0,
                  require_captions: bool = False, rank: int | None = None, world_size: int | None = None,
                  max_indexed_tars: int = 16) -> None:
-        if int(resolution) < 1:
-            raise ConfigError(f"resolution must be a positive number of pixels, got {resolution}")
-        if int(seed) < 0:
-            raise ConfigError(f"seed must be >= 0, got {seed}")
+        check_image_arguments(resolution, seed)
         self.root = Path(root)
         self.resolution, self.train, self.seed, self.epoch = int(resolution), bool(train), int(seed), 0
         self.require_captions, self.max_indexed_tars = bool(require_captions), max(1, int(max_indexed_tars))
