@@ -28,8 +28,7 @@ from simvq_common.errors import ArtifactError, ConfigError
 
 from .captioned_folder import encode_png, normalise_caption, staged_directory
 from .image_folder import (ACCEPTED_LAYOUTS, BadFileLog, MissingCaptionError, check_image_arguments, check_index,
-                           decode_image,
-                           warn_if_truncated_images_allowed)
+                           decode_image, warn_if_truncated_images_allowed)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first of these it has
 CAPTION_EXTS = ("txt", "json")  # its caption: the .txt, else the .json's first string field of JSON_CAPTION_FIELDS

@@ -82,7 +82,7 @@ def write_tar(path, members: dict[str, bytes]) -> None:
 def test_each_layout_gives_the_emoji_item_for_item(layouts, emoji, layout, kind, source):
     ds = build_image_dataset(str(layouts / layout), "train", 32, random_crop=False)
     assert type(ds) is kind and ds.caption_source == source and len(ds) == N
-    assert ds.class_names == ["train"] and ds.labels == [0] * N
+    assert ds.class_names == [layout] and ds.labels == [0] * N  # one class, named after the source
     for i in range(N):
         image, label = ds[i]
         assert torch.equal(image, emoji[i][0]) and label == 0, i
