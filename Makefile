@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-fast bench results clean gpu-check gpu-check-rehearsal gpu-wheels
+.PHONY: install demo test test-fast test-browser bench results clean gpu-check gpu-check-rehearsal gpu-wheels
 
 install: $(INSTALLED)
 
@@ -29,6 +29,15 @@ test: $(INSTALLED)
 
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# `simvq serve`'s page in a real headless Chromium (tests/browser/, not in `make test`): the `browser` extra and
+# $(CHROMIUM) (playwright cannot download its own browser here); GENERATOR=DIR serves that trained generator and
+# writes the screenshot docs/figures/serve.png (without: tiny random models, the screenshot in pytest's tmp dir)
+CHROMIUM ?= /usr/bin/chromium
+GENERATOR ?=
+test-browser: $(INSTALLED)
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --disable-pip-version-check -q -e ".[browser]"
+	CHROMIUM=$(CHROMIUM) SIMVQ_GENERATOR=$(GENERATOR) $(BIN)/python -m pytest -q -s tests/browser
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bench_quantizer.py

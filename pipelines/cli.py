@@ -81,6 +81,12 @@ def _sample(cfg) -> None:
                       f"{s['generator_fingerprint']}, tokenizer {s['tokenizer_fingerprint']})")
 
 
+def _serve(cfg) -> None:
+    from pipelines.serve import serve
+
+    serve(cfg)
+
+
 def _evaluate(cfg) -> None:
     from pipelines.evaluate import evaluate, result_table
 
@@ -118,6 +124,14 @@ def _dataset_info(_) -> None:
     console.print(f"source: {train.source}")
 
 
+def _push_to_hub(cfg) -> None:
+    from pipelines.hub_upload import push_to_hub
+
+    s = push_to_hub(cfg)
+    where = f"staged in {s['staged']} (nothing uploaded)" if s["url"] is None else f"pushed: {s['url']}"
+    console.print(f"[green]done[/]: {s['kind']} {s['fingerprint']} -> {s['repo']}, {where}")
+
+
 COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
     # name: (function of the command's config, help)
     "collapse-study": (_collapse_study,
@@ -145,6 +159,10 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
                "them with its tokenizer into samples.npz, grid.png and sampling.json; seeds follow each sample's "
                "global index; run under torchrun for several processes (e.g. --generator DIR --out DIR "
                "num_samples=64 sampling.guidance_scale=2)"),
+    "serve": (_serve,
+              "a page in the browser that samples a generator interactively (class or prompt, guidance, "
+              "temperature, top-k/p, seed, image completion) and offers each request's files as `sample` writes "
+              "them; binds to 127.0.0.1 (--host 0.0.0.0: the network), --port 0 = a free port (e.g. --generator DIR)"),
     "evaluate": (_evaluate,
                  "FID, IS, KID and precision/recall of samples (a `simvq sample` directory) against a reference "
                  "(reference=emoji, an image folder, or saved statistics .npz), written to metrics.json with "
@@ -161,6 +179,11 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
                   "write a data source's splits as captioned files: WebDataset tars (layout=webdataset), PNGs with a "
                   "metadata.jsonl (jsonl) or with .txt sidecars (sidecar), e.g. --data emoji --out runs/emoji_wds "
                   "resolution=32"),
+    "push-to-hub": (_push_to_hub,
+                    "upload a tokenizer or generator directory to the Hugging Face Hub with a generated model card "
+                    "(architecture, fingerprint, metrics, sample grid, provenance, how to load it); a generator "
+                    "names its tokenizer's Hub id (--tokenizer-repo); --dry-run stages the folder into out=DIR only "
+                    "(e.g. simvq push-to-hub runs/r/tokenizer org/tok --private)"),
 }
 # The config schema of each command that takes one ("module:class", imported when the command runs).
 SCHEMAS: dict[str, str] = {
@@ -171,22 +194,30 @@ SCHEMAS: dict[str, str] = {
     "pretokenize": "pipelines.config:PretokenizeConfig",
     "train-generator": "stage2_generator.config:GeneratorTrainConfig",
     "sample": "pipelines.config:SampleConfig",
+    "serve": "pipelines.config:ServeConfig",
     "evaluate": "pipelines.config:EvaluateConfig",
     "run": "pipelines.config:PipelineConfig",
     "verify-cache": "pipelines.config:VerifyCacheConfig",
     "pack-data": "stage1_tokenizer.config:PackDataConfig",
+    "push-to-hub": "pipelines.hub_upload:PushToHubConfig",
 }
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
 # them win), and the key its positional argument sets.
 FLAG_KEYS: dict[str, tuple[str, ...]] = {"pretokenize": ("tokenizer", "data", "out", "aug"),
                                          "verify-cache": ("tokenizer",), "evaluate": ("reference",),
-                                         "sample": ("generator", "tokenizer", "out"), "pack-data": ("data", "out")}
-POSITIONAL_KEY: dict[str, str] = {"verify-cache": "cache", "evaluate": "samples"}
+                                         "sample": ("generator", "tokenizer", "out"), "pack-data": ("data", "out"),
+                                         "serve": ("generator", "host", "port")}
+POSITIONAL_KEYS: dict[str, tuple[str, ...]] = {"verify-cache": ("cache",), "evaluate": ("samples",),
+                                               "push-to-hub": ("model", "repo")}
+# Keys a command takes as on/off switches (`--dry-run` is `dry_run=true`); a flag's dashes are the key's underscores.
+SWITCH_KEYS: dict[str, tuple[str, ...]] = {"push-to-hub": ("dry_run", "private")}
+SWITCH_OPTIONS = {"--" + key.replace("_", "-") for keys in SWITCH_KEYS.values() for key in keys}
+FLAG_KEYS["push-to-hub"] = ("tokenizer_repo", "metrics", "grid", "revision", "out")
 
 
 def command_overrides(args: argparse.Namespace) -> list[str]:
     """key=value overrides from the command's positional argument and flags, then its explicit overrides."""
-    given = [f"{args.positional_key}={getattr(args, args.positional_key)}"] if args.positional_key else []
+    given = [f"{key}={getattr(args, key)}" for key in args.positional_keys]
     given += [f"{key}={getattr(args, 'flag_' + key)}" for key in args.flag_keys
               if getattr(args, "flag_" + key) is not None]
     return given + args.overrides
@@ -208,15 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (function, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        if name in POSITIONAL_KEY:
-            command.add_argument(POSITIONAL_KEY[name], help=f"sets {POSITIONAL_KEY[name]}")
+        for key in POSITIONAL_KEYS.get(name, ()):
+            command.add_argument(key, help=f"sets {key}")
         for key in FLAG_KEYS.get(name, ()):
-            command.add_argument(f"--{key}", dest=f"flag_{key}", metavar=key.upper(), help=f"same as {key}=...")
+            command.add_argument("--" + key.replace("_", "-"), dest=f"flag_{key}", metavar=key.upper(),
+                                 help=f"same as {key}=...")
+        for key in SWITCH_KEYS.get(name, ()):
+            command.add_argument("--" + key.replace("_", "-"), dest=f"flag_{key}", action="store_const", const="true",
+                                 help=f"same as {key}=true")
         if name in SCHEMAS:
             command.add_argument("-c", "--config", help="YAML config (schema defaults are used for absent keys)")
             command.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-        command.set_defaults(function=function, flag_keys=FLAG_KEYS.get(name, ()),
-                             positional_key=POSITIONAL_KEY.get(name))
+        command.set_defaults(function=function, flag_keys=FLAG_KEYS.get(name, ()) + SWITCH_KEYS.get(name, ()),
+                             positional_keys=POSITIONAL_KEYS.get(name, ()))
     return parser
 
 
@@ -227,7 +262,8 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     rest, overrides = [], []
     for index, word in enumerate(argv):
         previous = argv[index - 1] if index else ""
-        is_option_value = previous.startswith("-") and "=" not in previous and previous not in ("-h", "--help")
+        is_option_value = (previous.startswith("-") and "=" not in previous
+                           and previous not in ("-h", "--help", *SWITCH_OPTIONS))
         (overrides if OVERRIDE.match(word) and not is_option_value else rest).append(word)
     return rest, overrides
 

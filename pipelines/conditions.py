@@ -106,7 +106,9 @@ def resolve_classes(requested: list[str], model_cfg: GeneratorConfig) -> list[in
     return ids
 
 
-def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torch.device) -> Conditions:
+def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torch.device,
+                     text_encoder: TextEncoder | None = None) -> Conditions:
+    """What cfg's samples are conditioned on; text_encoder: the generator's, already loaded (else loaded here)."""
     kind = model_cfg.conditioning
     described = "unconditional" if kind == "none" else f"{kind}-conditional"
     if cfg.classes and kind != "class":
@@ -130,7 +132,7 @@ def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torc
                           order=order)
     if kind == "text":
         prompts, source = prompt_list(cfg)
-        encoder = generator_text_encoder(model_cfg, device)
+        encoder = text_encoder or generator_text_encoder(model_cfg, device)
         text = encoder.encode(prompts)
         model_input = (torch.from_numpy(text.features).to(device) if text.mask is None else
                        TextTokens(torch.from_numpy(text.features), torch.from_numpy(text.mask)).to(device))

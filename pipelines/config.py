@@ -68,6 +68,21 @@ class SampleConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`simvq serve`: the browser sampler (pipelines/serve.py) over one generator, loaded once."""
+
+    generator: str = ""  # a generator directory (`simvq train-generator` output) or Hub id, as `simvq sample` takes it
+    tokenizer: str = ""  # "" = the tokenizer directory the generator records; its fingerprint must match either way
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 opens the page to the network
+    port: int = 7860  # 0 = any free port
+    out: str = "runs/serve"  # each request's samples.npz, grid.png, PNGs and sampling.json: a new directory here
+    max_images: int = 64  # the most images one request may draw
+    queue_size: int = 16  # requests waiting beyond the one being drawn (one at a time: memory stays bounded)
+    batch_size: int = 32  # samples per generate call
+    device: str = "auto"  # auto = the GPU if there is one, else cpu
+
+
+@dataclass
 class EvaluateConfig:
     samples: str = ""  # a `simvq sample` directory, its samples.npz, or any .npz with arr_0 (uint8 NHWC)
     # "emoji" (bundled), an image folder (ImageNet layout), an ADM reference batch .npz, or a statistics .npz

@@ -33,6 +33,7 @@ from pipelines.text import TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
+from simvq_common.hub import hub_reference, model_location, resolve_model_dir
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.datasets import build_image_dataset
@@ -127,10 +128,12 @@ def _check(cfg: PretokenizeConfig) -> None:
                         f"{int(EMOJI_NATIVE_RESOLUTION / TENCROP_SCALE)})")
 
 
-def _load_tokenizer(directory: str, device: torch.device) -> Tokenizer:
-    if not Path(directory).is_dir():
-        raise UserError(f"tokenizer directory {directory} does not exist")
-    return Tokenizer.from_pretrained(directory).to(device)
+def _load_tokenizer(source: str, device: torch.device) -> tuple[Tokenizer, str]:
+    """The tokenizer of a directory or a Hub id, and where the manifest says it is (simvq_common.hub)."""
+    if hub_reference(source) is None and not Path(source).is_dir():
+        raise UserError(f"tokenizer directory {source} does not exist: pass a tokenizer directory or a Hub id")
+    directory = resolve_model_dir(source)
+    return Tokenizer.from_pretrained(directory).to(device), model_location(directory)
 
 
 class _ShardParts:
@@ -167,7 +170,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     device = distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()
-    tokenizer = _load_tokenizer(cfg.tokenizer, device)
+    tokenizer, tokenizer_path = _load_tokenizer(cfg.tokenizer, device)
     if cfg.resolution % tokenizer.downsample_factor:
         raise UserError(f"resolution {cfg.resolution} is not a multiple of the tokenizer's downsampling "
                         f"{tokenizer.downsample_factor}")
@@ -183,7 +186,7 @@ def pretokenize(cfg: PretokenizeConfig) -> Path:
         text_encoder = TextEncoder(text.name, device, text.features, text.max_tokens, text.batch_size)
     grid = (tokenizer.grid_size(cfg.resolution),) * 2
     header = manifest_header(
-        tokenizer_fingerprint=tokenizer.fingerprint(), tokenizer_path=str(Path(cfg.tokenizer).resolve()),
+        tokenizer_fingerprint=tokenizer.fingerprint(), tokenizer_path=tokenizer_path,
         downsample_factor=tokenizer.downsample_factor, codebook_size=tokenizer.codebook_size, grid=grid,
         resolution=cfg.resolution, augmentation=cfg.aug, base_resolution=base,
         dataset={"source": cfg.data if cfg.data == "emoji" else str(Path(cfg.data).resolve()), "split": cfg.split,

@@ -45,6 +45,7 @@ from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
 from simvq_common.numerics import fix_cublas_workspace
 from simvq_common.provenance import command_line
+from simvq_common.tracking import Tracker, TrackingSettings
 from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -114,6 +115,22 @@ class Stages:
 
     def rank0_record(self, name: str) -> Path:
         return self.records / f"{name}.rank0.json"
+
+
+def training_identity(cfg: TokenizerTrainConfig | GeneratorTrainConfig) -> dict:
+    """A training stage's identity: its config, less where its records are mirrored (TensorBoard, W&B), so
+    turning a tracker on or off retrains nothing."""
+    return {"config": to_yaml(replace(cfg, run=replace(cfg.run, **asdict(TrackingSettings()))))}
+
+
+def log_grid(gen_cfg: GeneratorTrainConfig, grid: Path) -> None:
+    """The samples' grid into the generator's run directory (TensorBoard, and W&B when it is on), at the run's
+    last step: beside its training curves and the tokenizer's reconstructions. The pipeline does it because it
+    decodes the codes; the generator's trainer knows no tokenizer."""
+    if distributed.rank() == 0 and grid.is_file():
+        with Tracker(gen_cfg.run.out_dir, TrackingSettings.of(gen_cfg.run), kind="generator-run", config=gen_cfg,
+                     purge_stale=False) as tracker:  # adds to a finished run: its last step's scalars stay
+            tracker.image("samples", grid, gen_cfg.run.steps)
 
 
 def tokenizer_config(cfg: PipelineConfig) -> TokenizerTrainConfig:
@@ -213,7 +230,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def train_tok() -> dict:
         path = train_tokenizer(tok_cfg)
         return {"path": str(path), "fingerprint": Tokenizer.from_pretrained(path).fingerprint()}
-    tok = stages.run("tokenizer", {"config": to_yaml(tok_cfg)}, out / "tokenizer", train_tok)
+    tok = stages.run("tokenizer", training_identity(tok_cfg), out / "tokenizer", train_tok)
     tok_eval_cfg = tokenizer_eval_config(cfg, tok["path"])
     tok_eval = stages.run("tokenizer-eval", tokenizer_job_identity(tok_eval_cfg, tok["fingerprint"]), None,
                           lambda: evaluate_tokenizer(tok_eval_cfg), everywhere=False)
@@ -247,7 +264,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         gen_cfg = gen_cfgs[stage.name]
         gen = stages.run(
             f"generator-{stage.name}",
-            {"config": to_yaml(gen_cfg), "cache_train": caches["train"]["fingerprint"],
+            {**training_identity(gen_cfg), "cache_train": caches["train"]["fingerprint"],
              "cache_val": caches["val"]["fingerprint"]},
             Path(gen_cfg.run.out_dir), lambda c=gen_cfg: trained_generator(c))
         # a text generator's FID samples are conditioned on the val cache's captions
@@ -310,8 +327,9 @@ def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrai
     else:
         fid = sample(SampleConfig(out=str(folder), num_samples=num, **common))
         grid = None
-    return {"path": str(folder), "num": num, "grid": str(folder / "grid" / "grid.png") if grid else
-            str(folder / "grid.png"), **plan, "summary": fid}
+    grid_png = folder / "grid" / "grid.png" if grid else folder / "grid.png"
+    log_grid(gen_cfg, grid_png)
+    return {"path": str(folder), "num": num, "grid": str(grid_png), **plan, "summary": fid}
 
 
 @torch.no_grad()

@@ -8,10 +8,11 @@ depend on the batch size, on the number of processes, or on how a large run is s
 (first_index=0 num_samples=25000, then first_index=25000 num_samples=25000, with the same class_counts).
 
 Under torchrun rank r draws the positions r, r + world, ..., writes them to disk (and its own PNGs), and rank 0
-streams every part into samples.npz in position order, never holding them all in memory. The
-tokenizer must be the one whose codes the generator learned: its fingerprint is checked against the one the
-generator records. With prefix_image, the top prefix_rows rows of the image's codes are kept and the rest
-generated (image completion).
+streams every part into samples.npz in position order, never holding them all in memory. The tokenizer must be
+the one whose codes the generator learned: its fingerprint is checked against the one the generator records.
+With prefix_image, the top prefix_rows rows of the image's codes are kept and the rest generated (image
+completion). The models load once (`load_models`); `sample_with` draws from them request after request
+(`simvq serve`, pipelines/serve.py), the same files and pixels as `sample`.
 
 Writes into `out`: samples.npz (arr_0: the images, uint8 NHWC, the key the ADM evaluation suite reads; labels,
 indices, prompts, codes), grid.png, png/ when save_pngs, and sampling.json (every parameter, the seeds rule,
@@ -23,7 +24,7 @@ import datetime
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,14 @@ import torch
 from PIL import Image
 
 from pipelines.conditions import Conditions, build_conditions, sample_count
+from pipelines.tokenizer_match import load_matching_tokenizer
 from pipelines.config import SampleConfig
+from pipelines.text import TextEncoder
 from simvq_common import distributed
 from simvq_common.artifacts import write_kind
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
+from simvq_common.hub import hub_reference, model_location, resolve_model_dir
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -60,9 +64,9 @@ RANK0_DONE = ".rank0-done.json"  # under torchrun: rank 0's record that the run'
 def _check(cfg: SampleConfig) -> None:
     if not cfg.generator:
         raise UserError("set generator=DIR (a directory written by `simvq train-generator`)")
-    if not Path(cfg.generator).is_dir():
+    if hub_reference(cfg.generator) is None and not Path(cfg.generator).is_dir():
         raise UserError(f"generator directory {cfg.generator} does not exist: pass the output directory of "
-                        f"`simvq train-generator` (the one holding config.yaml and model.safetensors)")
+                        f"`simvq train-generator` (the one holding config.yaml and model.safetensors), or a Hub id")
     if not cfg.out:
         raise UserError("set out=DIR, the directory to write the samples into")
     if cfg.num_samples < 0 or cfg.per_class < 0 or cfg.per_prompt < 0 or cfg.first_index < 0 or cfg.batch_size < 1:
@@ -70,25 +74,6 @@ def _check(cfg: SampleConfig) -> None:
                         f"first_index={cfg.first_index} must be >= 0, batch_size={cfg.batch_size} >= 1")
     if cfg.prefix_rows and not cfg.prefix_image:
         raise UserError(f"prefix_rows={cfg.prefix_rows} needs prefix_image=FILE (the image whose top rows are kept)")
-
-
-def load_matching_tokenizer(directory: str, generator_dir: str, model_cfg: GeneratorConfig,
-                            device: torch.device) -> tuple[Tokenizer, str]:
-    """The tokenizer (and its directory) whose codes the generator learned; refuses any other."""
-    directory = directory or model_cfg.tokenizer_path
-    if not directory:
-        raise UserError(f"generator {generator_dir} records no tokenizer path: pass tokenizer=DIR (the tokenizer "
-                        f"with fingerprint {model_cfg.tokenizer_fingerprint or '(unrecorded)'})")
-    if not Path(directory).is_dir():
-        raise UserError(f"tokenizer directory {directory} does not exist: pass tokenizer=DIR, a copy of the "
-                        f"tokenizer with fingerprint {model_cfg.tokenizer_fingerprint}")
-    tokenizer = Tokenizer.from_pretrained(directory)
-    found = tokenizer.fingerprint()
-    if found != model_cfg.tokenizer_fingerprint:
-        raise UserError(f"tokenizer {directory} has fingerprint {found}, but generator {generator_dir} learned the "
-                        f"codes of tokenizer {model_cfg.tokenizer_fingerprint or '(unrecorded)'} (recorded path "
-                        f"{model_cfg.tokenizer_path or '(none)'}): pass tokenizer=DIR with that fingerprint")
-    return tokenizer.to(device), directory
 
 
 def load_image(path: str, resolution: int) -> torch.Tensor:
@@ -261,58 +246,124 @@ def write_pngs(out: Path, indices: np.ndarray, images: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The run
+# The run: the models loaded once, then one draw (`simvq sample`) or many (`simvq serve`)
 # ------------------------------------------------------------------------------------------------
 
-def sample(cfg: SampleConfig) -> dict:
-    """Draw, decode and write the samples `cfg` describes; returns a summary (out, num_samples, fingerprints)."""
-    started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
-    _check(cfg)
-    device = distributed.device_for(cfg.device)
-    rank, world = distributed.rank(), distributed.world_size()
-    generator = Generator.from_pretrained(cfg.generator).to(device)
-    model_cfg = generator.config
-    cfg.sampling.check(model_cfg.conditioning != "none")
-    tokenizer, tokenizer_dir = load_matching_tokenizer(cfg.tokenizer, cfg.generator, model_cfg, device)
-    conditions = build_conditions(cfg, model_cfg, device)
-    prefix = prefix_codes(cfg, model_cfg, tokenizer, device)
+@dataclass
+class Models:
+    """A generator, the tokenizer whose codes it learned (and its text encoder), loaded once on `device`."""
 
+    generator: Generator
+    generator_fingerprint: str
+    tokenizer: Tokenizer
+    tokenizer_dir: str
+    device: torch.device
+    text_encoder: TextEncoder | None = None  # None: each draw loads its own (build_conditions); a server sets it
+
+
+def load_models(cfg: SampleConfig) -> Models:
+    """cfg.generator and its matching tokenizer on cfg.device (under torchrun: after joining the group)."""
+    device = distributed.device_for(cfg.device)
+    generator_dir = resolve_model_dir(cfg.generator)  # a directory, or a Hub id's snapshot
+    generator = Generator.from_pretrained(generator_dir).to(device)
+    tokenizer, tokenizer_dir = load_matching_tokenizer(cfg.tokenizer, cfg.generator, generator.config, device,
+                                                       generator_dir)
+    return Models(generator, generator.fingerprint(), tokenizer, tokenizer_dir, device)
+
+
+@dataclass
+class Plan:
+    """What one call draws: the global indices, each one's condition (`conditions.slots`) and the prefix codes."""
+
+    indices: np.ndarray
+    conditions: Conditions
+    prefix: torch.Tensor | None
+    labels: np.ndarray  # each index's class id (-1: none)
+    prompts: list[str]  # each index's prompt ("": none)
+
+
+def plan_samples(models: Models, cfg: SampleConfig) -> Plan:
+    """Check `cfg` against the loaded models (sampling, conditions, prefix, count) and fix its indices."""
+    model_cfg = models.generator.config
+    cfg.sampling.check(model_cfg.conditioning != "none")
+    conditions = build_conditions(cfg, model_cfg, models.device, models.text_encoder)
+    prefix = prefix_codes(cfg, model_cfg, models.tokenizer, models.device)
     per_condition = cfg.per_prompt if model_cfg.conditioning == "text" else cfg.per_class
     num_samples = sample_count(cfg, conditions, per_condition)
     if num_samples < 1:
         raise UserError("nothing to sample: set num_samples (or per_class / per_prompt) >= 1")
     indices = cfg.first_index + np.arange(num_samples, dtype=np.int64)
-    mine = indices[rank::world]  # any split gives the same samples: each depends on its index alone
-    with progress(disable=rank != 0) as bar, \
-            torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-        task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
-        codes, images = generate_images(generator, tokenizer, conditions, mine, cfg.sampling, cfg.batch_size, prefix,
-                             on_batch=lambda n: bar.advance(task, n))
-    seconds = time.perf_counter() - start  # loading, sampling and decoding; writing the files not included
     slots = conditions.slots(indices)
-    is_class = model_cfg.conditioning == "class"
-    summary = {"out": str(cfg.out), "num_samples": num_samples, "generator_fingerprint": generator.fingerprint(),
-               "tokenizer_fingerprint": model_cfg.tokenizer_fingerprint}
-    meta = {
+    return Plan(indices, conditions, prefix, np.array(conditions.class_ids, np.int64)[slots],
+                [conditions.prompts[s] for s in slots])
+
+
+def draw(models: Models, plan: Plan, indices: np.ndarray, cfg: SampleConfig, on_batch=None):
+    """(codes, images) of the planned samples with global indices `indices`, with deterministic kernels."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        return generate_images(models.generator, models.tokenizer, plan.conditions, indices, cfg.sampling,
+                               cfg.batch_size, plan.prefix, on_batch=on_batch)
+
+
+def sampling_record(cfg: SampleConfig, models: Models, plan: Plan, image_size, world: int,
+                    started_at: datetime.datetime, seconds: float) -> dict:
+    """sampling.json: every parameter, the seeds rule, both fingerprints, the counts, environment and time."""
+    model_cfg, conditions, prefix = models.generator.config, plan.conditions, plan.prefix
+    per_condition = np.bincount(conditions.slots(plan.indices), minlength=len(conditions.names)).tolist()
+    return {
         "command": command_line(),
         "config": asdict(cfg),
         "seeds": SEEDS_RULE,
-        "generator": {"path": str(Path(cfg.generator).resolve()), "fingerprint": summary["generator_fingerprint"],
+        "generator": {"path": model_location(cfg.generator), "fingerprint": models.generator_fingerprint,
                       "size": model_cfg.size, "conditioning": model_cfg.conditioning, "grid": list(model_cfg.grid),
                       "codebook_size": model_cfg.codebook_size},
-        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "fingerprint": tokenizer.fingerprint()},
-        "classes": {"ids": conditions.class_ids, "names": conditions.names} if is_class else None,
+        "tokenizer": {"path": model_location(models.tokenizer_dir),
+                      "fingerprint": model_cfg.tokenizer_fingerprint},  # load_matching_tokenizer refused any other
+        "classes": ({"ids": conditions.class_ids, "names": conditions.names}
+                    if model_cfg.conditioning == "class" else None),
         "text_encoder": conditions.text_encoder,
         "prompt_source": conditions.prompt_source,  # the prompts themselves are in samples.npz
         "prefix": None if prefix is None else {"image": str(Path(cfg.prefix_image).resolve()),
                                                "rows": cfg.prefix_rows, "codes": prefix[0].tolist()},
-        "counts": {"num_samples": num_samples, "first_index": int(indices[0]), "last_index": int(indices[-1]),
-                   "per_condition": np.bincount(slots, minlength=len(conditions.names)).tolist(),
-                   "image_size": list(images.shape[1:3]), "world_size": world, "batch_size": cfg.batch_size},
+        "counts": {"num_samples": len(plan.indices), "first_index": int(plan.indices[0]),
+                   "last_index": int(plan.indices[-1]), "per_condition": per_condition,
+                   "image_size": list(image_size), "world_size": world, "batch_size": cfg.batch_size},
         "environment": environment(),
         "started": started_at.isoformat(timespec="seconds"),
         "seconds": seconds,
     }
+
+
+def sample_with(models: Models, cfg: SampleConfig) -> dict:
+    """`cfg`'s samples from models already loaded, drawn in this process and written into cfg.out as `sample`
+    writes them (the same files, pixels and seeds); returns sampling.json's record. The server's request."""
+    started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    _check(cfg)
+    plan = plan_samples(models, cfg)
+    codes, images = draw(models, plan, plan.indices, cfg)
+    meta = sampling_record(cfg, models, plan, images.shape[1:3], 1, started_at, time.perf_counter() - start)
+    if cfg.save_pngs:
+        write_pngs(Path(cfg.out), plan.indices, images)
+    write_samples(cfg.out, images, labels=plan.labels, indices=plan.indices, codes=codes, prompts=plan.prompts,
+                  meta=meta)
+    return meta
+
+
+def sample(cfg: SampleConfig) -> dict:
+    """Draw, decode and write the samples `cfg` describes; returns a summary (out, num_samples, fingerprints)."""
+    started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    _check(cfg)
+    models = load_models(cfg)  # joins the launcher's process group (distributed.device_for)
+    rank, world = distributed.rank(), distributed.world_size()
+    plan = plan_samples(models, cfg)
+    mine = plan.indices[rank::world]  # any split gives the same samples: each depends on its index alone
+    with progress(disable=rank != 0) as bar:
+        task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
+        codes, images = draw(models, plan, mine, cfg, on_batch=lambda n: bar.advance(task, n))
+    seconds = time.perf_counter() - start  # loading, sampling and decoding; writing the files not included
+    summary = {"out": str(cfg.out), "num_samples": len(plan.indices), "generator_fingerprint":
+               models.generator_fingerprint, "tokenizer_fingerprint": models.generator.config.tokenizer_fingerprint}
+    meta = sampling_record(cfg, models, plan, images.shape[1:3], world, started_at, seconds)
     out, done = Path(cfg.out), Path(cfg.out) / RANK0_DONE
     if cfg.save_pngs:  # each rank its own
         write_pngs(out, mine, images)
@@ -323,10 +374,10 @@ def sample(cfg: SampleConfig) -> dict:
         codes, images = (None, None) if parts is None else (parts["codes"], parts["images"])
 
     def write() -> dict:
-        write_samples(out, images, labels=np.array(conditions.class_ids, np.int64)[slots], indices=indices,
-                      codes=codes, prompts=[conditions.prompts[s] for s in slots], meta=meta)
+        write_samples(out, images, labels=plan.labels, indices=plan.indices, codes=codes, prompts=plan.prompts,
+                      meta=meta)
         shutil.rmtree(out / "parts", ignore_errors=True)
-        console.print(f"{num_samples} samples ({len(conditions.names)} condition(s)) in {seconds:.1f} s -> {out}")
+        console.print(f"{len(images)} samples ({len(plan.conditions.names)} condition(s)) in {seconds:.1f} s -> {out}")
         return summary
 
     # rank 0 streams ~10 GB at 50k x 256 px: the others wait for its record, not in a collective that times out

@@ -1,7 +1,8 @@
 """Model directories: config.yaml + model.safetensors (+ fingerprint.txt), rebuilt from the directory alone.
 
 Both stages save their models this way (the tokenizer and the generator); the fingerprint is the sha256
-of the config text and the weights, and a later stage records it to refuse a mismatch.
+of the config text and the weights, and a later stage records it to refuse a mismatch. `from_pretrained`
+also takes a Hub id (`org/name`, `org/name@revision`), resolved by simvq_common.hub.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .artifacts import KINDS, expect_kind, write_kind
 from .config import load_config, to_yaml
 from .errors import ArtifactError
 from .fingerprint import tensors_fingerprint
+from .hub import resolve_model_dir
 from .io import atomic_write, write_text_atomic
 
 CONFIG_FILE, WEIGHTS_FILE, FINGERPRINT_FILE = "config.yaml", "model.safetensors", "fingerprint.txt"
@@ -76,9 +78,12 @@ class PretrainedModel:
         return save_pretrained(directory, self.kind, self.config, self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
+    def from_pretrained(cls, source: str | Path, map_location: str = "cpu", revision: str | None = None):
+        """The model in a local directory, or in the Hub model `source` (org/name[@revision]) through the
+        Hub cache; an existing directory of that name wins."""
+        directory = resolve_model_dir(source, revision)
         config, state = load_pretrained(directory, cls.config_schema, cls.kind, map_location)
-        cls.check_layout(state, Path(directory))
+        cls.check_layout(state, directory)
         model = cls(config)
-        load_state_strict(model, state, Path(directory))
+        load_state_strict(model, state, directory)
         return model.eval()

@@ -16,6 +16,7 @@ from simvq_common import distributed
 from simvq_common.console import progress
 from simvq_common.errors import ArtifactError, ConfigError
 from simvq_common.fid import compute_fid
+from simvq_common.hub import hub_reference
 from simvq_common.image_metrics import psnr, ssim
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
@@ -42,9 +43,11 @@ def perceptual_for_eval(backend: str):
 @torch.no_grad()
 def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
     if not cfg.tokenizer:
-        raise ConfigError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained)")
+        raise ConfigError("set tokenizer=DIR (a directory written by train-tokenizer or save_pretrained, or a Hub id)")
     if cfg.resolution <= 0:
         raise ConfigError("set resolution=N, the image size to evaluate at (e.g. 128 for the ImageNet-128 configs)")
+    if hub_reference(cfg.tokenizer) is not None and not cfg.out:  # the Hub cache is no place to write into
+        raise ConfigError(f"tokenizer={cfg.tokenizer} is a Hub model: set out=PATH for its eval.json")
     device = distributed.device_for(cfg.device)
     tokenizer = Tokenizer.from_pretrained(cfg.tokenizer).to(device)
     dataset = build_image_dataset(cfg.data, cfg.split, cfg.resolution)

@@ -25,6 +25,7 @@ from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
 from simvq_common.run_dir import RunDir
+from simvq_common.tracking import TrackingSettings
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .config import TokenizerTrainConfig
@@ -110,7 +111,8 @@ class TokenizerTrainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_images = 0  # unreadable images met by this rank (since the resume, on ranks > 0)
         self.dropped_batches = 0  # batches no rank trained on, because one rank's were all unreadable
-        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True, kind="tokenizer-run") if rank() == 0 else None
+        self.run_dir = (RunDir(cfg.run.out_dir, cfg, resume=True, kind="tokenizer-run",
+                               tracking=TrackingSettings.of(cfg.run)) if rank() == 0 else None)
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
         self._resume()
 
@@ -254,7 +256,7 @@ class TokenizerTrainer:
                                 f"optim.grad_clip, or raise loss.gan_start_step")
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        g_norm = self._clip(self.tokenizer)
+        g_norm = self._clip(self.tokenizer, measure=True)
         self.opt_g.step()
         # discriminator: hinge loss on real vs the (detached) reconstructions
         d_loss = torch.zeros((), device=x.device)
@@ -274,13 +276,22 @@ class TokenizerTrainer:
                 "quantizer_loss": q.loss.detach(), "g_adv": g_adv.detach(), "d_loss": d_loss.detach(),
                 "gan_weight": adv_weight.detach(), "lr": lr, "grad_norm": g_norm, "indices": q.indices}
 
-    def _clip(self, module: torch.nn.Module) -> torch.Tensor | float:
-        if self.cfg.optim.grad_clip <= 0:
-            return float("nan")
-        return torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.grad_clip)
+    def _clip(self, module: torch.nn.Module, measure: bool = False) -> torch.Tensor | float:
+        """Clips the gradients to optim.grad_clip (when set); returns their global norm before clipping, or nan
+        when neither clipped nor asked to `measure` (the tokenizer's is logged as grad_norm)."""
+        if self.cfg.optim.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.grad_clip)
+        if measure:
+            return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+        return float("nan")
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> Path:
+        """Train to run.steps and export; TensorBoard / W&B are closed at the end, or when training stops."""
+        with self.run_dir if self.run_dir is not None else nullcontext():
+            return self._train()
+
+    def _train(self) -> Path:
         run = self.cfg.run
         usage = CodebookUsage(self.tokenizer.codebook_size, self.device)
         tic, images_seen = time.perf_counter(), 0
@@ -292,20 +303,22 @@ class TokenizerTrainer:
                 stats = self.train_step(x)
                 usage.update(stats.pop("indices"))
                 images_seen += x.shape[0] * world_size()
+                record = {}  # one metrics.jsonl line per step: the training window's stats, val_l1 on image steps
                 if self.step % run.log_every == 0 or self.step == run.steps:
                     stats = {k: float(v) for k, v in stats.items()}
                     window = usage.merged().summary()
                     bad = int(distributed.sum_over_ranks(self.skipped_images))
-                    if rank() == 0:
-                        self.run_dir.log(step=self.step, epoch=self.epoch, **stats,
-                                         utilisation=window["utilisation"], perplexity=window["perplexity"],
-                                         images_per_s=images_seen / (time.perf_counter() - tic),
-                                         global_batch=self.cfg.data.batch_size * world_size(), skipped_images=bad,
-                                         dropped_batches=self.dropped_batches)
+                    record.update(epoch=self.epoch, **stats, utilisation=window["utilisation"],
+                                  perplexity=window["perplexity"],
+                                  images_per_s=images_seen / (time.perf_counter() - tic),
+                                  global_batch=self.cfg.data.batch_size * world_size(), skipped_images=bad,
+                                  dropped_batches=self.dropped_batches)
                     bar.update(task, status=f"loss {stats['loss']:.3f} util {window['utilisation']:.1%}")
                     usage = CodebookUsage(self.tokenizer.codebook_size, self.device)
                 if self.step % run.image_every == 0 or self.step == run.steps:
-                    self.save_reconstructions()
+                    record.update(self.save_reconstructions())
+                if record and rank() == 0:
+                    self.run_dir.log(step=self.step, **record)
                 if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                     self.save()
                 bar.update(task, completed=self.step)
@@ -317,12 +330,16 @@ class TokenizerTrainer:
         return out
 
     @torch.no_grad()
-    def save_reconstructions(self) -> None:
+    def save_reconstructions(self) -> dict:
+        """The EMA tokenizer on the fixed val batch: the grid (images over their reconstructions) as a PNG and
+        to TensorBoard / W&B, and its L1 to log as val_l1. Rank 0; {} on the others."""
         if rank() != 0:
-            return
+            return {}
         reconstruction, _ = self.ema(self.val_images)
-        save_image_grid(torch.cat([self.val_images, reconstruction.clamp(-1, 1)]),
-                        self.run_dir.path(f"reconstructions/step_{self.step:08d}.png"), rows=2)
+        grid = save_image_grid(torch.cat([self.val_images, reconstruction.clamp(-1, 1)]),
+                               self.run_dir.path(f"reconstructions/step_{self.step:08d}.png"), rows=2)
+        self.run_dir.image("reconstructions", grid, self.step)
+        return {"val_l1": float(F.l1_loss(reconstruction.float(), self.val_images))}
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,13 +19,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from simvq_common.checkpoint import by_step, keep_newest
+from simvq_common.checkpoint import by_step, keep_newest, weights_only_loads
 from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
 from simvq_common.io import write_json_atomic
 from simvq_common.run_dir import RunDir
+from simvq_common.tracking import TrackingSettings
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .cache_format import text_encoder_differences
@@ -119,6 +121,17 @@ def check_same_text_encoder(train: CodeCache, other: CodeCache) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------
 
+def deepspeed_checkpoint_types() -> list:
+    """The classes DeepSpeed pickles into its ZeRO optimizer files (the static loss scaler, the ZeRO stage enum,
+    parameter fragment addresses): allowed on resume, and nothing else. DeepSpeed's own TorchCheckpointEngine
+    loads with weights_only=False, so every resume load runs inside weights_only_loads (which forces True)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def latest_tag(directory: Path) -> str | None:
     """The tag DeepSpeed's `latest` file names: written after a save completes, so never a torn one."""
     latest = directory / "latest"
@@ -160,7 +173,8 @@ class GeneratorTrainer:
             self.engine.compile()  # in place: the module's parameter names, and so the checkpoints, stay as they are
         self.step = 0
         self.checkpoints = Path(cfg.run.out_dir) / "checkpoints"
-        self.run_dir = RunDir(cfg.run.out_dir, cfg, resume=True, kind="generator-run") if rank() == 0 else None
+        self.run_dir = (RunDir(cfg.run.out_dir, cfg, resume=True, kind="generator-run",
+                               tracking=TrackingSettings.of(cfg.run)) if rank() == 0 else None)
         self._resume()
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -180,7 +194,8 @@ class GeneratorTrainer:
         if differences:
             raise UserError(f"cannot resume {self.checkpoints / tag}: " + "; ".join(differences) +
                             ". Use the original config and process count, or a new run.out_dir")
-        _, client = self.engine.load_checkpoint(str(self.checkpoints), tag)
+        with weights_only_loads(self.checkpoints / tag, deepspeed_checkpoint_types()):
+            _, client = self.engine.load_checkpoint(str(self.checkpoints), tag)
         self.step = client["step"]
         self.loader.load_state_dict(client["loader"])
         if rank() == 0:
@@ -209,8 +224,9 @@ class GeneratorTrainer:
 
             barrier()
             if rank() == 0:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints),
-                                                                 tag=latest_tag(self.checkpoints))
+                with weights_only_loads(self.checkpoints, deepspeed_checkpoint_types()):
+                    state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints),
+                                                                     tag=latest_tag(self.checkpoints))
         elif self.bf16:  # ZeRO-0 in bf16: every rank's optimizer holds the whole fp32 master copy
             names = {id(p): n for n, p in self.engine.module.named_parameters()}
             optimizer = self.engine.optimizer
@@ -298,6 +314,12 @@ class GeneratorTrainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> Path:
+        """Train to run.steps and export; TensorBoard / W&B are closed at the end, or when training stops. The
+        sample grid joins the run from `simvq run` (pipelines/run.py): this stage has no tokenizer to decode."""
+        with self.run_dir if self.run_dir is not None else nullcontext():
+            return self._train()
+
+    def _train(self) -> Path:
         run, cfg = self.cfg.run, self.cfg
         global_batch = cfg.data.batch_size * cfg.data.grad_accum * world_size()
         tokens_per_step = global_batch * cfg.model.sequence_length
