@@ -50,11 +50,7 @@ def assert_payload_is_live(path: Path, marker: Path) -> None:
     assert marker.exists()
 
 
-@pytest.fixture(autouse=True)
-def lone_process(monkeypatch):
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+pytestmark = pytest.mark.usefixtures("lone_process")  # the trainer's process-group variables undone after each test
 
 
 def test_rng_state_is_plain_and_restores_every_generator():

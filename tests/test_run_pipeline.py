@@ -49,10 +49,8 @@ def records(out_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(tmp_path, monkeypatch):
+def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(tmp_path, monkeypatch, lone_process):
     monkeypatch.setenv("SIMVQ_FID_CACHE", str(tmp_path / "fid-cache"))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
     out = tmp_path / "run"
     result = run_pipeline(tiny_pipeline(out))
     first = records(out)
@@ -270,7 +268,7 @@ def test_generator_evaluations_use_the_configured_reference(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_run_on_webdataset_tars_trains_a_token_feature_text_generator(tmp_path, monkeypatch):
+def test_run_on_webdataset_tars_trains_a_token_feature_text_generator(tmp_path, monkeypatch, lone_process):
     """The emoji as WebDataset tars, captions encoded by a small T5 made here: a text generator trains, samples
     from the val captions and the stage's prompts, and gets a FID."""
     from stage1_tokenizer.config import PackDataConfig
@@ -278,8 +276,6 @@ def test_run_on_webdataset_tars_trains_a_token_feature_text_generator(tmp_path, 
     from text_encoders import tiny_t5_dir
 
     monkeypatch.setenv("SIMVQ_FID_CACHE", str(tmp_path / "fid-cache"))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
     pack_data(PackDataConfig(data="emoji", out=str(tmp_path / "tars"), resolution=16, samples_per_tar=200))
     cfg = tiny_pipeline(tmp_path / "run")
     cfg.data, cfg.baseline = str(tmp_path / "tars"), False

@@ -36,11 +36,10 @@ GENERATOR_TAGS = {"train/loss", "train/perplexity", "optim/lr", "optim/grad_norm
 
 
 @pytest.fixture(autouse=True)
-def lone_process(monkeypatch, tmp_path):
+def lone_wandb_process(monkeypatch, tmp_path, lone_process):
     """A lone process on the CPU; W&B's own settings and caches in the test's folder, not the home directory."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("WANDB_MODE", "")  # registers its original value (or absence) for the undo
+    monkeypatch.delenv("WANDB_MODE")
     for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(key, str(tmp_path / "wandb-home"))
 

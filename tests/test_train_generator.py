@@ -24,15 +24,8 @@ from stage2_generator.sampling import generate
 from stage2_generator.train import DeepSpeedConfigError, GeneratorTrainer, train_generator
 
 REPO = Path(__file__).resolve().parents[1]
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-
-@pytest.fixture(autouse=True)
-def restore_env(monkeypatch):
-    """The trainer sets the process-group variables for a lone process; undo them after each test."""
-    for key in DIST_ENV:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+pytestmark = pytest.mark.usefixtures("lone_process")  # the trainer's process-group variables undone after each test
 
 
 def learnable_cache(path, num_images=24, k=50, grid=(2, 3)):
