@@ -26,22 +26,16 @@ from simvq_common.artifacts import write_kind
 from simvq_common.config import load_config
 from simvq_common.errors import ConfigError, UserError
 from simvq_common.hub import HubError, parse_repo_id
-from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig, TokenizerEvalConfig
+from stage1_tokenizer.config import TokenizerEvalConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.config import GeneratorConfig
 from stage2_generator.model import Generator
+from tiny_models import tiny_tokenizer
 
 K, GRID = 64, [4, 4]
 CLASSES = ["ant", "bee", "cat"]
-
-
-def tiny_tokenizer(seed: int) -> Tokenizer:
-    torch.manual_seed(seed)
-    return Tokenizer(TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
-                                                       norm_groups=4),
-                                     QuantizerConfig(kind="simvq", codebook_size=K))).eval()
 
 
 def random_generator(tokenizer: Tokenizer, tokenizer_path: str) -> Generator:

@@ -22,7 +22,6 @@ from pipelines.pretokenize import pretokenize
 from simvq_common import distributed
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
-from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.emoji import load_emoji
 from stage1_tokenizer.image_folder import BadImageWarning
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -31,16 +30,10 @@ from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_format import CacheError
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.cache_writer import CacheWriter
+from tiny_models import tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 K = 64
-
-
-def tiny_tokenizer(seed: int = 0) -> Tokenizer:
-    torch.manual_seed(seed)
-    return Tokenizer(TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
-                                                       norm_groups=4),
-                                     QuantizerConfig(kind="simvq", codebook_size=K))).eval()
 
 
 @pytest.fixture(scope="module")

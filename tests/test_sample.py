@@ -16,7 +16,6 @@ from pipelines.text import DEFAULT_TEXT_ENCODER as TEXT_ENCODER
 from pipelines.text import TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.run_dir import RunDir
-from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_reader import CodeCache
@@ -26,16 +25,10 @@ from stage2_generator.model import Generator
 from stage2_generator.sampling import generate
 from synthetic_cache import make_cache
 from text_encoders import tiny_t5_dir
+from tiny_models import tiny_tokenizer
 
 K, GRID, PIXELS = 64, [4, 4], 8  # the tiny tokenizer downsamples by 2: 4 x 4 codes <-> 8 x 8 px
 CLASS_NAMES = ["ant", "bee", "cat"]
-
-
-def tiny_tokenizer(seed: int) -> Tokenizer:
-    torch.manual_seed(seed)
-    return Tokenizer(TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
-                                                       norm_groups=4),
-                                     QuantizerConfig(kind="simvq", codebook_size=K))).eval()
 
 
 def random_generator(conditioning: str, tokenizer: Tokenizer, tokenizer_dir, **kw) -> Generator:
