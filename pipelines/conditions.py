@@ -166,7 +166,7 @@ def prompt_list(cfg: SampleConfig) -> tuple[list[str], dict]:
 def cache_captions(cache: CodeCache) -> list[str]:
     """One caption per image of `cache` (its first view's), in image order: the prompts whose samples are
     compared with those images (a text-to-image FID on held-out captions)."""
-    images, first = np.unique(cache.image_index(np.arange(len(cache))), return_index=True)
+    _, first = np.unique(cache.image_index(np.arange(len(cache))), return_index=True)
     return [cache.caption(int(i)) for i in first]
 
 
