@@ -116,10 +116,9 @@ def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torc
                         + ("pass prompts=[...] instead" if kind == "text" else "drop classes"))
     if cfg.class_counts and kind != "class":
         raise UserError(f"class_counts={cfg.class_counts} but the generator is {described}: drop class_counts")
-    given = [f"{key}={value}" for key, value in (("prompts", cfg.prompts), ("prompts_file", cfg.prompts_file),
-                                                 ("prompts_from", cfg.prompts_from)) if value]
+    given = given_prompts(cfg)
     if given and kind != "text":
-        raise UserError(f"{given[0]} but the generator is {described}: "
+        raise UserError(f"{given[0]}={getattr(cfg, given[0])} but the generator is {described}: "
                         + ("pass classes=[...] instead" if kind == "class" else "drop the prompts"))
     if kind == "class":
         ids = resolve_classes(cfg.classes, model_cfg)
@@ -140,9 +139,14 @@ def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torc
     return Conditions([""], [-1], [""], None)
 
 
+def given_prompts(cfg: SampleConfig) -> list[str]:
+    """Which of the ways to give prompts (prompts, prompts_file, prompts_from) cfg sets."""
+    return [key for key in ("prompts", "prompts_file", "prompts_from") if getattr(cfg, key)]
+
+
 def prompt_list(cfg: SampleConfig) -> tuple[list[str], dict]:
     """The prompts of one of prompts / prompts_file / prompts_from, and where they came from (sampling.json)."""
-    given = [key for key in ("prompts", "prompts_file", "prompts_from") if getattr(cfg, key)]
+    given = given_prompts(cfg)
     if len(given) != 1:
         raise UserError("the generator is text-conditional: give exactly one of prompts=['a photo of ...'], "
                         "prompts_file=FILE (one per line) or prompts_from=CACHE (a cache's captions)"
