@@ -93,6 +93,13 @@ def _evaluate(cfg) -> None:
     console.print(result_table(evaluate(cfg)))
 
 
+def _train_classifier(cfg) -> None:
+    from pipelines.classifier import train_classifier
+
+    out = train_classifier(cfg)
+    console.print(f"[green]done[/]: classifier in {out} (val accuracy in {out}/eval.json)")
+
+
 def _run(cfg) -> None:
     from pipelines.run import run_pipeline
 
@@ -166,7 +173,13 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
     "evaluate": (_evaluate,
                  "FID, IS, KID and precision/recall of samples (a `simvq sample` directory) against a reference "
                  "(reference=emoji, an image folder, or saved statistics .npz), written to metrics.json with "
-                 "the suite, Inception weights hash, resize, counts and reference"),
+                 "the suite, Inception weights hash, resize, counts and reference; also class agreement "
+                 "(metrics=[agreement] classifier=DIR), memorisation (nearest train images) and FID / rFID "
+                 "(tokenizer_rfid=)"),
+    "train-classifier": (_train_classifier,
+                         "train the small image classifier that measures class agreement (`simvq evaluate "
+                         "metrics=[agreement] classifier=DIR`) on a labelled train split, with its val accuracy "
+                         "(e.g. data=emoji resolution=32 out=runs/classifier)"),
     "run": (_run,
             "the whole system from one config: tokenizer, pre-tokenization, generators, samples, FID against "
             "the val split beside a unigram baseline and the tokenizer's rFID, and report.md; a stage whose "
@@ -196,6 +209,7 @@ SCHEMAS: dict[str, str] = {
     "sample": "pipelines.config:SampleConfig",
     "serve": "pipelines.config:ServeConfig",
     "evaluate": "pipelines.config:EvaluateConfig",
+    "train-classifier": "pipelines.classifier:ClassifierTrainConfig",
     "run": "pipelines.config:PipelineConfig",
     "verify-cache": "pipelines.config:VerifyCacheConfig",
     "pack-data": "stage1_tokenizer.config:PackDataConfig",

@@ -97,6 +97,12 @@ class EvaluateConfig:
     device: str = "auto"  # where the Inception runs: auto = this process's GPU if there is one, else cpu
     out: str = ""  # metrics.json path ("" = beside samples.npz)
     save_reference_stats: str = ""  # also write the reference's FID statistics to this .npz
+    # agreement: a classifier directory (`simvq train-classifier`) or a ready-made model's name; its held-out
+    # images are the reference's (emoji or an image folder)
+    classifier: str = ""
+    train_split: str = "train"  # memorisation: the split whose nearest images each sample is measured against
+    max_train: int = 0  # memorisation: the first N images of that split (0 = all)
+    tokenizer_rfid: float = 0.0  # > 0: also report FID and sFID as a multiple of this rFID (the tokenizer's floor)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from simvq_common.console import console
 from simvq_common.errors import ArtifactError, UserError
 from simvq_common.fid import compute_metrics, reference_stats
 from simvq_common.fid_reference import ADM_IMAGES, load_reference_file, save_reference_stats
+from simvq_common.hub import resolve_model_dir
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 from stage1_tokenizer.datasets import build_image_dataset
@@ -34,9 +35,12 @@ from stage1_tokenizer.emoji import load_emoji
 from stage1_tokenizer.loading import collate_skip_none
 from stage1_tokenizer.transforms import to_uint8
 
+from .classifier import ImageClassifier, class_agreement, load_eval
 from .config import EvaluateConfig
+from .memorisation import memorisation
 
-METRICS = ("fid", "sfid", "isc", "kid", "prc")
+INCEPTION_METRICS = ("fid", "sfid", "isc", "kid", "prc")
+METRICS = (*INCEPTION_METRICS, "agreement", "memorisation")  # the last two: pipelines/classifier.py, memorisation.py
 LEGACY_IMAGES = "images"  # where samples.npz kept its images before it used ADM's arr_0
 
 
@@ -123,9 +127,23 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     else:
         reference, reference_labels, class_names, described = reference_images(
             cfg.reference, cfg.reference_split, resolution, cfg.max_reference)
-    result = compute_metrics(generated, reference, fid="fid" in wanted, sfid="sfid" in wanted, isc="isc" in wanted,
-                             kid="kid" in wanted, prc="prc" in wanted, source=cfg.fid_source,
-                             batch_size=cfg.batch_size, device=device, kid_subset_size=cfg.kid_subset_size or None)
+    result = {"provenance": None, "reference_hash": None}
+    if wanted & set(INCEPTION_METRICS):
+        result = compute_metrics(generated, reference, fid="fid" in wanted, sfid="sfid" in wanted,
+                                 isc="isc" in wanted, kid="kid" in wanted, prc="prc" in wanted, source=cfg.fid_source,
+                                 batch_size=cfg.batch_size, device=device,
+                                 kid_subset_size=cfg.kid_subset_size or None)
+    if cfg.tokenizer_rfid > 0 and "fid" in result:
+        result["fid_over_rfid"] = result["fid"] / cfg.tokenizer_rfid
+    if "agreement" in wanted:
+        result["agreement"] = agreement_of(cfg, generated, sample_labels, reference, reference_labels)
+    if "memorisation" in wanted:
+        if described["kind"] != "images":
+            raise UserError("metrics=[memorisation] needs reference images with a train split (reference=emoji or "
+                            "an image folder), not a .npz file")
+        train, _, _, _ = reference_images(cfg.reference, cfg.train_split, resolution, cfg.max_train)
+        result["memorisation"] = memorisation(generated, train, reference, fid_source=cfg.fid_source,
+                                              batch_size=cfg.batch_size, device=device)
     if cfg.save_reference_stats:
         if described["kind"] != "images":
             raise UserError("save_reference_stats needs reference images (a folder or split), not a .npz file")
@@ -148,13 +166,37 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return report
 
 
+def agreement_of(cfg: EvaluateConfig, generated: torch.Tensor, sample_labels: np.ndarray | None,
+                 reference: torch.Tensor, reference_labels: np.ndarray | None) -> dict:
+    """Class agreement of labelled samples under cfg.classifier, beside its accuracy on the reference images."""
+    if not cfg.classifier:
+        raise UserError("metrics=[agreement] needs classifier=DIR (`simvq train-classifier` output, or a ready-made "
+                        "classifier's name)")
+    if sample_labels is None or (np.asarray(sample_labels) < 0).any():
+        raise UserError(f"metrics=[agreement] needs class-conditional samples: {cfg.samples} has no class labels")
+    if reference_labels is None:
+        raise UserError("metrics=[agreement] needs labelled reference images (reference=emoji or an image folder), "
+                        f"not {cfg.reference}")
+    classifier = ImageClassifier.from_pretrained(cfg.classifier)
+    return {**class_agreement(classifier, generated, sample_labels, reference, reference_labels),
+            "classifier": str(cfg.classifier), "classifier_val_accuracy": load_eval(
+                resolve_model_dir(cfg.classifier)).get("val", {}).get("accuracy")}
+
+
 def result_table(result: dict):
     """The headline metrics of an evaluate result, as a rich table."""
     from rich.table import Table
 
-    names = [k for k in ("fid", "sfid", "isc_mean", "kid_mean", "precision", "recall") if k in result]
+    extra = {"fid_over_rfid": result.get("fid_over_rfid"),
+             "agreement": (result.get("agreement") or {}).get("agreement"),
+             "agreement_ratio": (result.get("agreement") or {}).get("ratio"),
+             "copies_px": ((result.get("memorisation") or {}).get("pixels") or {}).get("near_copies"),
+             "nn_ratio_px": ((result.get("memorisation") or {}).get("pixels") or {}).get("ratio"),
+             "nn_ratio_incep": ((result.get("memorisation") or {}).get("inception") or {}).get("ratio")}
+    result = {**result, **{k: v for k, v in extra.items() if v is not None}}
+    names = [k for k in ("fid", "sfid", "isc_mean", "kid_mean", "precision", "recall", *extra) if k in result]
     table = Table(title=f"{result['samples']['num']} samples vs {result['reference']['num_images']} reference images "
-                        f"({result['inception_source']} Inception, {result['suite']})")
+                        + (f"({result['inception_source']} Inception, {result['suite']})" if "suite" in result else ""))
     for name in names:
         table.add_column(name, justify="right")
     table.add_row(*(f"{result[k]:.4g}" for k in names))

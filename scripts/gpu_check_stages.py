@@ -54,7 +54,9 @@ class Mode:
     name: str  # cuda | rehearsal
     device: str  # the device every stage must run on
     env: dict  # what the subprocesses' environment sets
-    timeout_s: int  # per stage or benchmark
+    timeout_s: int  # the most one stage or benchmark may take (the run's deadline may cut it shorter)
+    compile: str  # run.compile where a stage is about torch.compile: "true" on CUDA; the CPU rehearsal skips
+    #               inductor's C++ build (minutes on 2 cores), so there it is "false"
     sizes: dict  # overrides per stage: the configs hold the GPU check's sizes, the rehearsal shrinks them
 
 
@@ -67,13 +69,13 @@ TINY_GENERATOR = ["model.size=nano", "data.batch_size=8", "run.steps=3", "run.lo
 
 
 MODES = {
-    "cuda": Mode("cuda", "cuda", {"DS_ACCELERATOR": "cuda"}, 200, {
+    "cuda": Mode("cuda", "cuda", {"DS_ACCELERATOR": "cuda"}, 200, "true", {
         "tokenizer": [], "generator": [],
         "pretokenize_train": ["max_images=0", "batch_size=256"], "pretokenize_val": ["max_images=0", "batch_size=256"],
         "sample": ["per_class=8", "batch_size=72"], "evaluate": ["max_reference=0"],
         "pipeline": [],  # configs/pipeline/gpu_check.yaml as it is
     }),
-    "rehearsal": Mode("rehearsal", "cpu", {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}, 240, {
+    "rehearsal": Mode("rehearsal", "cpu", {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}, 240, "false", {
         "tokenizer": TINY_TOKENIZER, "generator": TINY_GENERATOR,
         "pretokenize_train": ["max_images=96", "batch_size=64"], "pretokenize_val": ["max_images=32", "batch_size=64"],
         "sample": ["per_class=2", "batch_size=18"], "evaluate": ["max_reference=32"],
@@ -89,6 +91,9 @@ MODES = {
 
 @dataclass
 class Stage:
+    """One step of the check: a subprocess of the CLI (or in-process work), its check beyond the exit status, and
+    its place in the plan (scripts/gpu_check_plan.py)."""
+
     name: str
     what: str
     command: list[str] | None = None  # a subprocess of the CLI
@@ -96,6 +101,9 @@ class Stage:
     needs: tuple[str, ...] = ()
     check: Callable[[str], tuple[list[str], list[str]]] | None = None  # output -> (problems, notes)
     notes: list[str] = field(default_factory=list)
+    phase: str = "stages"  # smoke | stages | benchmarks
+    min_s: int = 0  # not started when the deadline leaves less than this (about what it takes on the GPU)
+    limit_s: int = 0  # the most it may take (0 = the mode's timeout_s)
 
 
 def finite_losses(run_dir: Path) -> list[str]:
@@ -238,10 +246,11 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
             problems.append(f"{tok_dir / 'tokenizer'} was not exported")
         return problems, []
 
-    stages.append(Stage("tokenizer", "train-tokenizer under torchrun: emoji 32 px, bf16, tiny SimVQ autoencoder",
+    stages.append(Stage("tokenizer", "train-tokenizer under torchrun: emoji 32 px, bf16, tiny SimVQ autoencoder, "
+                        "compiled",
                         command=[*torchrun, "train-tokenizer", "-c", "configs/tokenizer/gpu_check_tiny.yaml",
                                  f"run.out_dir={tok_dir}", "run.precision=bf16", "loss.perceptual=none",
-                                 *s["tokenizer"]],
+                                 f"run.compile={mode.compile}", *s["tokenizer"]],
                         check=check_tokenizer, notes=[PERCEPTUAL_NOTE]))
 
     for split, aug in (("train", "flip"), ("val", "none")):
@@ -278,6 +287,7 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
         run_dir = work / f"generator_{conditioning}_zero{zero}"
         data = {"class": caches, "text": text_caches, "tokens": token_caches}[conditioning]
         generators[name] = run_dir
+        compiled = conditioning == "class"  # compile is checked once per ZeRO stage; eager elsewhere (cold compiles)
 
         def check_generator(output: str, run_dir=run_dir, zero=zero):
             problems = finite_losses(run_dir) + device_problems(run_dir / "environment.json", mode)
@@ -290,11 +300,13 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
             return problems, []
 
         stages.append(Stage(
-            name, f"train-generator under torchrun: {conditioning}-conditioned, bf16, ZeRO-{zero}",
+            name, f"train-generator under torchrun: {conditioning}-conditioned, bf16, ZeRO-{zero}"
+                  + (", compiled" if compiled else ""),
             command=[*torchrun, "train-generator", "-c",
                      f"configs/generator/gpu_check_{'class' if conditioning == 'class' else 'text'}.yaml",
                      f"data.cache={data['train']}", f"data.val_cache={data['val']}", f"run.out_dir={run_dir}",
-                     f"run.deepspeed=configs/deepspeed/zero{zero}.yaml", "run.precision=bf16", *s["generator"]],
+                     f"run.deepspeed=configs/deepspeed/zero{zero}.yaml", "run.precision=bf16",
+                     f"run.compile={mode.compile if compiled else 'false'}", *s["generator"]],
             needs=("pretokenize-train", "pretokenize-val") if conditioning == "class" else ("text-caches",),
             check=check_generator, notes=[TEXT_NOTE] if conditioning != "class" else []))
 

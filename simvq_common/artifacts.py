@@ -16,6 +16,7 @@ KINDS = {
     "tokenizer-run": "a tokenizer training run (its tokenizer is RUN_DIR/tokenizer)",
     "generator-run": "a generator training run (its generator is RUN_DIR/generator)",
     "pipeline-run": "a `simvq run` output directory",
+    "classifier": "an image classifier (`simvq train-classifier` output)",
 }
 
 

@@ -32,5 +32,6 @@ def tensors_fingerprint(config_text: str, state: dict[str, torch.Tensor]) -> str
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes; the same bytes otherwise
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()[:16]
