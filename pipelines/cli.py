@@ -26,6 +26,14 @@ def _collapse_study(cfg) -> None:
                   + (f" and {cfg.results_md}" if cfg.results_md else ""))
 
 
+def _quality_study(cfg) -> None:
+    from studies.quality import run_quality_study
+
+    result = run_quality_study(cfg)
+    console.print(f"[green]done[/]: {len(result['rows'])} rows in {cfg.out_dir or cfg.run_dir + '/quality_study'}"
+                  + (f" and {cfg.results_md}" if cfg.results_md else ""))
+
+
 def _train_tokenizer(cfg) -> None:
     from stage1_tokenizer.train import train_tokenizer
 
@@ -144,6 +152,10 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
     "collapse-study": (_collapse_study,
                        "train a small autoencoder with plain VQ, EMA VQ and SimVQ at several codebook sizes on the "
                        "bundled emoji (same budget each) and tabulate codebook utilisation, perplexity, MSE and PSNR"),
+    "quality-study": (_quality_study,
+                      "measure what limits the samples of a finished `simvq run`: FID, sFID, FID / rFID and class "
+                      "agreement of its class generator at every kept checkpoint, over sampler settings and seeds, "
+                      "and memorisation of the best (e.g. run_dir=runs/emoji32_showcase results_md=docs/RESULTS.md)"),
     "train-tokenizer": (_train_tokenizer,
                         "train a SimVQ tokenizer (stage 1); resumes from the run directory's last checkpoint; "
                         "run under torchrun for several processes"),
@@ -201,6 +213,7 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
 # The config schema of each command that takes one ("module:class", imported when the command runs).
 SCHEMAS: dict[str, str] = {
     "collapse-study": "studies.config:CollapseStudyConfig",
+    "quality-study": "studies.config:QualityStudyConfig",
     "train-tokenizer": "stage1_tokenizer.config:TokenizerTrainConfig",
     "eval-tokenizer": "stage1_tokenizer.config:TokenizerEvalConfig",
     "compare-tokenizers": "studies.config:TokenizerComparisonConfig",

@@ -64,6 +64,10 @@ class SampleConfig:
     batch_size: int = 32  # samples per generate call (per process)
     first_index: int = 0  # the global index of the first sample (sample i has index first_index + i)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # model: every sampling.* key left at its default takes the generator's recommended value (its sampling.yaml,
+    # which the ready-made models carry); none: the defaults above. Under "model", a key set on the command line to
+    # its default value (e.g. sampling.guidance_scale=1) is taken as unset: use sampling_preset=none for that
+    sampling_preset: str = "model"
     save_pngs: bool = False  # also write png/{index:06d}.png per sample
     device: str = "auto"  # auto = this process's GPU if there is one, else cpu
 
@@ -72,7 +76,7 @@ class SampleConfig:
 class ServeConfig:
     """`simvq serve`: the browser sampler (pipelines/serve.py) over one generator, loaded once."""
 
-    generator: str = ""  # a generator directory (`simvq train-generator` output) or Hub id, as `simvq sample` takes it
+    generator: str = "emoji-class"  # a generator directory, Hub id or ready-made name, as `simvq sample` takes it
     tokenizer: str = ""  # "" = the tokenizer directory the generator records; its fingerprint must match either way
     host: str = "127.0.0.1"  # this machine only; 0.0.0.0 opens the page to the network
     port: int = 7860  # 0 = any free port

@@ -24,7 +24,7 @@ import datetime
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,9 @@ from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.hub import hub_reference, model_location, resolve_model_dir
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
+from simvq_common.config import load_config
 from simvq_common.provenance import command_line, environment
+from simvq_common.ready_made import READY_MADE, RECOMMENDED_SAMPLING, ready_made_dir
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
 from stage1_tokenizer.visualize import grid_image
@@ -64,9 +66,14 @@ RANK0_DONE = ".rank0-done.json"  # under torchrun: rank 0's record that the run'
 def _check(cfg: SampleConfig) -> None:
     if not cfg.generator:
         raise UserError("set generator=DIR (a directory written by `simvq train-generator`)")
-    if hub_reference(cfg.generator) is None and not Path(cfg.generator).is_dir():
+    if hub_reference(cfg.generator) is None and ready_made_dir(cfg.generator) is None \
+            and not Path(cfg.generator).is_dir():
         raise UserError(f"generator directory {cfg.generator} does not exist: pass the output directory of "
-                        f"`simvq train-generator` (the one holding config.yaml and model.safetensors), or a Hub id")
+                        f"`simvq train-generator` (the one holding config.yaml and model.safetensors), a Hub id, or a "
+                        f"ready-made model's name ({', '.join(READY_MADE)})")
+    if cfg.sampling_preset not in ("model", "none"):
+        raise UserError(f"sampling_preset={cfg.sampling_preset!r}: choose model (the generator's recommended "
+                        f"settings under the defaults) or none")
     if not cfg.out:
         raise UserError("set out=DIR, the directory to write the samples into")
     if cfg.num_samples < 0 or cfg.per_class < 0 or cfg.per_prompt < 0 or cfg.first_index < 0 or cfg.batch_size < 1:
@@ -249,6 +256,17 @@ def write_pngs(out: Path, indices: np.ndarray, images: np.ndarray) -> None:
 # The run: the models loaded once, then one draw (`simvq sample`) or many (`simvq serve`)
 # ------------------------------------------------------------------------------------------------
 
+def recommended_sampling(sampling: SamplingConfig, generator_dir: str | Path) -> SamplingConfig:
+    """`sampling` with every setting still at its schema default replaced by the generator's recommended one (the
+    sampling.yaml beside its weights, as the ready-made models carry), when it has one."""
+    path = Path(generator_dir) / RECOMMENDED_SAMPLING
+    if not path.is_file():
+        return sampling
+    recommended, defaults = load_config(SamplingConfig, path), SamplingConfig()
+    return replace(sampling, **{f.name: getattr(recommended, f.name) for f in fields(SamplingConfig)
+                                if getattr(sampling, f.name) == getattr(defaults, f.name)})
+
+
 @dataclass
 class Models:
     """A generator, the tokenizer whose codes it learned (and its text encoder), loaded once on `device`."""
@@ -354,6 +372,8 @@ def sample(cfg: SampleConfig) -> dict:
     started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     _check(cfg)
     models = load_models(cfg)  # joins the launcher's process group (distributed.device_for)
+    if cfg.sampling_preset == "model":
+        cfg = replace(cfg, sampling=recommended_sampling(cfg.sampling, resolve_model_dir(cfg.generator)))
     rank, world = distributed.rank(), distributed.world_size()
     plan = plan_samples(models, cfg)
     mine = plan.indices[rank::world]  # any split gives the same samples: each depends on its index alone

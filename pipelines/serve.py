@@ -22,9 +22,10 @@ from pathlib import Path
 
 from pipelines.conditions import generator_text_encoder
 from pipelines.config import SampleConfig, ServeConfig
-from pipelines.sample import SEEDS_RULE, Models, load_models, sample_with
+from pipelines.sample import SEEDS_RULE, Models, load_models, recommended_sampling, sample_with
 from simvq_common.console import console
 from simvq_common.errors import ConfigError, UserError
+from simvq_common.hub import resolve_model_dir
 from stage2_generator.config import SamplingConfig
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
@@ -159,6 +160,7 @@ def build_page(cfg: ServeConfig, models: Models):
 
     model_cfg = models.generator.config
     kind, (rows, _) = model_cfg.conditioning, model_cfg.grid
+    start = recommended_sampling(SamplingConfig(), resolve_model_dir(cfg.generator))  # the page opens at these
     names = model_cfg.class_names or [str(i) for i in range(model_cfg.num_classes)]
     with gr.Blocks(title="simvq sampler") as page:
         gr.Markdown(header(cfg, models))
@@ -173,14 +175,15 @@ def build_page(cfg: ServeConfig, models: Models):
                 num_images = gr.Slider(1, cfg.max_images, value=min(8, cfg.max_images), step=1, label="images",
                                        elem_id="num_images")
                 with gr.Row(visible=kind != "none"):
-                    guidance = gr.Slider(0, GUIDANCE_MAX, value=1.0, step=0.1, label="guidance scale (1 = off)",
-                                         elem_id="guidance")
-                    schedule = gr.Radio(["constant", "linear"], value="constant", label="guidance schedule")
-                temperature = gr.Slider(0, TEMPERATURE_MAX, value=1.0, step=0.05, label="temperature (0 = argmax)")
+                    guidance = gr.Slider(0, GUIDANCE_MAX, value=start.guidance_scale, step=0.1,
+                                         label="guidance scale (1 = off)", elem_id="guidance")
+                    schedule = gr.Radio(["constant", "linear"], value=start.guidance_schedule, label="guidance schedule")
+                temperature = gr.Slider(0, TEMPERATURE_MAX, value=start.temperature, step=0.05,
+                                        label="temperature (0 = argmax)")
                 with gr.Row():
-                    top_k = gr.Number(0, precision=0, label="top-k (0 = all)")
-                    top_p = gr.Slider(0, 1, value=1.0, step=0.01, label="top-p (1 = all)")
-                    seed = gr.Number(0, precision=0, label="seed")
+                    top_k = gr.Number(start.top_k, precision=0, label="top-k (0 = all)")
+                    top_p = gr.Slider(0, 1, value=start.top_p, step=0.01, label="top-p (1 = all)")
+                    seed = gr.Number(start.seed, precision=0, label="seed")
                 with gr.Accordion("complete an image (its top code rows kept)", open=False):
                     prefix_image = gr.Image(type="filepath", sources=["upload"], label="image")
                     prefix_rows = gr.Slider(0, rows - 1, value=0, step=1, label=f"rows kept (of {rows})")

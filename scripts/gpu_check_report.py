@@ -18,12 +18,9 @@ PACKAGES = ("deepspeed", "x-transformers", "vector-quantize-pytorch", "torch-fid
 
 
 def environment(mode: Mode, argv: list[str]) -> dict:
-    from simvq_common.provenance import git_revision, package_version
+    from simvq_common.provenance import cpu_model, git_revision, package_version
 
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "unknown")
+    cpu = cpu_model()
     info = {"mode": mode.name, "command": shlex.join(["python", "scripts/gpu_check.py", *argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": git_revision(), "python": platform.python_version(), "torch": torch.__version__,

@@ -31,6 +31,8 @@ def tensors_fingerprint(config_text: str, state: dict[str, torch.Tensor]) -> str
     digest = hashlib.sha256(config_text.encode())
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
+        if tensor.is_floating_point():  # the weights as a model loads them (fp32): a half copy keeps the fingerprint
+            tensor = tensor.float()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         # reshape: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes; the same bytes otherwise
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

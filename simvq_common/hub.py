@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from .errors import ArtifactError
+from .ready_made import ready_made_dir
 
 # owner/name as the Hub spells them (no "--", no leading "." or "-"), optionally @branch, tag or commit
 REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w.][\w./-]*))?")
@@ -93,7 +94,11 @@ def download_model(repo: str, revision: str | None = None, source: str | None = 
 
 
 def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
-    """A model directory: `source` itself when it is a local directory or no repo id, else its Hub snapshot."""
+    """A model directory: `source` itself when it is a local directory, a ready-made model's folder for its short
+    name (simvq_common.ready_made), else its Hub snapshot."""
+    ready = ready_made_dir(source)
+    if ready is not None:
+        return ready
     reference = hub_reference(source, revision)
     if reference is None:
         if revision:

@@ -35,6 +35,16 @@ def git_revision() -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what the platform module says."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
     import torch
 
@@ -44,6 +54,10 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
+        # the instruction set torch's CPU kernels dispatch to: results differ in the last bits between levels, so
+        # "bit for bit" holds only on the same level (and CPU model)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -138,6 +138,28 @@ def latest_tag(directory: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
+def consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of one saved checkpoint tag, gathered from the optimizer's partitions (any ZeRO
+    stage, any process count), loaded with weights_only."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loads(checkpoints, deepspeed_checkpoint_types()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+
+
+def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
+    """The generator of run `run_dir` as it was at checkpoint `step`, as a generator directory in `out` (its
+    config.yaml is the exported generator's: the run must have finished, or be exported once)."""
+    run_dir = Path(run_dir)
+    checkpoints, tag = run_dir / "checkpoints", f"step_{step:08d}"
+    if not (checkpoints / tag).is_dir():
+        kept = sorted(p.name for p in checkpoints.glob("step_*"))
+        raise UserError(f"{run_dir} keeps no checkpoint of step {step}: it keeps {kept} (run.keep_checkpoints)")
+    model = Generator.from_pretrained(run_dir / "generator")  # the config, with what the cache filled in
+    model.load_state_dict(consolidated_weights(checkpoints, tag))
+    return model.save_pretrained(out)
+
+
 class GeneratorTrainer:
     def __init__(self, cfg: GeneratorTrainConfig) -> None:
         import deepspeed
@@ -220,13 +242,9 @@ class GeneratorTrainer:
         state = None
         if self.zero_stage >= 1 and (self.zero_stage == 3 or self.bf16):
             # the fp32 master weights live in the optimizer's partitions: consolidate the saved checkpoint
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
             barrier()
             if rank() == 0:
-                with weights_only_loads(self.checkpoints, deepspeed_checkpoint_types()):
-                    state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoints),
-                                                                     tag=latest_tag(self.checkpoints))
+                state = consolidated_weights(self.checkpoints, latest_tag(self.checkpoints))
         elif self.bf16:  # ZeRO-0 in bf16: every rank's optimizer holds the whole fp32 master copy
             names = {id(p): n for n, p in self.engine.module.named_parameters()}
             optimizer = self.engine.optimizer

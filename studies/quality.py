@@ -1,0 +1,176 @@
+"""What limits the samples: one finished `simvq run`, its class generator measured row by row.
+
+    simvq quality-study run_dir=runs/emoji32_showcase results_md=docs/RESULTS.md figure=docs/figures/quality_steps.png
+
+Rows (each a `simvq sample` + `simvq evaluate` in OUT/<row>/, reused when its generator, sampler settings and
+class plan are unchanged, so the study resumes where it stopped):
+
+- checkpoint: the generator as it was at every checkpoint the run kept, at the run's sampler settings, beside
+  the validation loss the run logged at that step: where FID stops improving, and whether val loss says so;
+- sweep: the final generator over the sampler settings of `sweep` (guidance, temperature, top-k / top-p);
+- seed: the best sweep row again with other sampling seeds: the spread a difference must exceed.
+
+Every row: FID and sFID against the val split (the run's reference, class mix and sample count), FID / rFID
+(the tokenizer's floor), class agreement beside the classifier's accuracy on real val images; the best row
+also memorisation (nearest train images).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from pipelines.config import EvaluateConfig, PipelineConfig, SampleConfig
+from pipelines.evaluate import evaluate
+from pipelines.sample import sample
+from simvq_common.config import load_config
+from simvq_common.console import console
+from simvq_common.errors import UserError
+from simvq_common.io import write_json_atomic
+from simvq_common.markdown import write_section
+from simvq_common.provenance import command_line, environment
+from stage2_generator.config import SamplingConfig
+from stage2_generator.model import Generator
+from stage2_generator.train import export_checkpoint
+from studies.config import QualityStudyConfig
+
+
+class Study:
+    """The run's facts every row shares, and the measuring of one row."""
+
+    def __init__(self, cfg: QualityStudyConfig) -> None:
+        self.cfg, self.run = cfg, Path(cfg.run_dir)
+        self.out = Path(cfg.out_dir or self.run / "quality_study")
+        record = self.run / "stages" / f"samples-{cfg.generator}.json"
+        if not record.is_file():
+            raise UserError(f"{self.run} has no finished samples-{cfg.generator} stage: run `simvq run` to its end "
+                            f"first (the study reuses its class plan, sample count and sampler settings)")
+        inputs = json.loads(record.read_text())["inputs"]
+        self.pipeline = load_config(PipelineConfig, self.run / "config.yaml")
+        self.class_counts, self.num = inputs["class_counts"], inputs["num"]
+        self.sampling = SamplingConfig(**inputs["sampling"])
+        self.gen_run = self.run / f"generator_{cfg.generator}"
+        self.rfid = json.loads((self.run / "stages" / "tokenizer-eval.json").read_text())["result"]["rfid"]
+        if Generator.from_pretrained(self.gen_run / "generator").config.conditioning != "class":
+            raise UserError(f"generator {cfg.generator} of {self.run} is not class-conditional: the study measures "
+                            f"class generators (their class plan and class agreement)")
+
+    def val_losses(self) -> dict[int, float]:
+        lines = (self.gen_run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["val_loss"] for r in map(json.loads, filter(None, lines)) if "val_loss" in r}
+
+    def measure(self, name: str, kind: str, generator: Path, sampling: SamplingConfig, memorise: bool = False,
+                **extra) -> dict:
+        folder = self.out / name
+        fingerprint = Generator.from_pretrained(generator).fingerprint()
+        key = hashlib.sha256(json.dumps([fingerprint, asdict(sampling), self.class_counts, self.num, memorise,
+                                         self.cfg.classifier], sort_keys=True).encode()).hexdigest()[:16]
+        done = folder / "row.json"
+        if done.is_file() and json.loads(done.read_text())["key"] == key:
+            return json.loads(done.read_text())
+        console.print(f"[bold]quality study[/]: {name}")
+        sample(SampleConfig(generator=str(generator), out=str(folder), num_samples=self.num,
+                            class_counts=self.class_counts, sampling=sampling, sampling_preset="none",
+                            batch_size=64))
+        metrics = ["fid", "sfid"] + ["agreement"] * bool(self.cfg.classifier) + ["memorisation"] * memorise
+        m = evaluate(EvaluateConfig(samples=str(folder), reference=self.pipeline.reference or self.pipeline.data,
+                                    reference_split="val", metrics=metrics, classifier=self.cfg.classifier,
+                                    fid_source=self.pipeline.fid_source, tokenizer_rfid=self.rfid))
+        row = {"name": name, "kind": kind, "key": key, "generator": str(generator), "fingerprint": fingerprint,
+               "sampling": asdict(sampling), "fid": m["fid"], "sfid": m["sfid"], "fid_over_rfid": m["fid_over_rfid"],
+               "agreement": m.get("agreement"), "memorisation": m.get("memorisation"), **extra}
+        write_json_atomic(done, row)
+        return row
+
+
+def sweep_setting(base: SamplingConfig, setting: str) -> SamplingConfig:
+    return load_config(SamplingConfig, None, [*(f"{k}={v}" for k, v in asdict(base).items()), *setting.split()])
+
+
+def run_quality_study(cfg: QualityStudyConfig) -> dict:
+    study = Study(cfg)
+    rows = []
+    if cfg.checkpoints:
+        losses = study.val_losses()
+        for path in sorted((study.gen_run / "checkpoints").glob("step_*")):
+            step = int(path.name.removeprefix("step_"))
+            generator = study.out / f"step_{step:06d}" / "generator"
+            if not (generator / "model.safetensors").is_file():
+                export_checkpoint(study.gen_run, step, generator)
+            rows.append(study.measure(f"step_{step:06d}", "checkpoint", generator, study.sampling, step=step,
+                                      val_loss=losses.get(step)))
+    final = study.gen_run / "generator"
+    sweep = [study.measure(f"sweep_{i:02d}", "sweep", final, sweep_setting(study.sampling, s), setting=s)
+             for i, s in enumerate(cfg.sweep)]
+    rows += sweep
+    if sweep:
+        best = min(sweep, key=lambda r: r["fid"])
+        best_sampling = SamplingConfig(**best["sampling"])
+        rows += [study.measure(f"seed_{seed}", "seed", final, replace(best_sampling, seed=seed),
+                               setting=f"{best['setting']} seed={seed}") for seed in cfg.seeds]
+        if cfg.memorisation:
+            rows.append(study.measure("best_memorisation", "memorisation", final, best_sampling, memorise=True,
+                                      setting=best["setting"]))
+    result = {"config": asdict(cfg), "rfid": study.rfid, "num": study.num, "rows": rows,
+              "environment": environment(), "command": cfg.command or command_line()}
+    write_json_atomic(study.out / "results.json", result)
+    if cfg.figure:
+        plot_steps(rows, study.rfid, Path(cfg.figure))
+    if cfg.results_md:
+        write_section(cfg.results_md, "quality-study", quality_section(result),
+                      heading="## Images a person recognises: what limits the samples", intro="# Results\n")
+    return result
+
+
+def plot_steps(rows: list[dict], rfid: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["kind"] == "checkpoint"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in points], [r["fid"] for r in points], "o-", label="FID (val split)")
+    ax.axhline(rfid, ls="--", color="gray", label=f"tokenizer rFID {rfid:.1f} (the floor)")
+    ax.set_xlabel("generator step")
+    ax.set_ylabel("FID")
+    twin = ax.twinx()
+    twin.plot([r["step"] for r in points], [r["val_loss"] for r in points], "s:", color="C3", label="val loss")
+    twin.set_ylabel("val loss (nats / code)")
+    fig.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def quality_section(result: dict) -> str:
+    def cell(r: dict) -> list[str]:
+        a = r.get("agreement") or {}
+        agree = f"{a['agreement']:.1%} / {a['real_accuracy']:.1%}" if a else "-"
+        return [f"{r['fid']:.2f}", f"{r['fid_over_rfid']:.2f}x", f"{r['sfid']:.1f}", agree]
+
+    lines = [f"Command: `{result['command']}`", "",
+             "| row | what | val loss | FID | FID / rFID | sFID | class agreement / classifier on real val |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["kind"] == "memorisation":
+            continue
+        what = f"step {r['step']}" if r["kind"] == "checkpoint" else r.get("setting", "")
+        loss = f"{r['val_loss']:.3f}" if r.get("val_loss") is not None else "-"
+        lines.append(f"| {r['kind']} | {what} | {loss} | " + " | ".join(cell(r)) + " |")
+    memorised = next((r for r in result["rows"] if r["kind"] == "memorisation"), None)
+    if memorised:
+        m = memorised["memorisation"]
+        lines += ["", f"Memorisation of the best row ({memorised['setting']}): median distance to the nearest train "
+                      f"image over the same for real val images = {m['pixels']['ratio']:.2f} in pixels, "
+                      f"{m['inception']['ratio']:.2f} in Inception features; near copies (nearer than 99% of real "
+                      f"val images are) {m['pixels']['near_copies']:.1%} in pixels, "
+                      f"{m['inception']['near_copies']:.1%} in Inception features."]
+    env = result["environment"]
+    lines += ["", f"{result['num']} samples per row in the val split's class mix against its {result['num']} images; "
+                  f"rFID {result['rfid']:.2f}; simvq-gen {env['git']}, torch {env['torch']}, {env['cpu_count']} CPU "
+                  f"cores."]
+    return "\n".join(lines)
