@@ -51,9 +51,10 @@ bench: $(INSTALLED)
 results: $(INSTALLED)
 	$(BIN)/simvq collapse-study -c configs/study/collapse.yaml
 
-# GPU check (docs/BENCHMARKS.md, "GPU check"): every stage small on one GPU, then the CUDA benchmarks beside their
-# references, into docs/BENCHMARKS.md. It runs on the GPU machine, which has no venv and cannot download:
-# `make gpu-wheels` here first, then there (with .whl/ carried) `make gpu-check`.
+# GPU check (docs/BENCHMARKS.md, "GPU check"): smoke, every stage small on one GPU, then the CUDA benchmarks beside
+# their references, within a deadline. It runs on the GPU machine, which has no venv, no make and cannot download:
+# `make gpu-wheels` here first, then there (with .whl/ carried) the one command docs/BENCHMARKS.md gives; back here,
+# `python scripts/gpu_check.py --publish gpu_check.json`. `make gpu-check` is the same check where make and a GPU are.
 # The GPU machine's python3 lacks these (their dependencies it has): the versions installed here, which are
 # pyproject.toml's pins (transitive ones as pip resolved them here). Deepspeed's wheel is built from its sdist.
 GPU_WHEELS := x-transformers omegaconf torch-fidelity vector-quantize-pytorch \

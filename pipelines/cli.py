@@ -27,7 +27,7 @@ def _collapse_study(cfg) -> None:
 
 
 def _quality_study(cfg) -> None:
-    from studies.quality import run_quality_study
+    from pipelines.quality_study import run_quality_study
 
     result = run_quality_study(cfg)
     console.print(f"[green]done[/]: {len(result['rows'])} rows in {cfg.out_dir or cfg.run_dir + '/quality_study'}"
@@ -213,7 +213,7 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
 # The config schema of each command that takes one ("module:class", imported when the command runs).
 SCHEMAS: dict[str, str] = {
     "collapse-study": "studies.config:CollapseStudyConfig",
-    "quality-study": "studies.config:QualityStudyConfig",
+    "quality-study": "pipelines.config:QualityStudyConfig",
     "train-tokenizer": "stage1_tokenizer.config:TokenizerTrainConfig",
     "eval-tokenizer": "stage1_tokenizer.config:TokenizerEvalConfig",
     "compare-tokenizers": "studies.config:TokenizerComparisonConfig",

@@ -150,3 +150,26 @@ class PipelineConfig:
     baseline: bool = True  # the unigram-codes baseline
     results_md: str = ""  # also write the quality table and grids as a section of this file (docs/RESULTS.md)
     command: str = ""
+
+
+@dataclass
+class QualityStudyConfig:
+    """What limits the samples of a finished `simvq run` (studies/quality.py): FID and class agreement of its
+    class generator at every kept checkpoint (the steps curve), over a sweep of sampler settings, and over
+    sampling seeds (the spread)."""
+
+    run_dir: str = "runs/emoji32_showcase"  # a finished `simvq run` output with a class generator
+    generator: str = "class"  # the name of that generator stage
+    out_dir: str = ""  # "" = RUN_DIR/quality_study
+    checkpoints: bool = True  # one row per kept checkpoint (run.keep_checkpoints), at the run's sampler settings
+    # sampler settings (SamplingConfig key=value over the run's own), one row each; a row the same as another
+    # (the last checkpoint at the run's settings) is measured once
+    sweep: list[str] = field(default_factory=lambda: [
+        "guidance_scale=1.0", "guidance_scale=1.5", "guidance_scale=2.0", "guidance_scale=3.0",
+        "guidance_scale=4.0", "guidance_scale=3.0 top_k=100"])
+    seeds: list[int] = field(default_factory=lambda: [1, 2])  # more sampling seeds of the best sweep row
+    classifier: str = "emoji-classifier"  # class agreement ("" = none)
+    memorisation: bool = True  # nearest train images of the best row's samples
+    results_md: str = ""  # a markdown file whose quality-study section is rewritten ("" = none)
+    figure: str = ""  # a PNG of FID and val loss against the step ("" = none)
+    command: str = ""  # the command line, recorded with the results

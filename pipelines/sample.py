@@ -24,7 +24,7 @@ import datetime
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +41,12 @@ from simvq_common.console import console, progress
 from simvq_common.errors import UserError
 from simvq_common.hub import hub_reference, model_location, resolve_model_dir
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
-from simvq_common.config import load_config
 from simvq_common.provenance import command_line, environment
-from simvq_common.ready_made import READY_MADE, RECOMMENDED_SAMPLING, ready_made_dir
+from simvq_common.ready_made import READY_MADE, ready_made_dir
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
 from stage1_tokenizer.visualize import grid_image
-from stage2_generator.config import GeneratorConfig, SamplingConfig
+from stage2_generator.config import GeneratorConfig, SamplingConfig, recommended_sampling
 from stage2_generator.model import Generator
 from stage2_generator.sampling import generate
 
@@ -255,17 +254,6 @@ def write_pngs(out: Path, indices: np.ndarray, images: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------
 # The run: the models loaded once, then one draw (`simvq sample`) or many (`simvq serve`)
 # ------------------------------------------------------------------------------------------------
-
-def recommended_sampling(sampling: SamplingConfig, generator_dir: str | Path) -> SamplingConfig:
-    """`sampling` with every setting still at its schema default replaced by the generator's recommended one (the
-    sampling.yaml beside its weights, as the ready-made models carry), when it has one."""
-    path = Path(generator_dir) / RECOMMENDED_SAMPLING
-    if not path.is_file():
-        return sampling
-    recommended, defaults = load_config(SamplingConfig, path), SamplingConfig()
-    return replace(sampling, **{f.name: getattr(recommended, f.name) for f in fields(SamplingConfig)
-                                if getattr(sampling, f.name) == getattr(defaults, f.name)})
-
 
 @dataclass
 class Models:

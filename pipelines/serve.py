@@ -22,11 +22,11 @@ from pathlib import Path
 
 from pipelines.conditions import generator_text_encoder
 from pipelines.config import SampleConfig, ServeConfig
-from pipelines.sample import SEEDS_RULE, Models, load_models, recommended_sampling, sample_with
+from pipelines.sample import SEEDS_RULE, Models, load_models, sample_with
 from simvq_common.console import console
 from simvq_common.errors import ConfigError, UserError
 from simvq_common.hub import resolve_model_dir
-from stage2_generator.config import SamplingConfig
+from stage2_generator.config import SamplingConfig, recommended_sampling
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
 GUIDANCE_MAX, TEMPERATURE_MAX = 10.0, 2.0  # the sliders' ends (sampling itself takes any value >= 0)

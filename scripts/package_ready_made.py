@@ -28,9 +28,9 @@ from pipelines.classifier import ImageClassifier  # noqa: E402
 from simvq_common.config import load_config, to_yaml  # noqa: E402
 from simvq_common.io import write_text_atomic  # noqa: E402
 from simvq_common.pretrained import save_pretrained  # noqa: E402
-from simvq_common.ready_made import READY_MADE, RECOMMENDED_SAMPLING  # noqa: E402
+from simvq_common.ready_made import READY_MADE  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
-from stage2_generator.config import SamplingConfig  # noqa: E402
+from stage2_generator.config import RECOMMENDED_SAMPLING, SamplingConfig  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
 
 RETRAIN = {

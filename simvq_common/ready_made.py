@@ -19,7 +19,6 @@ READY_MADE: dict[str, str] = {
     "emoji-classifier": "emoji32-classifier",  # the class-agreement classifier of the 9 categories
 }
 DEFAULT_GENERATOR = "emoji-class"  # what `simvq serve` serves when given none
-RECOMMENDED_SAMPLING = "sampling.yaml"
 
 
 def ready_made_dir(name: str | Path) -> Path | None:

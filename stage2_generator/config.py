@@ -1,9 +1,11 @@
 """Config schemas of stage 2 (typed dataclasses; loaded with simvq_common.config.load_config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Optional
 
+from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
 
 # Named decoder sizes: (width, depth, heads). B / L / XL are LlamaGen's GPT-B / L / XL; the small ones
@@ -173,3 +175,17 @@ class SamplingConfig:
                               f"top_p={self.top_p} (in (0, 1]) out of range")
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed} must be >= 0")
+
+
+RECOMMENDED_SAMPLING = "sampling.yaml"  # a generator directory's own sampler settings (optional)
+
+
+def recommended_sampling(sampling: SamplingConfig, generator_dir: str | Path) -> SamplingConfig:
+    """`sampling` with every setting still at its schema default replaced by the generator's recommended one (the
+    sampling.yaml beside its weights, as the ready-made models carry), when it has one."""
+    path = Path(generator_dir) / RECOMMENDED_SAMPLING
+    if not path.is_file():
+        return sampling
+    recommended, defaults = load_config(SamplingConfig, path), SamplingConfig()
+    return replace(sampling, **{f.name: getattr(recommended, f.name) for f in fields(SamplingConfig)
+                                if getattr(sampling, f.name) == getattr(defaults, f.name)})

@@ -48,24 +48,3 @@ class TokenizerComparisonConfig:
     results_md: str = ""
     command: str = ""
 
-
-@dataclass
-class QualityStudyConfig:
-    """What limits the samples of a finished `simvq run` (studies/quality.py): FID and class agreement of its
-    class generator at every kept checkpoint (the steps curve), over a sweep of sampler settings, and over
-    sampling seeds (the spread)."""
-
-    run_dir: str = "runs/emoji32_showcase"  # a finished `simvq run` output with a class generator
-    generator: str = "class"  # the name of that generator stage
-    out_dir: str = ""  # "" = RUN_DIR/quality_study
-    checkpoints: bool = True  # one row per kept checkpoint (run.keep_checkpoints), at the run's sampler settings
-    sweep: list[str] = field(default_factory=lambda: [
-        "guidance_scale=1.0", "guidance_scale=1.5", "guidance_scale=2.0", "guidance_scale=3.0",
-        "guidance_scale=4.0", "guidance_scale=2.0 top_k=100", "guidance_scale=3.0 top_k=100",
-        "guidance_scale=3.0 temperature=0.9"])  # sampler settings (SamplingConfig key=value), one row each
-    seeds: list[int] = field(default_factory=lambda: [1, 2])  # more sampling seeds of the best sweep row
-    classifier: str = "emoji-classifier"  # class agreement ("" = none)
-    memorisation: bool = True  # nearest train images of the best row's samples
-    results_md: str = ""  # a markdown file whose quality-study section is rewritten ("" = none)
-    figure: str = ""  # a PNG of FID and val loss against the step ("" = none)
-    command: str = ""  # the command line, recorded with the results

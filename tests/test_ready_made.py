@@ -14,9 +14,9 @@ from pipelines.config import SampleConfig
 from pipelines.sample import sample
 from simvq_common.config import load_config
 from simvq_common.hub import resolve_model_dir
-from simvq_common.ready_made import MODELS_DIR, READY_MADE, RECOMMENDED_SAMPLING, ready_made_dir
+from simvq_common.ready_made import MODELS_DIR, READY_MADE, ready_made_dir
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage2_generator.config import SamplingConfig
+from stage2_generator.config import RECOMMENDED_SAMPLING, SamplingConfig
 from stage2_generator.model import Generator
 
 LOADERS = {"tokenizer": Tokenizer, "generator": Generator, "classifier": ImageClassifier}

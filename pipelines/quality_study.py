@@ -21,9 +21,6 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pipelines.config import EvaluateConfig, PipelineConfig, SampleConfig
-from pipelines.evaluate import evaluate
-from pipelines.sample import sample
 from simvq_common.config import load_config
 from simvq_common.console import console
 from simvq_common.errors import UserError
@@ -33,7 +30,10 @@ from simvq_common.provenance import command_line, environment
 from stage2_generator.config import SamplingConfig
 from stage2_generator.model import Generator
 from stage2_generator.train import export_checkpoint
-from studies.config import QualityStudyConfig
+
+from .config import EvaluateConfig, PipelineConfig, QualityStudyConfig, SampleConfig
+from .evaluate import evaluate
+from .sample import sample
 
 
 class Study:
@@ -51,6 +51,7 @@ class Study:
         self.class_counts, self.num = inputs["class_counts"], inputs["num"]
         self.sampling = SamplingConfig(**inputs["sampling"])
         self.gen_run = self.run / f"generator_{cfg.generator}"
+        self.measured: dict[str, dict] = {}  # key -> row, this call's
         self.rfid = json.loads((self.run / "stages" / "tokenizer-eval.json").read_text())["result"]["rfid"]
         if Generator.from_pretrained(self.gen_run / "generator").config.conditioning != "class":
             raise UserError(f"generator {cfg.generator} of {self.run} is not class-conditional: the study measures "
@@ -68,7 +69,12 @@ class Study:
                                          self.cfg.classifier], sort_keys=True).encode()).hexdigest()[:16]
         done = folder / "row.json"
         if done.is_file() and json.loads(done.read_text())["key"] == key:
+            self.measured.setdefault(key, json.loads(done.read_text()))
             return json.loads(done.read_text())
+        if key in self.measured:  # the same generator and settings under another name (the last checkpoint)
+            row = {**self.measured[key], "name": name, "kind": kind, **extra}
+            write_json_atomic(done, row)
+            return row
         console.print(f"[bold]quality study[/]: {name}")
         sample(SampleConfig(generator=str(generator), out=str(folder), num_samples=self.num,
                             class_counts=self.class_counts, sampling=sampling, sampling_preset="none",
@@ -77,10 +83,12 @@ class Study:
         m = evaluate(EvaluateConfig(samples=str(folder), reference=self.pipeline.reference or self.pipeline.data,
                                     reference_split="val", metrics=metrics, classifier=self.cfg.classifier,
                                     fid_source=self.pipeline.fid_source, tokenizer_rfid=self.rfid))
-        row = {"name": name, "kind": kind, "key": key, "generator": str(generator), "fingerprint": fingerprint,
+        row = {"name": name, "kind": kind, "key": key, "folder": str(folder), "generator": str(generator),
+               "fingerprint": fingerprint,
                "sampling": asdict(sampling), "fid": m["fid"], "sfid": m["sfid"], "fid_over_rfid": m["fid_over_rfid"],
                "agreement": m.get("agreement"), "memorisation": m.get("memorisation"), **extra}
         write_json_atomic(done, row)
+        self.measured[key] = row
         return row
 
 
