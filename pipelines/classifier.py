@@ -44,7 +44,7 @@ class ClassifierTrainConfig:
     resolution: int = 32
     out: str = "runs/classifier"  # the classifier directory
     width: int = 32
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 2.0e-3
     weight_decay: float = 0.05

@@ -101,10 +101,36 @@ def tail(text: str, lines: int = 40, chars: int = 4000) -> str:
     return "\n".join(text.splitlines()[-lines:])[-chars:]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc): torchrun starts its workers in sessions of their own, so
+    neither its process group nor its session holds them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended while being read
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, stack = [], [pid]
+    while stack:
+        tree.append(stack.pop())
+        stack += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and everything it started (a cut step must not leave a worker holding the GPU)."""
+    for member in process_tree(pid):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_command(command: list[str], env: dict, timeout_s: float, log: Path) -> int | None:
     """The exit status, or None when cut at `timeout_s`. Output streams into `log` (so a cut step keeps what it
-    printed). The command leads a session of its own, so that a cut or a SIGTERM to this driver takes its whole
-    process group (torchrun's workers too, which would otherwise hold the GPU)."""
+    printed). A cut or a SIGTERM to this driver kills the command and every process below it (torchrun's
+    workers too, which would otherwise hold the GPU)."""
     with open(log, "a") as f:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
@@ -114,7 +140,7 @@ def run_command(command: list[str], env: dict, timeout_s: float, log: Path) -> i
             return None
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group this child leads: only what it started
+                kill_tree(proc.pid)
                 proc.wait()
 
 

@@ -37,7 +37,7 @@ RETRAIN = {
     "emoji-tokenizer": "simvq run -c configs/pipeline/emoji32_showcase.yaml   # its tokenizer/ stage",
     "emoji-class": "simvq run -c configs/pipeline/emoji32_showcase.yaml   # its generator-class stage",
     "emoji-text": "simvq run -c configs/pipeline/emoji32_showcase.yaml   # its generator-text stage",
-    "emoji-classifier": "simvq train-classifier data=emoji resolution=32 out=runs/classifier_emoji32",
+    "emoji-classifier": "simvq train-classifier data=emoji resolution=32 out=runs/classifier_emoji32 epochs=20",
 }
 
 

@@ -138,7 +138,16 @@ def run_watched(command: str, cwd: Path, out: Path, stop_in: str | None = None, 
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     output = proc.communicate()[0]
+    for _ in range(60):  # the shell may end before `timeout` and the driver finish writing: wait for them
+        if not alive(out):
+            break
+        time.sleep(0.5)
     return proc.returncode, polls, output
+
+
+def alive(out: Path) -> list[str]:
+    """Processes whose command line names `out` (the driver, its steps): none may outlive the run."""
+    return subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
 
 
 @pytest.mark.slow
@@ -198,8 +207,7 @@ def test_a_lease_stopped_mid_step_brings_home_what_finished_and_the_rerun_comple
         log = tar.extractfile("logs/generator-class-zero2.log").read().decode()
     assert re.match(r"\$ python3? -m torch.distributed.run", log) and "train-generator" in log
     assert "Incomplete" in (out / "gpu_check.md").read_text()
-    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"processes of the stopped run still alive: {leftovers}"
+    assert not alive(out), f"processes of the stopped run still alive: {alive(out)}"
 
     rerun = rehearsed(documented_command("rerun")).replace("STEPS", "generator-class-zero2")
     out2 = tmp_path / "out2"
