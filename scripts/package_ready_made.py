@@ -102,8 +102,9 @@ def package(args) -> dict:
 
     if args.classifier:
         classifier = ImageClassifier.from_pretrained(args.classifier)
-        directory = save_pretrained(out / READY_MADE["emoji-classifier"], "classifier", classifier.config,
-                                    convert(classifier.state_dict()))
+        state = convert(classifier.state_dict())
+        classifier.load_state_dict(state)  # the weights as they will load, for the card's fingerprint
+        directory = save_pretrained(out / READY_MADE["emoji-classifier"], "classifier", classifier.config, state)
         shutil.copy(Path(args.classifier) / "eval.json", directory / "eval.json")
         accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]
         write_text_atomic(directory / "README.md", card(
