@@ -57,7 +57,8 @@ def build_smoke(mode: Mode, work: Path) -> list[Stage]:
             problems.append(f"{tok_dir / 'tokenizer'} was not exported")
         return problems, []
 
-    steps.append(Stage("smoke-tokenizer", "one step of train-tokenizer under torchrun (bf16, compiled, with the "
+    compiled = "compiled" if mode.compile == "true" else "compile off in the rehearsal"
+    steps.append(Stage("smoke-tokenizer", f"one step of train-tokenizer under torchrun (bf16, {compiled}, with the "
                        "GAN step)", command=[*torchrun, "train-tokenizer", "-c", "configs/tokenizer/gpu_check_tiny.yaml",
                                              f"run.out_dir={tok_dir}", "run.precision=bf16", "loss.perceptual=none",
                                              f"run.compile={mode.compile}", "run.steps=1", "data.batch_size=8",
@@ -81,7 +82,8 @@ def build_smoke(mode: Mode, work: Path) -> list[Stage]:
                 return problems, []
 
             steps.append(Stage(name, f"one step of train-generator under torchrun (bf16, ZeRO-{zero}"
-                               + (", compiled)" if compiled else ", eager)"),
+                               + (f", {mode.compile == 'true' and 'compiled' or 'compile off in the rehearsal'})"
+                                  if compiled else ", eager)"),
                                command=[*torchrun, "train-generator", "-c", "configs/generator/gpu_check_class.yaml",
                                         f"data.cache={cache}", "data.val_cache=''", f"run.out_dir={run_dir}",
                                         f"run.deepspeed=configs/deepspeed/zero{zero}.yaml", "run.precision=bf16",

@@ -246,8 +246,8 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
             problems.append(f"{tok_dir / 'tokenizer'} was not exported")
         return problems, []
 
-    stages.append(Stage("tokenizer", "train-tokenizer under torchrun: emoji 32 px, bf16, tiny SimVQ autoencoder, "
-                        "compiled",
+    stages.append(Stage("tokenizer", "train-tokenizer under torchrun: emoji 32 px, bf16, tiny SimVQ autoencoder"
+                        + (", compiled" if mode.compile == "true" else ""),
                         command=[*torchrun, "train-tokenizer", "-c", "configs/tokenizer/gpu_check_tiny.yaml",
                                  f"run.out_dir={tok_dir}", "run.precision=bf16", "loss.perceptual=none",
                                  f"run.compile={mode.compile}", *s["tokenizer"]],
@@ -301,7 +301,7 @@ def build_stages(mode: Mode, work: Path, standin: dict) -> list[Stage]:
 
         stages.append(Stage(
             name, f"train-generator under torchrun: {conditioning}-conditioned, bf16, ZeRO-{zero}"
-                  + (", compiled" if compiled else ""),
+                  + (", compiled" if compiled and mode.compile == "true" else ""),
             command=[*torchrun, "train-generator", "-c",
                      f"configs/generator/gpu_check_{'class' if conditioning == 'class' else 'text'}.yaml",
                      f"data.cache={data['train']}", f"data.val_cache={data['val']}", f"run.out_dir={run_dir}",
