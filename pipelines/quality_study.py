@@ -68,9 +68,10 @@ class Study:
         key = hashlib.sha256(json.dumps([fingerprint, asdict(sampling), self.class_counts, self.num, memorise,
                                          self.cfg.classifier], sort_keys=True).encode()).hexdigest()[:16]
         done = folder / "row.json"
-        if done.is_file() and json.loads(done.read_text())["key"] == key:
-            self.measured.setdefault(key, json.loads(done.read_text()))
-            return json.loads(done.read_text())
+        saved = json.loads(done.read_text()) if done.is_file() else None
+        if saved is not None and saved["key"] == key:
+            self.measured.setdefault(key, saved)
+            return saved
         if key in self.measured:  # the same generator and settings under another name (the last checkpoint)
             row = {**self.measured[key], "name": name, "kind": kind, **extra}
             write_json_atomic(done, row)

@@ -39,10 +39,10 @@ from simvq_common import distributed
 from simvq_common.artifacts import write_kind
 from simvq_common.console import console, progress
 from simvq_common.errors import UserError
-from simvq_common.hub import hub_reference, model_location, resolve_model_dir
+from simvq_common.hub import model_location, model_source_exists, resolve_model_dir
 from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, write_npz_atomic
 from simvq_common.provenance import command_line, environment
-from simvq_common.ready_made import READY_MADE, ready_made_dir
+from simvq_common.ready_made import READY_MADE
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
 from stage1_tokenizer.visualize import grid_image
@@ -65,8 +65,7 @@ RANK0_DONE = ".rank0-done.json"  # under torchrun: rank 0's record that the run'
 def _check(cfg: SampleConfig) -> None:
     if not cfg.generator:
         raise UserError("set generator=DIR (a directory written by `simvq train-generator`)")
-    if hub_reference(cfg.generator) is None and ready_made_dir(cfg.generator) is None \
-            and not Path(cfg.generator).is_dir():
+    if not model_source_exists(cfg.generator):
         raise UserError(f"generator directory {cfg.generator} does not exist: pass the output directory of "
                         f"`simvq train-generator` (the one holding config.yaml and model.safetensors), a Hub id, or a "
                         f"ready-made model's name ({', '.join(READY_MADE)})")

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from simvq_common.errors import UserError
-from simvq_common.hub import hub_reference, resolve_model_dir
-from simvq_common.ready_made import ready_made_dir
+from simvq_common.hub import model_source_exists, resolve_model_dir
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.config import GeneratorConfig
 
@@ -41,7 +40,7 @@ def load_matching_tokenizer(source: str, generator: str, model_cfg: GeneratorCon
     if not source:
         raise UserError(f"generator {generator} records no tokenizer path: pass tokenizer=DIR or a Hub id (the "
                         f"tokenizer with fingerprint {expected})")
-    if hub_reference(source) is None and ready_made_dir(source) is None and not Path(source).is_dir():
+    if not model_source_exists(source):
         raise UserError(f"tokenizer directory {source} does not exist: pass tokenizer=DIR (or a Hub id), a copy of "
                         f"the tokenizer with fingerprint {expected}")
     directory = resolve_model_dir(source)

@@ -14,7 +14,7 @@ import torch
 
 from pipelines.config import VerifyCacheConfig
 from simvq_common.errors import UserError
-from simvq_common.hub import hub_reference
+from simvq_common.hub import model_source_exists
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.visualize import save_image_grid
 from stage2_generator.cache_check import check_cache
@@ -43,7 +43,7 @@ def verify_cache(cfg: VerifyCacheConfig) -> dict:
 def _decode_grid(cache: CodeCache, cfg: VerifyCacheConfig) -> Path:
     recorded = cache.manifest["tokenizer"]
     directory = cfg.tokenizer or recorded["path"]
-    if hub_reference(directory) is None and not Path(directory).is_dir():  # a Hub id resolves in from_pretrained
+    if not model_source_exists(directory):  # a Hub id or ready-made name resolves in from_pretrained
         raise UserError(f"the tokenizer {directory} that made the cache is not there: pass tokenizer=DIR (a copy "
                         f"with fingerprint {recorded['fingerprint']}), or decode=0 to skip decoding")
     tokenizer = Tokenizer.from_pretrained(directory)

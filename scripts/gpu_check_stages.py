@@ -19,9 +19,6 @@ from simvq_common.fingerprint import file_sha256
 REPO = Path(__file__).resolve().parents[1]
 
 
-STAGE_BUDGET_S = 8 * 60  # every stage on the GPU, all together
-
-
 SYNTHETIC_TEXT_DIM = 384  # all-MiniLM-L6-v2's width, the encoder a real cache would hold
 
 

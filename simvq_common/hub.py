@@ -93,6 +93,12 @@ def download_model(repo: str, revision: str | None = None, source: str | None = 
     return Path(folder)
 
 
+def model_source_exists(source: str | Path) -> bool:
+    """Whether `source` can name a model here: a local directory, a ready-made model's name, or a Hub id (which
+    resolve_model_dir fetches or finds in the Hub cache)."""
+    return Path(source).is_dir() or ready_made_dir(source) is not None or hub_reference(source) is not None
+
+
 def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
     """A model directory: `source` itself when it is a local directory, a ready-made model's folder for its short
     name (simvq_common.ready_made), else its Hub snapshot."""
