@@ -70,6 +70,12 @@ def _pack_data(cfg) -> None:
         console.print(f"[green]done[/]: {folder}")
 
 
+def _draw_shapes(cfg) -> None:
+    from stage1_tokenizer.shapes import draw_shapes
+
+    console.print(f"[green]done[/]: {draw_shapes(cfg)} (use it as data={cfg.out})")
+
+
 def _train_generator(cfg) -> None:
     from simvq_common.distributed import rank
     from stage2_generator.train import train_generator
@@ -204,6 +210,9 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
                   "write a data source's splits as captioned files: WebDataset tars (layout=webdataset), PNGs with a "
                   "metadata.jsonl (jsonl) or with .txt sidecars (sidecar), e.g. --data emoji --out runs/emoji_wds "
                   "resolution=32"),
+    "draw-shapes": (_draw_shapes,
+                    "draw a labelled image folder of shapes (circle, ring, square, ... at random positions, sizes "
+                    "and colours): data nobody tuned the recipe on (e.g. out=runs/shapes32)"),
     "push-to-hub": (_push_to_hub,
                     "upload a tokenizer or generator directory to the Hugging Face Hub with a generated model card "
                     "(architecture, fingerprint, metrics, sample grid, provenance, how to load it); a generator "
@@ -226,6 +235,7 @@ SCHEMAS: dict[str, str] = {
     "run": "pipelines.config:PipelineConfig",
     "verify-cache": "pipelines.config:VerifyCacheConfig",
     "pack-data": "stage1_tokenizer.config:PackDataConfig",
+    "draw-shapes": "stage1_tokenizer.config:DrawShapesConfig",
     "push-to-hub": "pipelines.hub_upload:PushToHubConfig",
 }
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after

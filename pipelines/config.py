@@ -150,6 +150,9 @@ class PipelineConfig:
     eval_perceptual: str = "auto"  # LPIPS backend of the tokenizer evaluation
     baseline: bool = True  # the unigram-codes baseline
     results_md: str = ""  # also write the quality table and grids as a section of this file (docs/RESULTS.md)
+    # ready-made generators (models/, e.g. [emoji-class, emoji-text]) whose grids the report shows beside the
+    # run's own, each at its recommended sampler settings (a text one with the first text generator's prompts)
+    ready_made: list[str] = field(default_factory=list)
     command: str = ""
 
 
@@ -169,6 +172,11 @@ class QualityStudyConfig:
         "guidance_scale=1.0", "guidance_scale=1.5", "guidance_scale=2.0", "guidance_scale=3.0",
         "guidance_scale=4.0", "guidance_scale=3.0 top_k=100"])
     seeds: list[int] = field(default_factory=lambda: [1, 2])  # more sampling seeds of the best sweep row
+    # one knob at a time: the run's generator retrained with each of these override sets (space-separated
+    # key=value of its training config, e.g. "optim.lr=3e-4", "run.seed=1"; "" = as the run trained it) for
+    # knob_steps, then sampled at the best sweep row's settings (the run's when there is no sweep)
+    knobs: list[str] = field(default_factory=list)
+    knob_steps: int = 0  # 0 = the run's steps
     classifier: str = "emoji-classifier"  # class agreement ("" = none)
     memorisation: bool = True  # nearest train images of the best row's samples
     results_md: str = ""  # a markdown file whose quality-study section is rewritten ("" = none)

@@ -8,7 +8,10 @@ class plan are unchanged, so the study resumes where it stopped):
 - checkpoint: the generator as it was at every checkpoint the run kept, at the run's sampler settings, beside
   the validation loss the run logged at that step: where FID stops improving, and whether val loss says so;
 - sweep: the final generator over the sampler settings of `sweep` (guidance, temperature, top-k / top-p);
-- seed: the best sweep row again with other sampling seeds: the spread a difference must exceed.
+- seed: the best sweep row again with other sampling seeds: the spread a difference must exceed;
+- knob: the generator retrained with one change to its training config (size, learning rate, batch, seed...)
+  for `knob_steps`, sampled at the best sweep row's settings: one knob at a time, against the row "" (the
+  run's config at the same steps). A knob's training resumes where it stopped.
 
 Every row: FID and sFID against the val split (the run's reference, class mix and sample count), FID / rFID
 (the tokenizer's floor), class agreement beside the classifier's accuracy on real val images; the best row
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,9 +31,9 @@ from simvq_common.errors import UserError
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.provenance import command_line, environment
-from stage2_generator.config import SamplingConfig
+from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
 from stage2_generator.model import Generator
-from stage2_generator.train import export_checkpoint
+from stage2_generator.train import export_checkpoint, train_generator
 
 from .config import EvaluateConfig, PipelineConfig, QualityStudyConfig, SampleConfig
 from .evaluate import evaluate
@@ -57,9 +61,26 @@ class Study:
             raise UserError(f"generator {cfg.generator} of {self.run} is not class-conditional: the study measures "
                             f"class generators (their class plan and class agreement)")
 
-    def val_losses(self) -> dict[int, float]:
-        lines = (self.gen_run / "metrics.jsonl").read_text().splitlines()
+    def val_losses(self, gen_run: Path | None = None) -> dict[int, float]:
+        lines = ((gen_run or self.gen_run) / "metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["val_loss"] for r in map(json.loads, filter(None, lines)) if "val_loss" in r}
+
+    def knob(self, index: int, knob: str, sampling: SamplingConfig) -> dict:
+        """The run's generator retrained with `knob` (its training resumes), measured at `sampling`."""
+        folder = self.out / f"knob_{index:02d}"
+        steps = self.cfg.knob_steps or load_config(GeneratorTrainConfig, self.gen_run / "config.yaml").run.steps
+        cfg = load_config(GeneratorTrainConfig, self.gen_run / "config.yaml",
+                          [*knob.split(), f"run.steps={steps}", f"run.out_dir={folder / 'run'}"])
+        timing = folder / "train_seconds.json"
+        if not (folder / "run" / "generator" / "model.safetensors").is_file():
+            console.print(f"[bold]quality study[/]: training knob {knob or '(as the run)'} for {steps} steps")
+            tic = time.time()
+            train_generator(cfg)
+            write_json_atomic(timing, {"seconds": round(time.time() - tic, 1)})
+        losses = self.val_losses(folder / "run")
+        return self.measure(f"knob_{index:02d}", "knob", folder / "run" / "generator", sampling,
+                            setting=knob or "(as the run)", step=steps, val_loss=losses[max(losses)] if losses else None,
+                            train_seconds=json.loads(timing.read_text())["seconds"] if timing.is_file() else None)
 
     def measure(self, name: str, kind: str, generator: Path, sampling: SamplingConfig, memorise: bool = False,
                 **extra) -> dict:
@@ -121,6 +142,8 @@ def run_quality_study(cfg: QualityStudyConfig) -> dict:
         if cfg.memorisation:
             rows.append(study.measure("best_memorisation", "memorisation", final, best_sampling, memorise=True,
                                       setting=best["setting"]))
+    knob_sampling = SamplingConfig(**min(sweep, key=lambda r: r["fid"])["sampling"]) if sweep else study.sampling
+    rows += [study.knob(i, knob, knob_sampling) for i, knob in enumerate(cfg.knobs)]
     result = {"config": asdict(cfg), "rfid": study.rfid, "num": study.num, "rows": rows,
               "environment": environment(), "command": cfg.command or command_line()}
     write_json_atomic(study.out / "results.json", result)
@@ -167,7 +190,8 @@ def quality_section(result: dict) -> str:
     for r in result["rows"]:
         if r["kind"] == "memorisation":
             continue
-        what = f"step {r['step']}" if r["kind"] == "checkpoint" else r.get("setting", "")
+        what = {"checkpoint": f"step {r.get('step')}",
+                "knob": f"{r.get('setting')}, {r.get('step')} steps ({r.get('train_seconds') or 0:.0f} s)"}.get(r["kind"], r.get("setting", ""))
         loss = f"{r['val_loss']:.3f}" if r.get("val_loss") is not None else "-"
         lines.append(f"| {r['kind']} | {what} | {loss} | " + " | ".join(cell(r)) + " |")
     memorised = next((r for r in result["rows"] if r["kind"] == "memorisation"), None)

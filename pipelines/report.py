@@ -211,6 +211,12 @@ def write_report(out: Path, result: dict) -> dict:
         copied = _copy(baseline["samples"]["grid"], out, "grid_baseline.png")
         if copied:
             grids.append(f"### Baseline (unigram codes per class)\n\n![baseline]({copied})\n")
+    for name, ready in result.get("ready_made", {}).items():
+        copied = _copy(ready["grid"], out, f"grid_ready_made_{name}.png")
+        if copied:
+            settings = ", ".join(f"{k} {ready['sampling'][k]}" for k in ("guidance_scale", "top_k", "temperature"))
+            grids.append(f"### Ready-made `{name}` (models/; the showcase recipe, docs/RESULTS.md; {settings})\n\n"
+                         f"![{name}]({copied})\n")
     recon = _copy(tok.get("reconstruction_grid", ""), out, "tokenizer_reconstructions.png")
     tok_usage = _copy(Path(tok["reconstruction_grid"]).with_name("eval_usage.png"), out, "tokenizer_usage.png") \
         if tok.get("reconstruction_grid") else None

@@ -11,6 +11,7 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     eval-NAME        FID / sFID / KID / precision-recall against val    samples_NAME/metrics.json
                      (or against `reference`: an ADM reference batch)
     baseline         class-wise unigram codes, decoded, evaluated       baseline/
+    ready-made-NAME  a grid of each ready-made generator of `ready_made`    ready_made_NAME/
     report           report.md, report.json, grids, curves (always rebuilt)
 
 A stage's identity is a hash of what determines its output: its config and the fingerprints of the
@@ -291,9 +292,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                      out / "baseline", device), everywhere=False)
         baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
 
+    # the ready-made models' grids, for the report to show beside the run's own
+    prompts = next((g.prompts for g in cfg.generators if gen_cfgs[g.name].model.conditioning == "text"), [])
+    ready_made = {name: stages.run(f"ready-made-{name}", {"generator": Generator.from_pretrained(name).fingerprint(),
+                                                         "per_class": cfg.grid_per_class, "prompts": prompts},
+                                   out / f"ready_made_{name}",
+                                   lambda n=name: ready_made_grid(cfg, n, prompts, out / f"ready_made_{n}"))
+                  for name in cfg.ready_made}
+
     result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
               "caches": caches, "reference_class_counts": reference_counts, "generators": generators,
-              "baseline": baseline, "timings": stages.timings}
+              "baseline": baseline, "ready_made": ready_made, "timings": stages.timings}
     if distributed.rank() == 0:
         reported = write_report(out, result)
         if cfg.results_md:
@@ -330,6 +339,21 @@ def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrai
     grid_png = folder / "grid" / "grid.png" if grid else folder / "grid.png"
     log_grid(gen_cfg, grid_png)
     return {"path": str(folder), "num": num, "grid": str(grid_png), **plan, "summary": fid}
+
+
+def ready_made_grid(cfg: PipelineConfig, name: str, prompts: list[str], folder: Path) -> dict:
+    """A ready-made generator's grid at its recommended sampler settings: a row per class, or per prompt."""
+    conditioning = Generator.from_pretrained(name).config.conditioning
+    if conditioning == "text" and not prompts:
+        raise ConfigError(f"ready_made: {name} is text-conditional and the run has no text generator's prompts to "
+                          f"draw it with: give a text generator stage `prompts`, or drop {name}")
+    request = dict(prompts=prompts, per_prompt=cfg.grid_per_class) if conditioning == "text" else \
+        dict(per_class=cfg.grid_per_class)
+    summary = sample(SampleConfig(generator=name, out=str(folder), batch_size=cfg.sample_batch_size,
+                                  save_pngs=False, **request))
+    sampling = json.loads((folder / "sampling.json").read_text())["config"]["sampling"]
+    return {"path": str(folder), "grid": str(folder / "grid.png"), "conditioning": conditioning,
+            "sampling": sampling, "summary": summary}
 
 
 @torch.no_grad()

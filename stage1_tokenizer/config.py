@@ -117,6 +117,19 @@ class TokenizerEvalConfig:
 
 
 @dataclass
+class DrawShapesConfig:
+    """`simvq draw-shapes`: a labelled image folder of shapes the project draws itself (stage1_tokenizer.shapes)."""
+
+    out: str = ""  # the new folder: OUT/train/<shape>/*.png, OUT/val/<shape>/*.png
+    shapes: list[str] = field(default_factory=lambda: ["circle", "ring", "square", "triangle", "diamond", "plus",
+                                                       "star", "heart"])
+    train_per_class: int = 400
+    val_per_class: int = 50
+    resolution: int = 32
+    seed: int = 0
+
+
+@dataclass
 class PackDataConfig:
     """`simvq pack-data`: a data source's splits written as captioned files (stage1_tokenizer.datasets.pack_data)."""
 

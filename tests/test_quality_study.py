@@ -1,6 +1,6 @@
 """`simvq quality-study` on a toy `simvq run`: a kept checkpoint exports to exactly the weights the run exported at
-that step, every row is measured against the run's own class plan, the best sweep row is the lowest FID, and a
-second call reuses every row."""
+that step, every row is measured against the run's own class plan, the best sweep row is the lowest FID, a knob
+row "" retrains the run's generator bit for bit while another seed does not, and a second call reuses every row."""
 import json
 from pathlib import Path
 
@@ -33,16 +33,20 @@ def test_quality_study_rows_checkpoints_sweep_and_resume(tmp_path, monkeypatch, 
     assert not all(torch.equal(a, b) for a, b in zip(earlier.state_dict().values(), final.state_dict().values()))
 
     study_cfg = QualityStudyConfig(run_dir=str(run_dir), sweep=["guidance_scale=1.0", "guidance_scale=3.0 top_k=50"],
-                                   seeds=[1], classifier="", memorisation=False,
+                                   seeds=[1], classifier="", memorisation=False, knobs=["", "run.seed=1"],
                                    results_md=str(tmp_path / "RESULTS.md"), figure=str(tmp_path / "steps.png"))
     result = quality.run_quality_study(study_cfg)
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["checkpoint", "checkpoint", "sweep", "sweep", "seed"]
+    assert kinds == ["checkpoint", "checkpoint", "sweep", "sweep", "seed", "knob", "knob"]
     assert [r["step"] for r in result["rows"][:2]] == [2, 4] and result["rows"][1]["fingerprint"] == final.fingerprint()
     sweep = result["rows"][2:4]
     best = min(sweep, key=lambda r: r["fid"])
     assert result["rows"][4]["sampling"] == {**best["sampling"], "seed": 1}
     assert sweep[1]["sampling"]["top_k"] == 50 and sweep[1]["sampling"]["guidance_scale"] == 3.0
+    as_run, other_seed = result["rows"][5:7]
+    assert as_run["fingerprint"] == final.fingerprint() and as_run["fid"] == best["fid"]  # retrained bit for bit
+    assert other_seed["fingerprint"] != final.fingerprint() and other_seed["sampling"] == best["sampling"]
+    assert other_seed["step"] == 4 and other_seed["val_loss"] is not None and other_seed["train_seconds"] > 0
     for row in result["rows"]:
         assert row["fid_over_rfid"] == pytest.approx(row["fid"] / result["rfid"])
         meta = json.loads((Path(row["folder"]) / "sampling.json").read_text())
@@ -51,5 +55,6 @@ def test_quality_study_rows_checkpoints_sweep_and_resume(tmp_path, monkeypatch, 
     assert "quality-study:begin" in (tmp_path / "RESULTS.md").read_text() and (tmp_path / "steps.png").is_file()
 
     monkeypatch.setattr(quality, "sample", lambda *a, **k: pytest.fail("a finished row was measured again"))
+    monkeypatch.setattr(quality, "train_generator", lambda *a, **k: pytest.fail("a finished knob was retrained"))
     again = quality.run_quality_study(study_cfg)
     assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in result["rows"]]

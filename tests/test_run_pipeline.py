@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipelines import run as run_module
 from pipelines.conditions import class_order
@@ -15,6 +16,7 @@ from pipelines.config import GeneratorStage, PipelineConfig
 from pipelines.run import Stages, identity_hash, reference_captions, reference_classes, run_pipeline
 from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
+from simvq_common.ready_made import MODELS_DIR, READY_MADE
 from stage2_generator.cache_reader import CodeCache
 from synthetic_cache import make_cache
 
@@ -95,6 +97,23 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     run_pipeline(tiny_pipeline(out, class_steps=4))
     third = records(out)
     assert third["samples-text"]["result"]["num"] == 8 and third["eval-text"] == second["eval-text"]
+
+    # ready-made models' grids beside the run's: two stages more, nothing else rerun, each at its own settings
+    with_ready = tiny_pipeline(out, class_steps=4)
+    with_ready.ready_made = ["emoji-class", "emoji-text"]
+    report = run_pipeline(with_ready)
+    fourth = records(out)
+    assert set(fourth) - set(third) == {"ready-made-emoji-class", "ready-made-emoji-text"}
+    assert all(fourth[name] == third[name] for name in third)
+    recommended = yaml.safe_load((MODELS_DIR / READY_MADE["emoji-class"] / "sampling.yaml").read_text())
+    assert {k: report["ready_made"]["emoji-class"]["sampling"][k] for k in recommended} == recommended
+    with np.load(out / "ready_made_emoji-text" / "samples.npz") as data:
+        assert list(data["prompts"]) == ["red heart"] * 2 + ["dog face"] * 2  # the text stage's prompts
+    with np.load(out / "ready_made_emoji-class" / "samples.npz") as data:
+        assert np.bincount(data["labels"]).tolist() == [2] * 9  # grid_per_class of every class
+    md = (out / "report.md").read_text()
+    for name in ("emoji-class", "emoji-text"):
+        assert f"Ready-made `{name}`" in md and (out / "report" / f"grid_ready_made_{name}.png").stat().st_size > 0
 
 
 def test_samples_hash_is_the_hash_of_the_pixels_under_arr_0(tmp_path):
