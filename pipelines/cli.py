@@ -11,7 +11,8 @@ from rich.markup import escape
 
 from simvq_common.config import load_config
 from simvq_common.console import console
-from simvq_common.errors import UserError
+from simvq_common.errors import Preempted, UserError
+from simvq_common.preemption import REQUEUE_EXIT
 
 # A key=value override: a dotted key (list items as key[0]), then '=' and the value (a path has no '=' there).
 OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         args.function(config_of(args))
+    except Preempted as err:  # checkpointed: the scheduler may requeue the same command
+        console.print(f"[yellow]{escape(str(err))}[/]", soft_wrap=True)
+        return REQUEUE_EXIT
     except UserError as err:  # the project's own: the message says what to fix; anything else is a bug
         # one line, however long; escaped, as a message may quote [a, b] values (rich markup otherwise)
         console.print(f"[red]error[/]: {escape(str(err))}", soft_wrap=True)

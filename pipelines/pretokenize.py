@@ -32,6 +32,7 @@ from pipelines.config import PretokenizeConfig
 from pipelines.text import TextEncoder
 from simvq_common import distributed
 from simvq_common.console import console, progress
+from simvq_common.run_lock import holding_run_dir
 from simvq_common.errors import UserError
 from simvq_common.hub import model_location, model_source_exists, resolve_model_dir
 from simvq_common.io import write_json_atomic
@@ -166,8 +167,15 @@ class _ShardParts:
 
 
 def pretokenize(cfg: PretokenizeConfig) -> Path:
-    """Encode every image of `cfg.data` into the cache `cfg.out` (resuming what is there); returns its path."""
+    """Encode every image of `cfg.data` into the cache `cfg.out` (resuming what is there, which it holds alone);
+    returns its path."""
     _check(cfg)
+    distributed.setup()
+    with holding_run_dir(cfg.out, "pretokenize"):
+        return _pretokenize(cfg)
+
+
+def _pretokenize(cfg: PretokenizeConfig) -> Path:
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     device = distributed.setup()
     rank, world = distributed.rank(), distributed.world_size()

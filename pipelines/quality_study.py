@@ -33,7 +33,8 @@ from simvq_common.markdown import write_section
 from simvq_common.provenance import command_line, environment
 from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
 from stage2_generator.model import Generator
-from stage2_generator.train import export_checkpoint, train_generator
+from stage2_generator.checkpoints import export_checkpoint
+from stage2_generator.train import train_generator
 
 from .config import EvaluateConfig, PipelineConfig, QualityStudyConfig, SampleConfig
 from .evaluate import evaluate

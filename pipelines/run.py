@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from simvq_common import distributed
 from simvq_common.artifacts import write_kind
@@ -46,6 +47,7 @@ from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
 from simvq_common.numerics import fix_cublas_workspace
 from simvq_common.provenance import command_line
+from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import Tracker, TrackingSettings
 from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
@@ -119,9 +121,12 @@ class Stages:
 
 
 def training_identity(cfg: TokenizerTrainConfig | GeneratorTrainConfig) -> dict:
-    """A training stage's identity: its config, less where its records are mirrored (TensorBoard, W&B), so
-    turning a tracker on or off retrains nothing."""
-    return {"config": to_yaml(replace(cfg, run=replace(cfg.run, **asdict(TrackingSettings()))))}
+    """A training stage's identity: its config, less what does not change its result: where its records are
+    mirrored (TensorBoard, W&B) and which signals preempt it. Changing those retrains nothing."""
+    config = OmegaConf.to_container(OmegaConf.structured(
+        replace(cfg, run=replace(cfg.run, **asdict(TrackingSettings())))))
+    config["run"].pop("preemption_signals")
+    return {"config": OmegaConf.to_yaml(config)}
 
 
 def log_grid(gen_cfg: GeneratorTrainConfig, grid: Path) -> None:
@@ -205,8 +210,15 @@ def reference_captions(val: CodeCache, labels: np.ndarray, class_counts: list[in
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Every stage of `cfg` in cfg.out_dir, which it holds alone (see the module doc)."""
     cfg = replace(cfg, command=cfg.command or command_line())
-    device = distributed.setup()  # one process group for every stage when launched by torchrun
+    distributed.setup()  # one process group for every stage when launched by torchrun
+    with holding_run_dir(cfg.out_dir, "simvq run"):
+        return _run_pipeline(cfg)
+
+
+def _run_pipeline(cfg: PipelineConfig) -> dict:
+    device = distributed.setup()
     out = Path(cfg.out_dir)
     if distributed.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,14 @@ anything it names) is refused, naming the file, instead of being run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,9 +22,11 @@ import numpy as np
 import torch
 
 from .errors import ArtifactError
-from .io import atomic_write
+from .io import atomic_write, human_bytes, write_json_atomic
 
 STEP_FILE = re.compile(r"step_(\d+)\.pt")
+INTEGRITY_SUFFIX = ".sha256.json"  # beside step_N.pt; in a DeepSpeed tag folder, the file INTEGRITY_FILE
+INTEGRITY_FILE = "integrity.sha256.json"
 # what torch's message names: the refused global, else the unpickler's complaint
 REFUSED = (re.compile(r"Unsupported global: GLOBAL (\S+)"), re.compile(r"WeightsUnpickler error: ([^\n]+)"))
 FORCE_WEIGHTS_ONLY, FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -59,12 +64,60 @@ def by_step(directory: str | Path, pattern: re.Pattern) -> list[tuple[int, Path]
 
 
 def keep_newest(entries: list[tuple[int, Path]], keep: int) -> None:
-    """Delete all but the newest `keep` of (step, file or directory) entries; keep <= 0 keeps everything."""
+    """Delete all but the newest `keep` of (step, file or directory) entries, a file's integrity record with
+    it; keep <= 0 keeps everything."""
     for _, path in entries[:-keep] if keep > 0 else []:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+            record_path(path).unlink(missing_ok=True)
+
+
+# -- integrity: what was written, checked before a resume trusts it ------------------------------------------
+
+def record_path(path: Path) -> Path:
+    return path.with_name(path.name + INTEGRITY_SUFFIX)
+
+
+def file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def record_integrity(files: list[Path], record: Path) -> None:
+    """Write `record`: the size and sha256 of each of `files` (named relative to the record's folder)."""
+    write_json_atomic(record, {str(f.relative_to(record.parent)): file_digest(f) for f in files})
+
+
+def integrity_problem(record: Path) -> str | None:
+    """What is wrong with the files `record` lists (missing, another size, another hash), or None. A checkpoint
+    without a record (a crash between the write and its record, or an older run) is not judged here."""
+    if not record.is_file():
+        return None
+    for name, expected in json.loads(record.read_text()).items():
+        path = record.parent / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size:,} bytes, {expected['size']:,} were written (torn or truncated)"
+        if file_digest(path)["sha256"] != expected["sha256"]:
+            return f"{name}'s sha256 differs from the one recorded when it was written (corrupted)"
+    return None
+
+
+def warn_if_short_of_space(directory: Path, needed: int | None) -> None:
+    """Say so before a checkpoint of about `needed` bytes (the last one's size) is written where it may not fit."""
+    if needed is None:
+        return
+    free = shutil.disk_usage(directory).free
+    if free < 1.1 * needed:
+        warnings.warn(f"{directory}: {human_bytes(free)} free, the last checkpoint took {human_bytes(needed)}: "
+                      f"the next may not fit (free space, or lower run.keep_checkpoints)", stacklevel=2)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -73,8 +126,15 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int) -> Path:
-    """Write step_<step>.pt atomically, then delete all but the newest `keep`."""
-    path = atomic_write(Path(directory) / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    """Write step_<step>.pt atomically with its integrity record, then delete all but the newest `keep`. A full
+    disk raises DiskFullError and keeps the previous checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = list_checkpoints(directory)
+    needed = previous[-1].stat().st_size if previous else None
+    warn_if_short_of_space(directory, needed)
+    path = atomic_write(directory / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp), needed)
+    record_integrity([path], record_path(path))
     keep_newest(by_step(directory, STEP_FILE), keep)
     return path
 
@@ -113,7 +173,24 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_latest_checkpoint(directory: str | Path) -> dict | None:
-    checkpoints = list_checkpoints(directory)
-    if not checkpoints:
-        return None
-    return load_checkpoint(checkpoints[-1])
+    """The newest intact checkpoint's state (None if there is none): a torn or unreadable newer one is named in a
+    warning and passed over; if none is intact, the run is refused, each file named with what is wrong."""
+    problems = []
+    for path in reversed(list_checkpoints(directory)):
+        problem = integrity_problem(record_path(path))
+        if problem is None:
+            try:
+                state = load_checkpoint(path)
+            except UnsafeCheckpointError:
+                raise
+            except Exception as err:  # noqa: BLE001 - torch's zip reader raises RuntimeError, EOFError, ...
+                problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+        if problem is None:
+            if problems:
+                warnings.warn(f"passed over {'; '.join(problems)}; resuming from {path.name}", stacklevel=2)
+            return state
+        problems.append(f"{path.name}: {problem}")
+    if problems:
+        raise ArtifactError(f"no intact checkpoint in {directory}: {'; '.join(problems)}. Restore one from a copy, "
+                            f"or move them away (or use a new run.out_dir) to start afresh")
+    return None

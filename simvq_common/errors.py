@@ -15,3 +15,17 @@ class ArtifactError(UserError, FileNotFoundError):
 
 class NonFiniteLoss(UserError, FloatingPointError):
     """Training produced a NaN/inf loss; what was saved before stays."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed for lack of space: names the path, the free space and the size needed; what was there
+    before stays."""
+
+
+class RunLockedError(UserError):
+    """Another live process holds the run directory (names it: host, pid, since when)."""
+
+
+class Preempted(UserError):
+    """Training stopped on a scheduler's signal after checkpointing the step it finished: rerun to resume.
+    The CLI exits with REQUEUE_EXIT (simvq_common.preemption) instead of 2."""

@@ -1,15 +1,50 @@
 """Atomic file writes: a crash mid-write leaves the previous file, never a torn one."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import DiskFullError
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory, so the rename is atomic)."""
+
+# how torch's zip writer reports a failed write (it hides the OSError): ENOSPC is the usual cause
+TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "No space left on device")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A write error that says (or, from torch's writer, most likely means) the disk is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in TORCH_WRITE_FAILED)
+
+
+def disk_full_error(path: str | Path, err: BaseException, needed: int | None = None) -> DiskFullError:
+    """The one-line error for a write to `path` that failed for space."""
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    need = f"; it needs about {human_bytes(needed)}" if needed else ""
+    return DiskFullError(f"no space left to write {path}: {human_bytes(free)} free on its file system{need} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]}). What was there before is "
+                         f"kept: free space (or point the output elsewhere) and rerun the same command")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory, so the rename is atomic). A write
+    that fails for space raises DiskFullError (the size `needed`, when the caller knows it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -20,6 +55,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(path, err, needed) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

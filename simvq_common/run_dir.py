@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .artifacts import write_kind
 from .config import to_yaml
+from .errors import Preempted
 from .io import write_text_atomic
+from .preemption import PREEMPTED_FILE
 from .provenance import environment
 from .tracking import TRACKING_OFF, Tracker, TrackingSettings
 
@@ -31,6 +33,7 @@ class RunDir:
             write_text_atomic(self.root / "config.yaml", to_yaml(config))
         write_text_atomic(self.root / "environment.json", json.dumps(environment(), indent=2) + "\n")
         self.metrics_path = self.root / "metrics.jsonl"
+        (self.root / PREEMPTED_FILE).unlink(missing_ok=True)  # this start resumes what a preemption stopped
         if not resume:
             self.metrics_path.unlink(missing_ok=True)
 
@@ -53,7 +56,7 @@ class RunDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(failed=exc_type is not None)
+        self.close(failed=exc_type is not None and not issubclass(exc_type, Preempted))  # preempted: to go on
 
     def path(self, name: str) -> Path:
         return self.root / name

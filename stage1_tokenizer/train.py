@@ -24,7 +24,9 @@ from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
+from simvq_common.preemption import PreemptionWatch, preempted
 from simvq_common.run_dir import RunDir
+from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import TrackingSettings
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
@@ -295,7 +297,7 @@ class TokenizerTrainer:
         run = self.cfg.run
         usage = CodebookUsage(self.tokenizer.codebook_size, self.device)
         tic, images_seen = time.perf_counter(), 0
-        with progress() as bar:
+        with progress() as bar, PreemptionWatch(run.preemption_signals) as preemption:
             task = bar.add_task("tokenizer", total=run.steps, completed=self.step, status="")
             batches = self.batches()
             while self.step < run.steps:
@@ -319,8 +321,13 @@ class TokenizerTrainer:
                     record.update(self.save_reconstructions())
                 if record and rank() == 0:
                     self.run_dir.log(step=self.step, **record)
-                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                saved = self.step % run.checkpoint_every == 0 or self.step == run.steps
+                if saved:
                     self.save()
+                if preemption.stop_requested():  # every rank, every step: a signal to one stops all here
+                    if not saved:
+                        self.save()
+                    raise preempted(run.out_dir, self.step, preemption.received)
                 bar.update(task, completed=self.step)
         out = Path(run.out_dir) / "tokenizer"
         if rank() == 0:
@@ -343,5 +350,8 @@ class TokenizerTrainer:
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
-    """Train (or resume) the run in cfg.run.out_dir; returns the exported tokenizer directory (EMA weights)."""
-    return TokenizerTrainer(cfg).train()
+    """Train (or resume) the run in cfg.run.out_dir, which it holds alone; returns the exported tokenizer
+    directory (EMA weights)."""
+    distributed.setup()
+    with holding_run_dir(cfg.run.out_dir, "train-tokenizer"):
+        return TokenizerTrainer(cfg).train()

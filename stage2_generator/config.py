@@ -138,6 +138,8 @@ class GeneratorRunConfig:
     val_every: int = 200
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # signals that end the run at the next step boundary, checkpointed (a scheduler's preemption; [] = none)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     tensorboard: bool = True  # metrics (and `simvq run`'s sample grid) as TensorBoard events in out_dir/tensorboard/
     wandb: str = ""  # a Weights & Biases project to log to as well ("" = none); files in out_dir/wandb/
     wandb_mode: str = "auto"  # online | offline | auto (WANDB_MODE, else offline under HF_HUB_OFFLINE=1, else online)

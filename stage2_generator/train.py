@@ -7,9 +7,7 @@ has no other randomness, so there is no RNG state to restore. N steps + resume +
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -19,19 +17,20 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from simvq_common.checkpoint import by_step, keep_newest, weights_only_loads
 from simvq_common.console import console, progress
 from simvq_common import distributed
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
-from simvq_common.io import write_json_atomic
+from simvq_common.preemption import PreemptionWatch, preempted
 from simvq_common.run_dir import RunDir
+from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import TrackingSettings
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .cache_format import text_encoder_differences
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
+from .checkpoints import consolidated_weights, load_newest_intact, save_tag
 from .config import GeneratorConfig, GeneratorTrainConfig
 from .model import Generator, parameter_groups, training_flops_per_token
 
@@ -40,8 +39,6 @@ OWNED_KEYS = {"train_batch_size": "data.batch_size", "train_micro_batch_size_per
               "gradient_accumulation_steps": "data.grad_accum", "gradient_clipping": "optim.grad_clip",
               "optimizer": "optim.*", "scheduler": "optim.*", "bf16": "run.precision", "fp16": "run.precision"}
 REPO = Path(__file__).resolve().parents[1]
-TAG = re.compile(r"step_(\d+)")
-IDENTITY_FILE = "identity.json"
 
 
 class DeepSpeedConfigError(ConfigError):
@@ -119,47 +116,6 @@ def check_same_text_encoder(train: CodeCache, other: CodeCache) -> None:
                         f"training cache {train.path} with {a.get('name')!r} ({both}): pre-tokenize both with one")
 
 
-# -- checkpoints --------------------------------------------------------------------------------
-
-def deepspeed_checkpoint_types() -> list:
-    """The classes DeepSpeed pickles into its ZeRO optimizer files (the static loss scaler, the ZeRO stage enum,
-    parameter fragment addresses): allowed on resume, and nothing else. DeepSpeed's own TorchCheckpointEngine
-    loads with weights_only=False, so every resume load runs inside weights_only_loads (which forces True)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def latest_tag(directory: Path) -> str | None:
-    """The tag DeepSpeed's `latest` file names: written after a save completes, so never a torn one."""
-    latest = directory / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of one saved checkpoint tag, gathered from the optimizer's partitions (any ZeRO
-    stage, any process count), loaded with weights_only."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with weights_only_loads(checkpoints, deepspeed_checkpoint_types()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
-
-
-def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
-    """The generator of run `run_dir` as it was at checkpoint `step`, as a generator directory in `out` (its
-    config.yaml is the exported generator's: the run must have finished, or be exported once)."""
-    run_dir = Path(run_dir)
-    checkpoints, tag = run_dir / "checkpoints", f"step_{step:08d}"
-    if not (checkpoints / tag).is_dir():
-        kept = sorted(p.name for p in checkpoints.glob("step_*"))
-        raise UserError(f"{run_dir} keeps no checkpoint of step {step}: it keeps {kept} (run.keep_checkpoints)")
-    model = Generator.from_pretrained(run_dir / "generator")  # the config, with what the cache filled in
-    model.load_state_dict(consolidated_weights(checkpoints, tag))
-    return model.save_pretrained(out)
-
-
 class GeneratorTrainer:
     def __init__(self, cfg: GeneratorTrainConfig) -> None:
         import deepspeed
@@ -207,34 +163,17 @@ class GeneratorTrainer:
                 "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
 
     def _resume(self) -> None:
-        tag = latest_tag(self.checkpoints)
-        if tag is None:
+        client = load_newest_intact(self.engine, self.checkpoints, self.identity())
+        if client is None:
             return
-        saved = json.loads((self.checkpoints / tag / IDENTITY_FILE).read_text())
-        mine = self.identity()
-        differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in mine.items() if saved.get(k) != v]
-        if differences:
-            raise UserError(f"cannot resume {self.checkpoints / tag}: " + "; ".join(differences) +
-                            ". Use the original config and process count, or a new run.out_dir")
-        with weights_only_loads(self.checkpoints / tag, deepspeed_checkpoint_types()):
-            _, client = self.engine.load_checkpoint(str(self.checkpoints), tag)
         self.step = client["step"]
         self.loader.load_state_dict(client["loader"])
         if rank() == 0:
-            console.print(f"resumed from {self.checkpoints / tag} (step {self.step})")
+            console.print(f"resumed from {self.checkpoints} (step {self.step})")
 
     def save(self) -> None:
-        tag = f"step_{self.step:08d}"
-        if rank() == 0:
-            write_json_atomic(self.checkpoints / tag / IDENTITY_FILE, self.identity())
-        barrier()  # the identity exists before `latest` can name the tag
-        self.engine.save_checkpoint(str(self.checkpoints), tag,
-                                    client_state={"step": self.step, "loader": self.loader.state_dict()})
-        barrier()
-        if rank() == 0:  # prune: keep the newest keep_checkpoints complete tags
-            tags = [(s, p) for s, p in by_step(self.checkpoints, TAG) if s <= self.step]
-            keep_newest(tags, self.cfg.run.keep_checkpoints)
-        barrier()
+        save_tag(self.engine, self.checkpoints, self.step, self.identity(),
+                 {"step": self.step, "loader": self.loader.state_dict()}, self.cfg.run.keep_checkpoints)
 
     def export(self) -> Path:
         """Consolidated fp32 weights + config as a generator directory (rebuilds without DeepSpeed)."""
@@ -244,7 +183,7 @@ class GeneratorTrainer:
             # the fp32 master weights live in the optimizer's partitions: consolidate the saved checkpoint
             barrier()
             if rank() == 0:
-                state = consolidated_weights(self.checkpoints, latest_tag(self.checkpoints))
+                state = consolidated_weights(self.checkpoints, f"step_{self.step:08d}")
         elif self.bf16:  # ZeRO-0 in bf16: every rank's optimizer holds the whole fp32 master copy
             names = {id(p): n for n, p in self.engine.module.named_parameters()}
             optimizer = self.engine.optimizer
@@ -349,7 +288,7 @@ class GeneratorTrainer:
         batches = self.batches()
         flops_per_token = training_flops_per_token(cfg.model)
         tic, steps_timed = time.perf_counter(), 0
-        with progress(disable=rank() != 0) as bar:
+        with progress(disable=rank() != 0) as bar, PreemptionWatch(run.preemption_signals) as preemption:
             task = bar.add_task("generator", total=run.steps, completed=self.step, status="")
             while self.step < run.steps:
                 loss = self.train_step(batches)
@@ -371,13 +310,21 @@ class GeneratorTrainer:
                     self.run_dir.log(step=self.step, **record)
                     bar.update(task, status=f"loss {loss:.3f}" + (f" val {record['val_loss']:.3f}"
                                                                     if "val_loss" in record else ""))
-                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                saved = self.step % run.checkpoint_every == 0 or self.step == run.steps
+                if saved:
                     self.save()
+                if preemption.stop_requested():  # every rank, every step: a signal to one stops all here
+                    if not saved:
+                        self.save()
+                    raise preempted(run.out_dir, self.step, preemption.received)
                 tic += time.perf_counter() - paused
                 bar.update(task, completed=self.step)
         return self.export()
 
 
 def train_generator(cfg: GeneratorTrainConfig) -> Path:
-    """Train (or resume) the run in cfg.run.out_dir; returns the exported generator directory."""
-    return GeneratorTrainer(cfg).train()
+    """Train (or resume) the run in cfg.run.out_dir, which it holds alone; returns the exported generator
+    directory."""
+    distributed.setup(group_of_one=True)  # DeepSpeed needs a group, even of one
+    with holding_run_dir(cfg.run.out_dir, "train-generator"):
+        return GeneratorTrainer(cfg).train()

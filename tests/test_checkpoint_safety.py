@@ -9,10 +9,10 @@ import pytest
 import torch
 from synthetic_cache import make_cache
 
-from simvq_common.checkpoint import (UnsafeCheckpointError, list_checkpoints, load_checkpoint, rng_state,
-                                     set_rng_state)
+from simvq_common.checkpoint import (INTEGRITY_FILE, UnsafeCheckpointError, list_checkpoints, load_checkpoint,
+                                     record_integrity, record_path, rng_state, set_rng_state)
 from simvq_common.config import load_config
-from simvq_common.errors import UserError
+from simvq_common.errors import ArtifactError, UserError
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
 from stage2_generator.config import GeneratorTrainConfig
@@ -70,6 +70,9 @@ def test_a_stage1_checkpoint_loads_weights_only_and_a_planted_object_is_refused(
     assert load_checkpoint(path)["step"] == 2  # the trainer's own state passes the weights-only unpickler
     marker = tmp_path / "marker"
     plant(path, marker)
+    with pytest.raises(ArtifactError, match="has .* bytes, .* were written"):  # the integrity record sees it
+        TokenizerTrainer(cfg)
+    record_integrity([path], record_path(path))  # a planter who rewrites the record too meets the unpickler
     with pytest.raises(UnsafeCheckpointError, match=rf"{path.name} holds a pickled object that is not training "
                                                     r"state \((io|builtins)\.open\); it was refused, not unpickled"):
         TokenizerTrainer(cfg)
@@ -98,6 +101,10 @@ def test_a_deepspeed_checkpoint_resumes_weights_only_and_a_planted_object_is_ref
     assert resumed.step == 2
     marker = tmp_path / "marker"
     plant(tag / file, marker)
+    with pytest.raises(ArtifactError, match=f"{file} has .* bytes"):  # the integrity record sees it
+        GeneratorTrainer(cfg)
+    record_integrity([f for f in sorted(tag.rglob("*")) if f.is_file() and f.name != INTEGRITY_FILE],
+                     tag / INTEGRITY_FILE)  # a planter who rewrites the record too meets the unpickler
     with pytest.raises(UnsafeCheckpointError, match=rf"{tag} holds a pickled object that is not training state "
                                                     r"\((io|builtins)\.open\)"):
         GeneratorTrainer(cfg)

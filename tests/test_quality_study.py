@@ -10,7 +10,7 @@ import torch
 from pipelines.config import GeneratorStage
 from pipelines.run import run_pipeline
 from stage2_generator.model import Generator
-from stage2_generator.train import export_checkpoint
+from stage2_generator.checkpoints import export_checkpoint
 from pipelines import quality_study as quality
 from pipelines.config import QualityStudyConfig
 from test_run_pipeline import TINY_GENERATOR, tiny_pipeline

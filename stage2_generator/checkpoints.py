@@ -1,0 +1,147 @@
+"""The generator's DeepSpeed checkpoints: a tag folder per step (`checkpoints/step_N/`), written with the run's
+identity and an integrity record, resumed from the newest intact one, exported to a generator directory.
+
+A tag is intact when its identity.json exists and every file its integrity record lists has the size and
+sha256 it was written with. A tag without a record is trusted only when DeepSpeed's `latest` names it (a run
+written before the records existed); any other is a save that did not finish. Loading goes through
+weights_only_loads: DeepSpeed's own engine unpickles with weights_only=False.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from simvq_common.checkpoint import (INTEGRITY_FILE, UnsafeCheckpointError, by_step, integrity_problem, keep_newest,
+                                     record_integrity, warn_if_short_of_space, weights_only_loads)
+from simvq_common.distributed import barrier, rank
+from simvq_common.errors import ArtifactError, UserError
+from simvq_common.io import disk_full_error, is_disk_full, write_json_atomic
+
+from .model import Generator
+
+TAG = re.compile(r"step_(\d+)")
+IDENTITY_FILE = "identity.json"
+
+
+def deepspeed_checkpoint_types() -> list:
+    """The classes DeepSpeed pickles into its ZeRO optimizer files (the static loss scaler, the ZeRO stage enum,
+    parameter fragment addresses): allowed on resume, and nothing else. DeepSpeed's own TorchCheckpointEngine
+    loads with weights_only=False, so every resume load runs inside weights_only_loads (which forces True)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def tag_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def tag_problem(directory: Path, tag: str) -> str | None:
+    """What keeps tag `tag` of `directory` from being resumed, or None when it is intact."""
+    folder = directory / tag
+    if not (folder / IDENTITY_FILE).is_file():
+        return f"no {IDENTITY_FILE} (its save did not finish)"
+    if not (folder / INTEGRITY_FILE).is_file():
+        latest = directory / "latest"
+        named = latest.is_file() and latest.read_text().strip() == tag
+        return None if named else "no integrity record (its save did not finish)"
+    return integrity_problem(folder / INTEGRITY_FILE)
+
+
+def tags_newest_first(directory: Path) -> list[str]:
+    return [p.name for _, p in reversed(by_step(directory, TAG)) if p.is_dir()]
+
+
+def newest_intact_tag(directory: Path) -> str | None:
+    return next((tag for tag in tags_newest_first(directory) if tag_problem(directory, tag) is None), None)
+
+
+def save_tag(engine, directory: Path, step: int, identity: dict, client_state: dict, keep: int) -> None:
+    """Tag step_<step>: its identity, DeepSpeed's files from every rank, then (rank 0) its integrity record; then
+    all but the newest `keep` tags are pruned. A full disk raises DiskFullError, the unfinished tag removed and the
+    previous ones kept."""
+    tag = f"step_{step:08d}"
+    previous = tags_newest_first(directory)
+    needed = tag_size(directory / previous[0]) if previous else None
+    if rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        warn_if_short_of_space(directory, needed)
+        write_json_atomic(directory / tag / IDENTITY_FILE, identity)
+    barrier()  # the identity exists before `latest` can name the tag
+    try:
+        engine.save_checkpoint(str(directory), tag, client_state=client_state)
+    except (OSError, RuntimeError) as err:
+        if not is_disk_full(err):
+            raise
+        shutil.rmtree(directory / tag, ignore_errors=True)
+        raise disk_full_error(directory / tag, err, needed) from err
+    barrier()
+    if rank() == 0:
+        files = [f for f in sorted((directory / tag).rglob("*")) if f.is_file() and f.name != INTEGRITY_FILE]
+        record_integrity(files, directory / tag / INTEGRITY_FILE)
+        keep_newest([(s, p) for s, p in by_step(directory, TAG) if s <= step], keep)
+    barrier()
+
+
+def load_newest_intact(engine, directory: Path, identity: dict) -> dict | None:
+    """Load the newest intact tag into `engine`; its client state, or None when there is no tag. A torn or
+    unreadable newer tag is named in a warning and passed over; a tag of another run (identity) is refused;
+    when no tag is intact the run is refused, each named with what is wrong."""
+    problems = []
+    for tag in tags_newest_first(directory):
+        problem = tag_problem(directory, tag)
+        if problem is None:
+            saved = json.loads((directory / tag / IDENTITY_FILE).read_text())
+            differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in identity.items()
+                           if saved.get(k) != v]
+            if differences:
+                raise UserError(f"cannot resume {directory / tag}: " + "; ".join(differences) +
+                                ". Use the original config and process count, or a new run.out_dir")
+            try:
+                with weights_only_loads(directory / tag, deepspeed_checkpoint_types()):
+                    _, client = engine.load_checkpoint(str(directory), tag)
+            except UnsafeCheckpointError:
+                raise
+            except (OSError, RuntimeError, EOFError) as err:
+                problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+        if problem is None:
+            if problems and rank() == 0:
+                warnings.warn(f"passed over {'; '.join(problems)}; resuming from {tag}", stacklevel=2)
+            return client
+        problems.append(f"{tag}: {problem}")
+    if problems:
+        raise ArtifactError(f"no intact checkpoint in {directory}: {'; '.join(problems)}. Restore one from a copy, "
+                            f"or move them away (or use a new run.out_dir) to start afresh")
+    return None
+
+
+def consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of one saved checkpoint tag, gathered from the optimizer's partitions (any ZeRO
+    stage, any process count), loaded with weights_only."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loads(checkpoints, deepspeed_checkpoint_types()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+
+
+def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
+    """The generator of run `run_dir` as it was at checkpoint `step`, as a generator directory in `out` (its
+    config.yaml is the exported generator's: the run must have finished, or be exported once)."""
+    run_dir = Path(run_dir)
+    checkpoints, tag = run_dir / "checkpoints", f"step_{step:08d}"
+    if not (checkpoints / tag).is_dir():
+        kept = sorted(p.name for p in checkpoints.glob("step_*"))
+        raise UserError(f"{run_dir} keeps no checkpoint of step {step}: it keeps {kept} (run.keep_checkpoints)")
+    problem = tag_problem(checkpoints, tag)
+    if problem is not None:
+        raise ArtifactError(f"{checkpoints / tag} is not intact: {problem}")
+    model = Generator.from_pretrained(run_dir / "generator")  # the config, with what the cache filled in
+    model.load_state_dict(consolidated_weights(checkpoints, tag))
+    return model.save_pretrained(out)
