@@ -7,19 +7,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from simvq_common.checkpoint import list_checkpoints
+from simvq_common.checkpoint import list_checkpoints, save_checkpoint
 from simvq_common.config import load_config
 from simvq_common.distributed import free_port
 from simvq_common.errors import ArtifactError, DiskFullError, Preempted, RunLockedError
@@ -288,3 +290,16 @@ def test_a_full_disk_during_a_deepspeed_save_keeps_the_previous_tag(tmp_path, lo
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000002"]
     monkeypatch.setattr(torch, "save", REAL_SAVE)
     assert GeneratorTrainer(cfg).step == 2
+
+
+def test_a_checkpoint_that_may_not_fit_is_warned_about_before_it_is_written(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(1000)}, keep=3)
+    size = (tmp_path / "step_00000001.pt").stat().st_size
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=size))  # less than 1.1x the last
+    with pytest.warns(UserWarning, match=r"free, the last checkpoint took .*the next may not fit"):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(1000)}, keep=3)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_checkpoint(tmp_path, 3, {"w": torch.zeros(1000)}, keep=3)
