@@ -17,16 +17,18 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
-from .errors import ArtifactError
+from .errors import ArtifactError, UserError
 from .io import atomic_write, human_bytes, write_json_atomic
 
 STEP_FILE = re.compile(r"step_(\d+)\.pt")
 INTEGRITY_SUFFIX = ".sha256.json"  # beside step_N.pt; in a DeepSpeed tag folder, the file INTEGRITY_FILE
 INTEGRITY_FILE = "integrity.sha256.json"
+T = TypeVar("T")
 # what torch's message names: the refused global, else the unpickler's complaint
 REFUSED = (re.compile(r"Unsupported global: GLOBAL (\S+)"), re.compile(r"WeightsUnpickler error: ([^\n]+)"))
 FORCE_WEIGHTS_ONLY, FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -172,25 +174,35 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_latest_checkpoint(directory: str | Path) -> dict | None:
-    """The newest intact checkpoint's state (None if there is none): a torn or unreadable newer one is named in a
-    warning and passed over; if none is intact, the run is refused, each file named with what is wrong."""
+def load_newest_intact(directory: str | Path, names: list[str], problem_of: Callable[[str], str | None],
+                       load: Callable[[str], T]) -> T | None:
+    """`load` of the first of `names` (newest first) that `problem_of` finds intact and that loads; None when there
+    are no names. A torn or unreadable newer one is named in a warning and passed over; when none is intact the
+    run is refused, each named with what is wrong. A UserError from `load` (an unsafe pickle, another run's
+    checkpoint) is raised as it is: it is not a torn file."""
     problems = []
-    for path in reversed(list_checkpoints(directory)):
-        problem = integrity_problem(record_path(path))
+    for name in names:
+        problem = problem_of(name)
         if problem is None:
             try:
-                state = load_checkpoint(path)
-            except UnsafeCheckpointError:
+                loaded = load(name)
+            except UserError:
                 raise
             except Exception as err:  # noqa: BLE001 - torch's zip reader raises RuntimeError, EOFError, ...
                 problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
         if problem is None:
             if problems:
-                warnings.warn(f"passed over {'; '.join(problems)}; resuming from {path.name}", stacklevel=2)
-            return state
-        problems.append(f"{path.name}: {problem}")
+                warnings.warn(f"passed over {'; '.join(problems)}; resuming from {name}", stacklevel=3)
+            return loaded
+        problems.append(f"{name}: {problem}")
     if problems:
         raise ArtifactError(f"no intact checkpoint in {directory}: {'; '.join(problems)}. Restore one from a copy, "
                             f"or move them away (or use a new run.out_dir) to start afresh")
     return None
+
+
+def load_latest_checkpoint(directory: str | Path) -> dict | None:
+    """The newest intact checkpoint file's state (load_newest_intact), None if there is none."""
+    paths = {p.name: p for p in reversed(list_checkpoints(directory))}
+    return load_newest_intact(directory, list(paths), lambda name: integrity_problem(record_path(paths[name])),
+                              lambda name: load_checkpoint(paths[name]))

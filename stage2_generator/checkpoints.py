@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
-from simvq_common.checkpoint import (INTEGRITY_FILE, UnsafeCheckpointError, by_step, integrity_problem, keep_newest,
+from simvq_common.checkpoint import (INTEGRITY_FILE, by_step, integrity_problem, keep_newest, load_newest_intact,
                                      record_integrity, warn_if_short_of_space, weights_only_loads)
 from simvq_common.distributed import barrier, rank
 from simvq_common.errors import ArtifactError, UserError
@@ -90,36 +89,20 @@ def save_tag(engine, directory: Path, step: int, identity: dict, client_state: d
     barrier()
 
 
-def load_newest_intact(engine, directory: Path, identity: dict) -> dict | None:
-    """Load the newest intact tag into `engine`; its client state, or None when there is no tag. A torn or
-    unreadable newer tag is named in a warning and passed over; a tag of another run (identity) is refused;
-    when no tag is intact the run is refused, each named with what is wrong."""
-    problems = []
-    for tag in tags_newest_first(directory):
-        problem = tag_problem(directory, tag)
-        if problem is None:
-            saved = json.loads((directory / tag / IDENTITY_FILE).read_text())
-            differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in identity.items()
-                           if saved.get(k) != v]
-            if differences:
-                raise UserError(f"cannot resume {directory / tag}: " + "; ".join(differences) +
-                                ". Use the original config and process count, or a new run.out_dir")
-            try:
-                with weights_only_loads(directory / tag, deepspeed_checkpoint_types()):
-                    _, client = engine.load_checkpoint(str(directory), tag)
-            except UnsafeCheckpointError:
-                raise
-            except (OSError, RuntimeError, EOFError) as err:
-                problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
-        if problem is None:
-            if problems and rank() == 0:
-                warnings.warn(f"passed over {'; '.join(problems)}; resuming from {tag}", stacklevel=2)
-            return client
-        problems.append(f"{tag}: {problem}")
-    if problems:
-        raise ArtifactError(f"no intact checkpoint in {directory}: {'; '.join(problems)}. Restore one from a copy, "
-                            f"or move them away (or use a new run.out_dir) to start afresh")
-    return None
+def load_newest_intact_tag(engine, directory: Path, identity: dict) -> dict | None:
+    """Load the newest intact tag into `engine` (simvq_common.checkpoint.load_newest_intact: a torn newer tag is
+    passed over, none intact is refused); its client state, or None when there is no tag. A tag of another run
+    (identity) is refused."""
+    def load(tag: str) -> dict:
+        saved = json.loads((directory / tag / IDENTITY_FILE).read_text())
+        differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in identity.items()
+                       if saved.get(k) != v]
+        if differences:
+            raise UserError(f"cannot resume {directory / tag}: " + "; ".join(differences) +
+                            ". Use the original config and process count, or a new run.out_dir")
+        with weights_only_loads(directory / tag, deepspeed_checkpoint_types()):
+            return engine.load_checkpoint(str(directory), tag)[1]
+    return load_newest_intact(directory, tags_newest_first(directory), lambda tag: tag_problem(directory, tag), load)
 
 
 def consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 from .cache_format import text_encoder_differences
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
-from .checkpoints import consolidated_weights, load_newest_intact, save_tag
+from .checkpoints import consolidated_weights, load_newest_intact_tag, save_tag
 from .config import GeneratorConfig, GeneratorTrainConfig
 from .model import Generator, parameter_groups, training_flops_per_token
 
@@ -163,7 +163,7 @@ class GeneratorTrainer:
                 "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
 
     def _resume(self) -> None:
-        client = load_newest_intact(self.engine, self.checkpoints, self.identity())
+        client = load_newest_intact_tag(self.engine, self.checkpoints, self.identity())
         if client is None:
             return
         self.step = client["step"]
