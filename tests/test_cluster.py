@@ -166,6 +166,8 @@ def test_a_second_launch_is_refused_while_the_first_lives_and_allowed_after_kill
             RunLock(run, "the second").acquire()
         with pytest.raises(RunLockedError, match=f"pid {child.pid}"):  # the trainers ask before writing anything
             train_tokenizer(tokenizer_cfg(run))
+        with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
+            train_generator(generator_cfg(tmp_path, run, "run.steps=2"))
         assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
     finally:
         child.kill()
