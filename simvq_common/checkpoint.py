@@ -137,7 +137,8 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, keep: int) ->
     warn_if_short_of_space(directory, needed)
     path = atomic_write(directory / f"step_{step:08d}.pt", lambda tmp: torch.save(state, tmp), needed)
     record_integrity([path], record_path(path))
-    keep_newest(by_step(directory, STEP_FILE), keep)
+    # newer ones are torn files a resume passed over: the step just written must not make room for them
+    keep_newest([(s, p) for s, p in by_step(directory, STEP_FILE) if s <= step], keep)
     return path
 
 

@@ -24,7 +24,8 @@ PREEMPTED_FILE = "preempted.json"
 
 
 def check_signal_names(names: list[str]) -> None:
-    unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals) or n == "SIGKILL"]
+    unknown = [n for n in names if not isinstance(getattr(signal, n, None), signal.Signals)
+               or n in ("SIGKILL", "SIGSTOP")]
     if unknown:
         raise ConfigError(f"run.preemption_signals {unknown} are not catchable signals: use names such as "
                           f"SIGTERM, SIGUSR1, SIGUSR2, SIGINT ([] = none)")

@@ -34,9 +34,17 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name; 22 is the 20th of them
 
 
+def pid_namespace() -> str | None:
+    """This process's pid namespace (containers sharing a host name may each have their own pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def holder_alive(holder: dict, age_s: float) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return age_s < STALE_S
+    if holder.get("host") != socket.gethostname() or holder.get("pid_namespace") != pid_namespace():
+        return age_s < STALE_S  # its pids are not ours to look up: its heartbeat says
     if holder.get("pid") == os.getpid():  # this process's own, left by a run it gave up (an error in it)
         return False
     start = process_start_time(int(holder.get("pid", -1)))
@@ -49,52 +57,61 @@ class RunLock:
     def __init__(self, directory: str | Path, what: str) -> None:
         self.path = Path(directory) / LOCK_NAME
         self.record = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "start_time": process_start_time(os.getpid()), "what": what,
+                       "start_time": process_start_time(os.getpid()), "pid_namespace": pid_namespace(), "what": what,
                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(self.record).encode()
-        for _ in range(3):
+        for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if self._reclaim_if_dead(data):
-                    break
+                self._set_aside_if_dead()
                 continue
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                f.write(json.dumps(self.record).encode())
             break
         else:
-            raise RunLockedError(f"could not take the lock {self.path}: another launch keeps taking it")
+            raise RunLockedError(f"could not take the lock {self.path}: other launches keep taking it")
         self._beat = threading.Thread(target=self._heartbeat, daemon=True)
         self._beat.start()
 
-    def _reclaim_if_dead(self, data: bytes) -> bool:
-        """True when the lock was a dead holder's and is now ours; raises when its holder lives."""
+    def _set_aside_if_dead(self) -> None:
+        """Remove the lock when its holder is dead (then the caller creates its own with O_EXCL, which one launch
+        alone wins); raise when it lives. The lock is first renamed aside, which one process alone does, and put
+        back if what was moved is not what was judged dead (another launch's fresh lock)."""
         try:
             holder = json.loads(self.path.read_text() or "{}")
             age = time.time() - self.path.stat().st_mtime
         except (OSError, ValueError):
-            return False  # vanished or half-written: try to create it again
+            return  # vanished or half-written: try to create it again
         if holder_alive(holder, age):
             raise RunLockedError(
                 f"{self.path.parent} is in use by {holder.get('what', 'another run')} (pid {holder.get('pid')} on "
                 f"{holder.get('host')}, since {holder.get('since')}): two runs in one directory would interleave "
                 f"their logs and overwrite each other's checkpoints. Wait for it, stop it, or give this run "
                 f"another output directory (if that process is gone, delete {self.path})")
-        tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)  # atomic: of two reclaiming launches, the later rename wins...
-        return json.loads(self.path.read_text()) == self.record  # ...and only it goes on
+        aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.{time.time_ns()}.dead")
+        try:
+            os.rename(self.path, aside)
+        except OSError:
+            return  # another launch moved it first
+        try:
+            if json.loads(aside.read_text() or "{}") != holder:
+                os.link(aside, self.path)  # a fresh lock, not the dead one: back where it was
+        except (OSError, ValueError):
+            pass
+        aside.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                if json.loads(self.path.read_text()) != self.record:
+                    return  # not ours any more (deleted by hand and taken by another run): touch nothing
                 os.utime(self.path)
-            except OSError:
+            except (OSError, ValueError):
                 return
 
     def release(self) -> None:

@@ -193,9 +193,9 @@ class TokenizerTrainer:
 
     def save(self) -> None:
         skipped = int(distributed.sum_over_ranks(self.skipped_images))  # every rank takes part
-        if rank() == 0:
-            save_checkpoint(self.checkpoints, self.step, self._state(skipped), self.cfg.run.keep_checkpoints)
-        barrier()
+        # rank 0 writes; its error (a full disk) reaches every rank instead of leaving them in a barrier
+        distributed.rank0_decides(lambda: save_checkpoint(self.checkpoints, self.step, self._state(skipped),
+                                                          self.cfg.run.keep_checkpoints))
 
     # -- data ------------------------------------------------------------------------------------
     def batches(self):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from simvq_common.artifacts import KIND_FILE, write_kind
+from simvq_common.run_lock import LOCK_NAME
 from simvq_common.io import atomic_write, write_json_atomic
 
 from .cache_format import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, PROVENANCE_FILE, SAFETENSORS_DTYPES, SHARD_DIR,
@@ -125,7 +126,7 @@ class CacheWriter:
                 differences = [str(err)]
             if differences:
                 problem = f"{cache_dir} holds another cache:\n  " + "\n  ".join(differences)
-        elif cache_dir.is_dir() and any(cache_dir.iterdir()):
+        elif cache_dir.is_dir() and any(p.name != LOCK_NAME for p in cache_dir.iterdir()):  # the lock: pretokenize's
             problem = f"{cache_dir} is not empty and holds no cache manifest"
         if problem and not self.overwrite:
             raise CacheError(problem + "\nchoose another output folder, or pass overwrite=true to replace it")

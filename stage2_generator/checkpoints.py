@@ -2,8 +2,9 @@
 identity and an integrity record, resumed from the newest intact one, exported to a generator directory.
 
 A tag is intact when its identity.json exists and every file its integrity record lists has the size and
-sha256 it was written with. A tag without a record is trusted only when DeepSpeed's `latest` names it (a run
-written before the records existed); any other is a save that did not finish. Loading goes through
+sha256 it was written with. A tag without a record is trusted only in a run written before the records existed (DeepSpeed's `latest`
+names it and no tag has a record); any other is a save that did not finish. This code never writes `latest`:
+DeepSpeed writes it before the other ranks' files are complete. Loading goes through
 weights_only_loads: DeepSpeed's own engine unpickles with weights_only=False.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from simvq_common.checkpoint import (INTEGRITY_FILE, by_step, integrity_problem, keep_newest, load_newest_intact,
                                      record_integrity, warn_if_short_of_space, weights_only_loads)
+from simvq_common import distributed
 from simvq_common.distributed import barrier, rank
 from simvq_common.errors import ArtifactError, UserError
 from simvq_common.io import disk_full_error, is_disk_full, write_json_atomic
@@ -49,8 +51,9 @@ def tag_problem(directory: Path, tag: str) -> str | None:
         return f"no {IDENTITY_FILE} (its save did not finish)"
     if not (folder / INTEGRITY_FILE).is_file():
         latest = directory / "latest"
-        named = latest.is_file() and latest.read_text().strip() == tag
-        return None if named else "no integrity record (its save did not finish)"
+        old_run = latest.is_file() and latest.read_text().strip() == tag and not any(
+            (directory / other / INTEGRITY_FILE).is_file() for other in tags_newest_first(directory))
+        return None if old_run else "no integrity record (its save did not finish)"
     return integrity_problem(folder / INTEGRITY_FILE)
 
 
@@ -75,7 +78,7 @@ def save_tag(engine, directory: Path, step: int, identity: dict, client_state: d
         write_json_atomic(directory / tag / IDENTITY_FILE, identity)
     barrier()  # the identity exists before `latest` can name the tag
     try:
-        engine.save_checkpoint(str(directory), tag, client_state=client_state)
+        engine.save_checkpoint(str(directory), tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as err:
         if not is_disk_full(err):
             raise
@@ -100,9 +103,21 @@ def load_newest_intact_tag(engine, directory: Path, identity: dict) -> dict | No
         if differences:
             raise UserError(f"cannot resume {directory / tag}: " + "; ".join(differences) +
                             ". Use the original config and process count, or a new run.out_dir")
-        with weights_only_loads(directory / tag, deepspeed_checkpoint_types()):
-            return engine.load_checkpoint(str(directory), tag)[1]
-    return load_newest_intact(directory, tags_newest_first(directory), lambda tag: tag_problem(directory, tag), load)
+        failed = None
+        try:
+            with weights_only_loads(directory / tag, deepspeed_checkpoint_types()):
+                client = engine.load_checkpoint(str(directory), tag)[1]
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - judged below, with the other ranks
+            failed = err
+        if distributed.any_rank(failed is not None):  # all ranks move on to an older tag together
+            raise failed or RuntimeError(f"another rank could not read {tag}")
+        return client
+
+    # rank 0 hashes and judges each tag, and every rank takes its word
+    return load_newest_intact(directory, tags_newest_first(directory),
+                              lambda tag: distributed.rank0_decides(lambda: tag_problem(directory, tag)), load)
 
 
 def consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:

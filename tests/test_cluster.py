@@ -26,13 +26,15 @@ from simvq_common.config import load_config
 from simvq_common.distributed import free_port
 from simvq_common.errors import ArtifactError, DiskFullError, Preempted, RunLockedError
 from simvq_common.preemption import PREEMPTED_FILE, REQUEUE_EXIT
-from simvq_common.run_lock import LOCK_NAME, STALE_S, RunLock, process_start_time
+from simvq_common.run_lock import LOCK_NAME, STALE_S, RunLock, pid_namespace, process_start_time
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
 from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
 from stage2_generator.train import GeneratorTrainer, train_generator
+from pipelines.config import PipelineConfig
+from pipelines.run import run_pipeline
 from synthetic_cache import make_cache
 from test_checkpoint_safety import TINY_TOKENIZER
 
@@ -168,10 +170,12 @@ def test_a_second_launch_is_refused_while_the_first_lives_and_allowed_after_kill
             train_tokenizer(tokenizer_cfg(run))
         with pytest.raises(RunLockedError, match=f"pid {child.pid}"):
             train_generator(generator_cfg(tmp_path, run, "run.steps=2"))
-        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+        with pytest.raises(RunLockedError, match=f"pid {child.pid}"):  # and simvq run, before any stage
+            run_pipeline(load_config(PipelineConfig, None, [f"out_dir={run}"]))
     finally:
         child.kill()
         child.wait()
+        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
     train_tokenizer(tokenizer_cfg(run))  # the dead holder's lock is reclaimed...
     assert not (run / LOCK_NAME).exists()  # ...and released at the end
 
@@ -205,12 +209,42 @@ def test_a_lock_from_another_host_lives_while_its_heartbeat_is_fresh(tmp_path):
     assert not lock.exists()
 
 
+RACER = """
+import sys, time
+from pathlib import Path
+from simvq_common.errors import RunLockedError
+from simvq_common.run_lock import RunLock
+folder = Path(sys.argv[1])
+while not (folder / "go").exists():
+    time.sleep(0.001)
+try:
+    RunLock(folder / "run", sys.argv[2]).acquire()
+    print("won", flush=True)
+    time.sleep(3)
+except RunLockedError:
+    print("refused", flush=True)
+"""
+
+
+def test_of_launches_racing_for_a_dead_holders_lock_one_wins(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps({"host": "node-gone", "pid": 1, "what": "a dead run"}))
+    old = time.time() - STALE_S - 1
+    os.utime(tmp_path / "run" / LOCK_NAME, (old, old))
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), f"racer {i}"], env=subprocess_env(),
+                               cwd=REPO, stdout=subprocess.PIPE, text=True) for i in range(4)]
+    time.sleep(2.0)  # every racer has started and waits for the go
+    (tmp_path / "go").touch()
+    results = [r.communicate(timeout=60)[0].strip() for r in racers]
+    assert sorted(results) == ["refused"] * 3 + ["won"], results
+
+
 def test_a_reused_pid_is_not_the_holder(tmp_path):
     parent = os.getppid()  # alive, but it did not take the lock: its start time differs from the recorded one
     (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": parent, "start_time": "0",
-                                                  "what": "an old run", "since": "then"}))
+                                                  "pid_namespace": pid_namespace(), "what": "an old run"}))
     assert process_start_time(parent) not in (None, "0")
-    with RunLock(tmp_path, "here"):
+    with RunLock(tmp_path, "here"):  # (with another pid namespace it would be judged by its heartbeat: fresh)
         assert json.loads((tmp_path / LOCK_NAME).read_text())["what"] == "here"
 
 
@@ -230,6 +264,26 @@ def test_a_torn_newest_tokenizer_checkpoint_falls_back_to_the_intact_one(tmp_pat
     truncate(older)
     with pytest.raises(ArtifactError, match=rf"no intact checkpoint .*{newest.name}: .*torn.*; {older.name}: "):
         TokenizerTrainer(cfg)
+
+
+def test_a_checkpoint_written_after_a_resume_past_a_torn_one_is_kept(tmp_path, lone_process, one_thread):
+    train_tokenizer(tokenizer_cfg(tmp_path / "run", "run.steps=4", "run.checkpoint_every=2", "run.keep_checkpoints=2"))
+    truncate(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])  # step 4 torn: a resume takes step 2
+    with pytest.warns(UserWarning, match="passed over step_00000004.pt"):
+        train_tokenizer(tokenizer_cfg(tmp_path / "run", "run.steps=3", "run.checkpoint_every=3",
+                                      "run.keep_checkpoints=1"))
+    # keep 1 kept step 3, the one just written: the torn step 4 is not a newer checkpoint to make room for
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000003.pt",
+                                                                                 "step_00000004.pt"]
+
+
+def test_a_deepspeed_tag_of_a_run_from_before_integrity_records_still_resumes(tmp_path, lone_process):
+    cfg = generator_cfg(tmp_path, tmp_path / "run", "run.steps=2", "run.checkpoint_every=2")
+    train_generator(cfg)
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (tag / "integrity.sha256.json").unlink()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002")  # what DeepSpeed wrote then
+    assert GeneratorTrainer(cfg).step == 2
 
 
 def test_a_torn_newest_deepspeed_tag_falls_back_to_the_intact_one(tmp_path, lone_process):
