@@ -2,8 +2,8 @@
 identity and an integrity record, resumed from the newest intact one, exported to a generator directory.
 
 A tag is intact when its identity.json exists and every file its integrity record lists has the size and
-sha256 it was written with. A tag without a record is trusted only in a run written before the records existed (DeepSpeed's `latest`
-names it and no tag has a record); any other is a save that did not finish. This code never writes `latest`:
+sha256 it was written with. A tag without a record is trusted only in a run written before the records existed (no tag has a record), up
+to the tag DeepSpeed's `latest` names; any other is a save that did not finish. This code never writes `latest`:
 DeepSpeed writes it before the other ranks' files are complete. Loading goes through
 weights_only_loads: DeepSpeed's own engine unpickles with weights_only=False.
 """
@@ -50,10 +50,14 @@ def tag_problem(directory: Path, tag: str) -> str | None:
     if not (folder / IDENTITY_FILE).is_file():
         return f"no {IDENTITY_FILE} (its save did not finish)"
     if not (folder / INTEGRITY_FILE).is_file():
+        if any((directory / other / INTEGRITY_FILE).is_file() for other in tags_newest_first(directory)):
+            return "no integrity record (its save did not finish)"
+        # a run from before the records: trusted up to the tag its `latest` names, as it was then
         latest = directory / "latest"
-        old_run = latest.is_file() and latest.read_text().strip() == tag and not any(
-            (directory / other / INTEGRITY_FILE).is_file() for other in tags_newest_first(directory))
-        return None if old_run else "no integrity record (its save did not finish)"
+        last = TAG.fullmatch(latest.read_text().strip()) if latest.is_file() else None
+        if last and int(TAG.fullmatch(tag).group(1)) <= int(last.group(1)):
+            return None
+        return "newer than the last complete save DeepSpeed's `latest` names (its save did not finish)"
     return integrity_problem(folder / INTEGRITY_FILE)
 
 

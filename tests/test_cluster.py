@@ -31,6 +31,7 @@ from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
 from stage2_generator.config import GeneratorTrainConfig
+from stage2_generator.checkpoints import export_checkpoint
 from stage2_generator.model import Generator
 from stage2_generator.train import GeneratorTrainer, train_generator
 from pipelines.config import PipelineConfig
@@ -277,13 +278,18 @@ def test_a_checkpoint_written_after_a_resume_past_a_torn_one_is_kept(tmp_path, l
                                                                                  "step_00000004.pt"]
 
 
-def test_a_deepspeed_tag_of_a_run_from_before_integrity_records_still_resumes(tmp_path, lone_process):
-    cfg = generator_cfg(tmp_path, tmp_path / "run", "run.steps=2", "run.checkpoint_every=2")
+def test_deepspeed_tags_of_a_run_from_before_integrity_records_still_resume_and_export(tmp_path, lone_process):
+    cfg = generator_cfg(tmp_path, tmp_path / "run", "run.steps=4", "run.checkpoint_every=2")
     train_generator(cfg)
-    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
-    (tag / "integrity.sha256.json").unlink()
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000002")  # what DeepSpeed wrote then
-    assert GeneratorTrainer(cfg).step == 2
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for tag in ("step_00000002", "step_00000004"):
+        (checkpoints / tag / "integrity.sha256.json").unlink()
+    (checkpoints / "latest").write_text("step_00000002")  # what DeepSpeed wrote then: step 4 never finished
+    with pytest.warns(UserWarning, match="passed over step_00000004: newer than the last complete save"):
+        assert GeneratorTrainer(cfg).step == 2
+    (checkpoints / "latest").write_text("step_00000004")
+    assert GeneratorTrainer(cfg).step == 4
+    assert export_checkpoint(tmp_path / "run", 2, tmp_path / "at_step_2").is_dir()  # older tags as before
 
 
 def test_a_torn_newest_deepspeed_tag_falls_back_to_the_intact_one(tmp_path, lone_process):
