@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from simvq_common.checkpoint import list_checkpoints, save_checkpoint
 from simvq_common.config import load_config
 from simvq_common.distributed import free_port
-from simvq_common.errors import ArtifactError, DiskFullError, Preempted, RunLockedError
-from simvq_common.preemption import PREEMPTED_FILE, REQUEUE_EXIT
+from simvq_common.errors import ArtifactError, ConfigError, DiskFullError, Preempted, RunLockedError
+from simvq_common.preemption import PREEMPTED_FILE, REQUEUE_EXIT, PreemptionWatch
 from simvq_common.run_lock import LOCK_NAME, STALE_S, RunLock, pid_namespace, process_start_time
 from stage1_tokenizer.config import TokenizerTrainConfig
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -81,8 +81,21 @@ def subprocess_env() -> dict:
 
 
 # ---------------------------------------------------------------- preemption -------------------
+def test_the_watch_records_its_signals_and_gives_the_handlers_back():
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionWatch(["SIGUSR1", "SIGUSR2"]) as watch:
+        assert not watch.stop_requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert watch.stop_requested() and watch.received == "SIGUSR1"  # the first one
+    assert signal.getsignal(signal.SIGUSR1) is before
+    for name in ("SIGKILL", "SIGSTOP", "SIGNOPE"):
+        with pytest.raises(ConfigError, match=f"{name}.*not catchable"):
+            PreemptionWatch([name])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGUSR1 takes the same path (the watch's test above)
 def test_a_signal_checkpoints_the_step_and_the_same_command_resumes_bit_for_bit(tmp_path, lone_process, one_thread,
                                                                                 sig):
     straight = tokenizer_cfg(tmp_path / "straight", "run.steps=12", "run.checkpoint_every=100")
