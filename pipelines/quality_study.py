@@ -69,9 +69,10 @@ class Study:
     def knob(self, index: int, knob: str, sampling: SamplingConfig) -> dict:
         """The run's generator retrained with `knob` (its training resumes), measured at `sampling`."""
         folder = self.out / f"knob_{index:02d}"
-        steps = self.cfg.knob_steps or load_config(GeneratorTrainConfig, self.gen_run / "config.yaml").run.steps
         cfg = load_config(GeneratorTrainConfig, self.gen_run / "config.yaml",
-                          [*knob.split(), f"run.steps={steps}", f"run.out_dir={folder / 'run'}"])
+                          [*knob.split(), *[f"run.steps={self.cfg.knob_steps}"] * bool(self.cfg.knob_steps),
+                           f"run.out_dir={folder / 'run'}"])
+        steps = cfg.run.steps
         timing = folder / "train_seconds.json"
         if not (folder / "run" / "generator" / "model.safetensors").is_file():
             console.print(f"[bold]quality study[/]: training knob {knob or '(as the run)'} for {steps} steps")

@@ -212,13 +212,12 @@ def reference_captions(val: CodeCache, labels: np.ndarray, class_counts: list[in
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every stage of `cfg` in cfg.out_dir, which it holds alone (see the module doc)."""
     cfg = replace(cfg, command=cfg.command or command_line())
-    distributed.setup()  # one process group for every stage when launched by torchrun
+    device = distributed.setup()  # one process group for every stage when launched by torchrun
     with holding_run_dir(cfg.out_dir, "simvq run"):
-        return _run_pipeline(cfg)
+        return _run_pipeline(cfg, device)
 
 
-def _run_pipeline(cfg: PipelineConfig) -> dict:
-    device = distributed.setup()
+def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     out = Path(cfg.out_dir)
     if distributed.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)

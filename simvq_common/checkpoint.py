@@ -7,7 +7,6 @@ anything it names) is refused, naming the file, instead of being run.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import ArtifactError, UserError
+from .fingerprint import file_sha256
 from .io import atomic_write, human_bytes, write_json_atomic
 
 STEP_FILE = re.compile(r"step_(\d+)\.pt")
@@ -82,17 +82,11 @@ def record_path(path: Path) -> Path:
     return path.with_name(path.name + INTEGRITY_SUFFIX)
 
 
-def file_digest(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def record_integrity(files: list[Path], record: Path) -> None:
     """Write `record`: the size and sha256 of each of `files` (named relative to the record's folder)."""
-    write_json_atomic(record, {str(f.relative_to(record.parent)): file_digest(f) for f in files})
+    write_json_atomic(record, {str(f.relative_to(record.parent)): {"size": f.stat().st_size,
+                                                                  "sha256": file_sha256(f, memo=False)}
+                               for f in files})
 
 
 def integrity_problem(record: Path) -> str | None:
@@ -107,7 +101,7 @@ def integrity_problem(record: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size:,} bytes, {expected['size']:,} were written (torn or truncated)"
-        if file_digest(path)["sha256"] != expected["sha256"]:
+        if file_sha256(path, memo=False) != expected["sha256"]:  # memo off: corruption in place keeps size
             return f"{name}'s sha256 differs from the one recorded when it was written (corrupted)"
     return None
 
