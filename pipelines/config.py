@@ -174,7 +174,8 @@ class QualityStudyConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2])  # more sampling seeds of the best sweep row
     # one knob at a time: the run's generator retrained with each of these override sets (space-separated
     # key=value of its training config, e.g. "optim.lr=3e-4", "run.seed=1"; "" = as the run trained it) for
-    # knob_steps, then sampled at the best sweep row's settings (the run's when there is no sweep)
+    # knob_steps (a knob's own run.steps wins), then sampled at the best sweep row's settings (the run's when
+    # there is no sweep)
     knobs: list[str] = field(default_factory=list)
     knob_steps: int = 0  # 0 = the run's steps
     classifier: str = "emoji-classifier"  # class agreement ("" = none)

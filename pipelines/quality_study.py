@@ -10,8 +10,8 @@ class plan are unchanged, so the study resumes where it stopped):
 - sweep: the final generator over the sampler settings of `sweep` (guidance, temperature, top-k / top-p);
 - seed: the best sweep row again with other sampling seeds: the spread a difference must exceed;
 - knob: the generator retrained with one change to its training config (size, learning rate, batch, seed...)
-  for `knob_steps`, sampled at the best sweep row's settings: one knob at a time, against the row "" (the
-  run's config at the same steps). A knob's training resumes where it stopped.
+  for `knob_steps` (or the knob's own run.steps), sampled at the best sweep row's settings: one knob at a time,
+  against the row "" (the run's config at the same steps). A knob's training resumes where it stopped.
 
 Every row: FID and sFID against the val split (the run's reference, class mix and sample count), FID / rFID
 (the tokenizer's floor), class agreement beside the classifier's accuracy on real val images; the best row
@@ -66,12 +66,16 @@ class Study:
         lines = ((gen_run or self.gen_run) / "metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["val_loss"] for r in map(json.loads, filter(None, lines)) if "val_loss" in r}
 
-    def knob(self, index: int, knob: str, sampling: SamplingConfig) -> dict:
+    def knob(self, knob: str, sampling: SamplingConfig) -> dict:
         """The run's generator retrained with `knob` (its training resumes), measured at `sampling`."""
-        folder = self.out / f"knob_{index:02d}"
+        # a knob's own run.steps wins over knob_steps; its folder is named by what it changes, so a knob list
+        # reordered or extended between calls finds each finished knob again (never another knob's generator)
+        overrides = [*[f"run.steps={self.cfg.knob_steps}"] * bool(self.cfg.knob_steps), *knob.split()]
+        name = "knob_" + hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:10]
+        folder = self.out / name
         cfg = load_config(GeneratorTrainConfig, self.gen_run / "config.yaml",
-                          [*knob.split(), *[f"run.steps={self.cfg.knob_steps}"] * bool(self.cfg.knob_steps),
-                           f"run.out_dir={folder / 'run'}"])
+                          [*overrides, f"run.out_dir={folder / 'run'}"])
+        write_json_atomic(folder / "knob.json", {"knob": knob, "overrides": overrides})
         steps = cfg.run.steps
         timing = folder / "train_seconds.json"
         if not (folder / "run" / "generator" / "model.safetensors").is_file():
@@ -80,7 +84,7 @@ class Study:
             train_generator(cfg)
             write_json_atomic(timing, {"seconds": round(time.time() - tic, 1)})
         losses = self.val_losses(folder / "run")
-        return self.measure(f"knob_{index:02d}", "knob", folder / "run" / "generator", sampling,
+        return self.measure(name, "knob", folder / "run" / "generator", sampling,
                             setting=knob or "(as the run)", step=steps, val_loss=losses[max(losses)] if losses else None,
                             train_seconds=json.loads(timing.read_text())["seconds"] if timing.is_file() else None)
 
@@ -145,7 +149,7 @@ def run_quality_study(cfg: QualityStudyConfig) -> dict:
             rows.append(study.measure("best_memorisation", "memorisation", final, best_sampling, memorise=True,
                                       setting=best["setting"]))
     knob_sampling = SamplingConfig(**min(sweep, key=lambda r: r["fid"])["sampling"]) if sweep else study.sampling
-    rows += [study.knob(i, knob, knob_sampling) for i, knob in enumerate(cfg.knobs)]
+    rows += [study.knob(knob, knob_sampling) for knob in cfg.knobs]
     result = {"config": asdict(cfg), "rfid": study.rfid, "num": study.num, "rows": rows,
               "environment": environment(), "command": cfg.command or command_line()}
     write_json_atomic(study.out / "results.json", result)

@@ -2,6 +2,7 @@
 that step, every row is measured against the run's own class plan, the best sweep row is the lowest FID, a knob
 row "" retrains the run's generator bit for bit while another seed does not, and a second call reuses every row."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,6 @@ def test_quality_study_rows_checkpoints_sweep_and_resume(tmp_path, monkeypatch, 
     monkeypatch.setattr(quality, "train_generator", lambda *a, **k: pytest.fail("a finished knob was retrained"))
     again = quality.run_quality_study(study_cfg)
     assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in result["rows"]]
+    # knobs reordered between calls: each finds its own finished generator, not the one at its old position
+    swapped = quality.run_quality_study(replace(study_cfg, knobs=["run.seed=1", ""]))
+    assert [r["fingerprint"] for r in swapped["rows"][5:7]] == [other_seed["fingerprint"], as_run["fingerprint"]]
