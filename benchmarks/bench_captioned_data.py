@@ -35,11 +35,11 @@ from pipelines.config import PretokenizeConfig  # noqa: E402
 from pipelines.pretokenize import pretokenize  # noqa: E402
 from pipelines.text import TextEncoder  # noqa: E402
 from simvq_common.config import load_config  # noqa: E402
-from stage1_tokenizer.captioned_folder import write_captioned_folder  # noqa: E402
+from image_data.captioned_folder import write_captioned_folder  # noqa: E402
 from stage1_tokenizer.config import TokenizerTrainConfig  # noqa: E402
-from stage1_tokenizer.emoji import EmojiDataset  # noqa: E402
+from image_data.emoji import EmojiDataset  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
-from stage1_tokenizer.webdataset import write_webdataset  # noqa: E402
+from image_data.webdataset import write_webdataset  # noqa: E402
 
 TARGET = 0.85
 TEXT_BATCH_SIZES = (1, 8, 32, 128, 512)
@@ -106,7 +106,7 @@ def main() -> None:
               "tars_vs_encode": rates["tars"] / rates["encode"]}
     passed = ratios["tars_vs_folder"] >= 1.0 and min(ratios["folder_vs_encode"], ratios["tars_vs_encode"]) >= TARGET
     results = {
-        "provenance": provenance("bench_captioned_data.py", sys.argv[1:], "stage1_tokenizer/webdataset.py",
+        "provenance": provenance("bench_captioned_data.py", sys.argv[1:], "image_data/webdataset.py",
                                  packages=("sentence-transformers",)),
         "settings": {"images": n, "per_tar": args.per_tar, "tars": -(-n // args.per_tar), "resolution": RESOLUTION,
                      "source_resolution": 64, "batch_size": args.batch_size, "workers": args.workers,

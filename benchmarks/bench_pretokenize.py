@@ -42,8 +42,8 @@ from pipelines.config import PretokenizeConfig  # noqa: E402
 from pipelines.pretokenize import base_resolution, make_views, pretokenize  # noqa: E402
 from simvq_common.config import load_config  # noqa: E402
 from stage1_tokenizer.config import TokenizerTrainConfig  # noqa: E402
-from stage1_tokenizer.datasets import build_image_dataset  # noqa: E402
-from stage1_tokenizer.emoji import load_emoji  # noqa: E402
+from image_data.datasets import build_image_dataset  # noqa: E402
+from image_data.emoji import load_emoji  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER_CONFIG = REPO / "configs" / "tokenizer" / "emoji32_simvq_8k_cpu.yaml"

@@ -63,7 +63,7 @@ from benchmarks.common import (
 )
 from simvq_common.config import load_config
 from stage1_tokenizer.config import TokenizerTrainConfig
-from stage1_tokenizer.emoji import EMOJI_NATIVE_RESOLUTION, load_emoji
+from image_data.emoji import EMOJI_NATIVE_RESOLUTION, load_emoji
 
 DEFAULT_CONFIG = "configs/tokenizer/emoji32_simvq_8k_cpu.yaml"
 VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (compile, channels_last)

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import re
 import sys
+import textwrap
 from typing import Callable
 
 from rich.markup import escape
@@ -13,6 +14,7 @@ from simvq_common.config import load_config
 from simvq_common.console import console
 from simvq_common.errors import Preempted, UserError
 from simvq_common.preemption import REQUEUE_EXIT
+from simvq_common.schema_keys import keys_help
 
 # A key=value override: a dotted key (list items as key[0]), then '=' and the value (a path has no '=' there).
 OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")
@@ -65,14 +67,14 @@ def _pretokenize(cfg) -> None:
 
 
 def _pack_data(cfg) -> None:
-    from stage1_tokenizer.datasets import pack_data
+    from image_data.datasets import pack_data
 
     for folder in pack_data(cfg):
         console.print(f"[green]done[/]: {folder}")
 
 
 def _draw_shapes(cfg) -> None:
-    from stage1_tokenizer.shapes import draw_shapes
+    from image_data.shapes import draw_shapes
 
     console.print(f"[green]done[/]: {draw_shapes(cfg)} (use it as data={cfg.out})")
 
@@ -109,7 +111,7 @@ def _evaluate(cfg) -> None:
 
 
 def _train_classifier(cfg) -> None:
-    from pipelines.classifier import train_classifier
+    from evaluation.classifier import train_classifier
 
     out = train_classifier(cfg)
     console.print(f"[green]done[/]: classifier in {out} (val accuracy in {out}/eval.json)")
@@ -133,7 +135,7 @@ def _verify_cache(cfg) -> None:
 def _dataset_info(_) -> None:
     from rich.table import Table
 
-    from stage1_tokenizer.emoji import load_emoji
+    from image_data.emoji import load_emoji
 
     table = Table(title="bundled emoji (Noto, Apache-2.0)")
     for column in ("class", "name", "train", "val"):
@@ -232,11 +234,11 @@ SCHEMAS: dict[str, str] = {
     "sample": "pipelines.config:SampleConfig",
     "serve": "pipelines.config:ServeConfig",
     "evaluate": "pipelines.config:EvaluateConfig",
-    "train-classifier": "pipelines.classifier:ClassifierTrainConfig",
+    "train-classifier": "evaluation.classifier:ClassifierTrainConfig",
     "run": "pipelines.config:PipelineConfig",
     "verify-cache": "pipelines.config:VerifyCacheConfig",
-    "pack-data": "stage1_tokenizer.config:PackDataConfig",
-    "draw-shapes": "stage1_tokenizer.config:DrawShapesConfig",
+    "pack-data": "image_data.config:PackDataConfig",
+    "draw-shapes": "image_data.config:DrawShapesConfig",
     "push-to-hub": "pipelines.hub_upload:PushToHubConfig",
 }
 # Config keys a command also takes as flags (`--aug flip` is `aug=flip`; key=value overrides given after
@@ -265,18 +267,29 @@ def config_of(args: argparse.Namespace):
     """The command's config: its schema's defaults <- the -c file <- flags and key=value overrides."""
     if args.command not in SCHEMAS:
         return None
-    module, name = SCHEMAS[args.command].split(":")
-    return load_config(getattr(importlib.import_module(module), name), args.config, command_overrides(args))
+    return load_config(schema_of(args.command), args.config, command_overrides(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def schema_of(command: str) -> type:
+    module, name = SCHEMAS[command].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser(keys_for: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `keys_for` names the command whose --help also lists its config keys (its schema is only
+    imported then: the CLI starts without torch)."""
     parser = argparse.ArgumentParser(
         prog="simvq",
         description="simvq-gen: SimVQ tokenizers, code caches, autoregressive generators and FID pipelines.",
         epilog="Every run writes its merged config, metrics.jsonl and outputs into its run directory.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (function, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == keys_for and name in SCHEMAS:
+            command = sub.add_parser(name, help=help_text, description=textwrap.fill(help_text, 100),
+                                     epilog=keys_help(schema_of(name)),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        else:
+            command = sub.add_parser(name, help=help_text, description=help_text)
         for key in POSITIONAL_KEYS.get(name, ()):
             command.add_argument(key, help=f"sets {key}")
         for key in FLAG_KEYS.get(name, ()):
@@ -308,8 +321,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with key=value overrides before, between or after the flags and positionals."""
-    parser = build_parser()
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    asks_help = {"-h", "--help"} & set(rest)
+    parser = build_parser(keys_for=next((word for word in rest if word in COMMANDS), None) if asks_help else None)
     args = parser.parse_args(rest)
     if overrides and args.command not in SCHEMAS:
         parser.error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")

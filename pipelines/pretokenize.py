@@ -37,10 +37,10 @@ from simvq_common.errors import UserError
 from simvq_common.hub import model_location, model_source_exists, resolve_model_dir
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import command_line, environment
-from stage1_tokenizer.datasets import build_image_dataset
-from stage1_tokenizer.emoji import EMOJI_NATIVE_RESOLUTION
+from image_data.datasets import build_image_dataset
+from image_data.emoji import EMOJI_NATIVE_RESOLUTION
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage1_tokenizer.transforms import center_crop_offset
+from image_data.transforms import center_crop_offset
 from stage2_generator.cache_format import (AUGMENTATION_VIEWS, PROVENANCE_FILE, code_dtype, manifest_header,
                                            sharding_image_range)
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table
@@ -184,7 +184,8 @@ def _pretokenize(cfg: PretokenizeConfig) -> Path:
         raise UserError(f"resolution {cfg.resolution} is not a multiple of the tokenizer's downsampling "
                         f"{tokenizer.downsample_factor}")
     base = base_resolution(cfg.aug, cfg.resolution)
-    dataset = build_image_dataset(cfg.data, cfg.split, base, random_crop=False, require_captions=cfg.text_embeddings)
+    dataset = build_image_dataset(cfg.data, cfg.split, base, random_crop=False, require_captions=cfg.text_embeddings,
+                                  share=distributed.work_share())
     n = min(len(dataset), cfg.max_images) if cfg.max_images else len(dataset)
     boundaries = None
     if dataset.shard_boundaries is not None:  # one cache shard per tar (the last cut at max_images)

@@ -53,7 +53,7 @@ from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
-from stage1_tokenizer.transforms import to_uint8
+from image_data.transforms import to_uint8
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator

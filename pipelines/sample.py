@@ -44,8 +44,8 @@ from simvq_common.io import atomic_write, write_json_atomic, write_npy_atomic, w
 from simvq_common.provenance import command_line, environment
 from simvq_common.ready_made import READY_MADE
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage1_tokenizer.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
-from stage1_tokenizer.visualize import grid_image
+from image_data.transforms import center_crop, image_to_rgb, to_model_range, to_uint8
+from image_data.visualize import grid_image
 from stage2_generator.config import GeneratorConfig, SamplingConfig, recommended_sampling
 from stage2_generator.model import Generator
 from stage2_generator.sampling import generate
@@ -268,6 +268,7 @@ class Models:
 
 def load_models(cfg: SampleConfig) -> Models:
     """cfg.generator and its matching tokenizer on cfg.device (under torchrun: after joining the group)."""
+    distributed.setup()  # join the launcher's group, if any (a lone process joins none)
     device = distributed.device_for(cfg.device)
     generator_dir = resolve_model_dir(cfg.generator)  # a directory, or a Hub id's snapshot
     generator = Generator.from_pretrained(generator_dir).to(device)

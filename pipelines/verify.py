@@ -16,7 +16,7 @@ from pipelines.config import VerifyCacheConfig
 from simvq_common.errors import UserError
 from simvq_common.hub import model_source_exists
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage1_tokenizer.visualize import save_image_grid
+from image_data.visualize import save_image_grid
 from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_format import VERIFY_GRID_FILE, CacheError
 from stage2_generator.cache_reader import CodeCache

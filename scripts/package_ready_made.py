@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipelines.classifier import ImageClassifier  # noqa: E402
+from evaluation.classifier import ImageClassifier  # noqa: E402
 from simvq_common.config import load_config, to_yaml  # noqa: E402
 from simvq_common.io import write_text_atomic  # noqa: E402
 from simvq_common.pretrained import save_pretrained  # noqa: E402
@@ -109,7 +109,7 @@ def package(args) -> dict:
         accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]
         write_text_atomic(directory / "README.md", card(
             "emoji-classifier", classifier, "The class-agreement classifier of the 9 emoji categories "
-            "(pipelines/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"], []))
+            "(evaluation/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"], []))
         written["emoji-classifier"] = directory
 
     total = sum(f.stat().st_size for d in written.values() for f in d.iterdir())

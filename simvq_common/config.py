@@ -13,14 +13,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import ConfigError
+from .schema_keys import nearest_keys
 
 T = TypeVar("T")
 
 
-def _describe(err: OmegaConfBaseException, source: str) -> str:
+def _describe(err: OmegaConfBaseException, source: str, schema: type) -> str:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
-        return f"{source}: unknown key '{key}' (check its spelling against the schema)"
+        near = nearest_keys(schema, key)
+        return (f"{source}: unknown key '{key}'" + (f"; did you mean {' or '.join(near)}?" if near else "")
+                + " (`--help` after the command lists every key)")
     if isinstance(err, ValidationError):
         return f"{source}: bad value for '{key}': {str(err).splitlines()[0]}"
     return f"{source}: {str(err).splitlines()[0]}"
@@ -58,7 +61,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as err:
-            raise ConfigError(_describe(err, str(path))) from None
+            raise ConfigError(_describe(err, str(path), schema)) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -67,7 +70,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         cfg = OmegaConf.merge(cfg, _parse_overrides(overrides))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err, "override")) from None
+        raise ConfigError(_describe(err, "override", schema)) from None
 
 
 def to_yaml(config) -> str:

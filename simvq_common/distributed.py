@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError, UserError
 from .io import write_json_atomic
+from .sharding import WorkShare
 
 
 def is_distributed() -> bool:
@@ -49,7 +50,7 @@ def setup(group_of_one: bool = False) -> torch.device:
     backend is nccl on CUDA (one GPU per local rank, made current before any collective), gloo on CPU. A
     lone process joins no group unless `group_of_one` (DeepSpeed needs a group, even of one).
     """
-    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    device = own_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     lone = "RANK" not in os.environ
@@ -65,12 +66,16 @@ def setup(group_of_one: bool = False) -> torch.device:
     return device
 
 
+def own_device() -> torch.device:
+    """This process's device: its local rank's GPU, else the CPU (joins nothing)."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def device_for(name: str) -> torch.device:
-    """A job's `device` setting, after joining the launcher's group: auto = this process's device, else the one
-    named."""
-    own = setup()
+    """A job's `device` setting: auto = this process's device, else the one named (joins nothing: a job calls
+    setup() itself)."""
     if name == "auto":
-        return own
+        return own_device()
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here: use device=cpu or device=auto")
@@ -176,13 +181,10 @@ def rank0_decides(decide: Callable[[], object]) -> object:
     return value
 
 
-_working_alone = False  # True while rank 0 runs run_on_rank0's work: the other ranks are in no collective
-
-
-def working_alone() -> bool:
-    """Whether this process runs work alone (run_on_rank0's, on rank 0): code that would otherwise share work
-    over the ranks through a collective (e.g. the tar scan of stage1_tokenizer.webdataset) must do it all here."""
-    return _working_alone
+def work_share() -> WorkShare:
+    """This rank's share of work split over the group, gathered by all_gather_object: for work every rank of the
+    group runs together (training, pre-tokenization), never inside run_on_rank0's work."""
+    return WorkShare(rank(), world_size(), all_gather_object)
 
 
 class Rank0Failed(UserError, RuntimeError):
@@ -195,19 +197,15 @@ def run_on_rank0(work: Callable[[], object], record: Path, poll_s: float = 2.0) 
     For long single-process work (an evaluation) that would outlast nccl's collective timeout. `record` must
     be on a filesystem every rank sees (as the run's other outputs are) and must not exist beforehand.
     """
-    global _working_alone
     if world_size() == 1:
         return work()
     if rank() == 0:
         try:
-            _working_alone = True
             result = json.loads(json.dumps(work()))  # what the other ranks read: the same on every rank
             write_json_atomic(record, {"result": result})
         except BaseException as err:  # the others must not wait for a result that never comes
             write_json_atomic(record, {"error": f"{type(err).__name__}: {err}"})
             raise
-        finally:
-            _working_alone = False
         return result
     while not record.is_file():
         time.sleep(poll_s)

@@ -2,8 +2,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
+
+
+class WorkShare(NamedTuple):
+    """This process's part of work split over ranks (items rank, rank + world, ...), and how the parts come
+    together: `gather(obj)` returns every rank's obj in rank order (a collective: every rank of the group calls
+    it). A dataset takes one from its caller and runs no collective of its own choosing."""
+
+    rank: int
+    world: int
+    gather: Callable[[object], list]
+
+
+ALONE = WorkShare(0, 1, lambda obj: [obj])  # all the work here, nothing exchanged
 
 
 def share_size(n: int, world_size: int, drop_last: bool) -> int:

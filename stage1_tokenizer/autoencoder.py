@@ -61,13 +61,7 @@ class Decoder(nn.Module):
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
     if cfg.kind not in QUANTIZERS:
         raise ConfigError(f"unknown quantizer kind '{cfg.kind}': expected one of {sorted(QUANTIZERS)}")
-    common = dict(codebook_size=cfg.codebook_size, dim=dim, beta=cfg.beta,
-                  search_max_bytes=int(cfg.search_max_mb * 2**20))
-    if cfg.kind == "simvq":
-        return QUANTIZERS["simvq"](bias=cfg.bias, seed=cfg.seed, **common)
-    if cfg.kind == "ema_vq":
-        return QUANTIZERS["ema_vq"](decay=cfg.ema_decay, seed=cfg.seed, **common)
-    return QUANTIZERS[cfg.kind](**common)
+    return QUANTIZERS[cfg.kind].from_config(cfg, dim)
 
 
 class VQAutoencoder(nn.Module):

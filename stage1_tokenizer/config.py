@@ -22,7 +22,11 @@ class AutoencoderConfig:
 
 @dataclass
 class QuantizerConfig:
-    kind: str = "simvq"  # simvq | vq | ema_vq
+    """Every kind's fields in one flat section: each kind reads its own in its `from_config`
+    (stage1_tokenizer/quantizers/). Kept flat because a tokenizer's fingerprint hashes this section as saved:
+    sections per kind would change the fingerprint of every saved tokenizer and orphan its caches."""
+
+    kind: str = "simvq"  # a key of stage1_tokenizer.quantizers.QUANTIZERS: simvq | vq | ema_vq
     codebook_size: int = 65536
     beta: float = 0.25  # scales the commitment (encoder-side) term
     bias: bool = True  # SimVQ: bias of the linear basis
@@ -116,28 +120,3 @@ class TokenizerEvalConfig:
     fid_source: str = "auto"  # auto | torch-fidelity | offline-torchscript
     device: str = "auto"  # auto = this process's GPU if there is one, else cpu
     out: str = ""  # eval.json path; default <tokenizer>/eval.json
-
-
-@dataclass
-class DrawShapesConfig:
-    """`simvq draw-shapes`: a labelled image folder of shapes the project draws itself (stage1_tokenizer.shapes)."""
-
-    out: str = ""  # the new folder: OUT/train/<shape>/*.png, OUT/val/<shape>/*.png
-    shapes: list[str] = field(default_factory=lambda: ["circle", "ring", "square", "triangle", "diamond", "plus",
-                                                       "star", "heart"])
-    train_per_class: int = 400
-    val_per_class: int = 50
-    resolution: int = 32
-    seed: int = 0
-
-
-@dataclass
-class PackDataConfig:
-    """`simvq pack-data`: a data source's splits written as captioned files (stage1_tokenizer.datasets.pack_data)."""
-
-    data: str = "emoji"  # any source build_image_dataset reads
-    out: str = ""  # the new folder: OUT/train, OUT/val, ...
-    layout: str = "webdataset"  # webdataset (tars) | jsonl (PNGs + metadata.jsonl) | sidecar (PNGs + .txt)
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    resolution: int = 64  # images are written at this size (centre crop), losslessly
-    samples_per_tar: int = 1000  # webdataset only

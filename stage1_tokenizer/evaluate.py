@@ -2,7 +2,7 @@
 
 PSNR, SSIM and LPIPS are computed per image and then averaged. rFID compares the reconstructions
 with the originals (both at the evaluation resolution) through torch-fidelity with the standard
-FID Inception (simvq_common.fid). Everything lands in eval.json with its provenance.
+FID Inception (evaluation.fid). Everything lands in eval.json with its provenance.
 """
 from __future__ import annotations
 
@@ -15,20 +15,20 @@ from torch.utils.data import DataLoader
 from simvq_common import distributed
 from simvq_common.console import progress
 from simvq_common.errors import ArtifactError, ConfigError
-from simvq_common.fid import compute_fid
+from evaluation.fid import compute_fid
 from simvq_common.hub import hub_reference
-from simvq_common.image_metrics import psnr, ssim
+from evaluation.image_metrics import psnr, ssim
 from simvq_common.io import write_json_atomic
 from simvq_common.provenance import environment
 
 from .config import TokenizerEvalConfig
-from .datasets import build_image_dataset
-from .loading import collate_skip_none
+from image_data.datasets import build_image_dataset
+from image_data.loading import collate_skip_none
 from .perceptual import PerceptualBackendUnavailable, build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer
-from .transforms import to_uint8
-from .visualize import save_image_grid
+from image_data.transforms import to_uint8
+from image_data.visualize import save_image_grid
 
 
 def perceptual_for_eval(backend: str):
@@ -48,6 +48,7 @@ def evaluate_tokenizer(cfg: TokenizerEvalConfig) -> dict:
         raise ConfigError("set resolution=N, the image size to evaluate at (e.g. 128 for the ImageNet-128 configs)")
     if hub_reference(cfg.tokenizer) is not None and not cfg.out:  # the Hub cache is no place to write into
         raise ConfigError(f"tokenizer={cfg.tokenizer} is a Hub model: set out=PATH for its eval.json")
+    distributed.setup()  # join the launcher's group, if any (a lone process joins none)
     device = distributed.device_for(cfg.device)
     tokenizer = Tokenizer.from_pretrained(cfg.tokenizer).to(device)
     dataset = build_image_dataset(cfg.data, cfg.split, cfg.resolution)

@@ -31,14 +31,14 @@ from simvq_common.tracking import TrackingSettings
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .config import TokenizerTrainConfig
-from .datasets import build_image_dataset
-from .loading import collate_skip_none, epoch_sampler_for
+from image_data.datasets import build_image_dataset
+from image_data.loading import collate_skip_none, epoch_sampler_for
 from .losses import (PatchDiscriminator, adaptive_generator_weight, check_generator_loss_kind, gan_weight_at,
                      generator_adversarial_loss, hinge_d_loss)
 from .perceptual import build_perceptual_loss
 from .quantizers import CodebookUsage
 from .tokenizer import Tokenizer
-from .visualize import save_image_grid
+from image_data.visualize import save_image_grid
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -106,7 +106,8 @@ class TokenizerTrainer:
         self.opt_g = torch.optim.Adam(self.tokenizer.parameters(), lr=cfg.optim.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.optim.lr, betas=betas)
         # data
-        self.dataset = build_image_dataset(cfg.data.source, "train", cfg.data.resolution, cfg.run.seed)
+        self.dataset = build_image_dataset(cfg.data.source, "train", cfg.data.resolution, cfg.run.seed,
+                                           share=distributed.work_share())
         self.sampler = epoch_sampler_for(self.dataset, seed=cfg.run.seed, rank=rank(), world_size=world_size())
         self.val_images = self._fixed_val_batch()
         # state that the checkpoint carries
@@ -147,7 +148,8 @@ class TokenizerTrainer:
             net.compile()
 
     def _fixed_val_batch(self, n: int = 16) -> torch.Tensor:
-        val = build_image_dataset(self.cfg.data.source, "val", self.cfg.data.resolution, self.cfg.run.seed)
+        val = build_image_dataset(self.cfg.data.source, "val", self.cfg.data.resolution, self.cfg.run.seed,
+                                  share=distributed.work_share())
         images = []  # the first n readable validation images: the same grid at every step
         for i in range(len(val)):
             if len(images) == n:

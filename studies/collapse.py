@@ -26,20 +26,19 @@ import torch.nn.functional as F
 
 from simvq_common.console import console, progress
 from simvq_common.errors import ConfigError, NonFiniteLoss
-from simvq_common.image_metrics import psnr
+from evaluation.image_metrics import psnr
 from simvq_common.io import write_json_atomic
 from simvq_common.markdown import write_section
 from simvq_common.run_dir import RunDir
 from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.autoencoder import VQAutoencoder
 from stage1_tokenizer.config import QuantizerConfig
-from stage1_tokenizer.emoji import ImageSet, load_emoji
-from stage1_tokenizer.quantizers import CodebookUsage
-from stage1_tokenizer.transforms import to_model_range
+from image_data.emoji import ImageSet, load_emoji
+from stage1_tokenizer.quantizers import CodebookUsage, display_name
+from image_data.transforms import to_model_range
 from studies.config import CollapseStudyConfig
 
 
-METHOD_NAMES = {"vq": "plain VQ", "ema_vq": "EMA VQ", "simvq": "SimVQ"}
 
 
 @dataclass
@@ -184,7 +183,7 @@ def results_table(results: list[RunResult]) -> str:
             "| train time (s) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        rows.append(f"| {METHOD_NAMES.get(r.method, r.method)} | {r.codebook_size:,} | {r.steps:,} | "
+        rows.append(f"| {display_name(r.method)} | {r.codebook_size:,} | {r.steps:,} | "
                     f"{r.val['utilisation']:.1%} | {r.train['utilisation']:.1%} | {r.val['perplexity']:,.0f} | "
                     f"{r.train['dead']:,} | {r.val_mse:.4f} | {r.val_psnr:.2f} | {r.seconds:.0f} |")
     return "\n".join(rows)
@@ -205,7 +204,7 @@ def save_curves(path: Path, results: list[RunResult]) -> Path | None:
     for col, k in enumerate(sizes):
         for r in (r for r in results if r.codebook_size == k):
             steps = [p["step"] for p in r.curve]
-            label = METHOD_NAMES.get(r.method, r.method)
+            label = display_name(r.method)
             axes[0, col].plot(steps, [100 * p["utilisation"] for p in r.curve], label=label)
             axes[1, col].plot(steps, [p["perplexity"] for p in r.curve], label=label)
         axes[0, col].set_title(f"K = {k:,}: train utilisation (%)", fontsize=10)

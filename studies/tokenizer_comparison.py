@@ -15,6 +15,7 @@ from simvq_common.provenance import command_line, environment
 from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.train import train_tokenizer
+from stage1_tokenizer.quantizers import display_name
 from studies.config import TokenizerComparisonConfig
 
 
@@ -39,12 +40,11 @@ def run_comparison(cfg: TokenizerComparisonConfig) -> list[dict]:
 
 
 def comparison_section(cfg: TokenizerComparisonConfig, results: list[dict]) -> str:
-    names = {"vq": "plain VQ", "ema_vq": "EMA VQ", "simvq": "SimVQ"}
     rows = ["| quantizer | K | rFID | PSNR (dB) | SSIM | LPIPS | util | perplexity |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lpips = f"{r['lpips']:.3f}" if r["lpips"] is not None else "-"
-        rows.append(f"| {names.get(r['kind'], r['kind'])} | {r['codebook_size']:,} | {r['rfid']:.1f} | {r['psnr']:.2f} | "
+        rows.append(f"| {display_name(r['kind'])} | {r['codebook_size']:,} | {r['rfid']:.1f} | {r['psnr']:.2f} | "
                     f"{r['ssim']:.3f} | {lpips} | {r['utilisation']:.1%} | {r['perplexity']:,.0f} |")
     first = results[0]
     fid, lpips = first["conventions"]["rfid"], first["conventions"]["lpips"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from simvq_common import fid, fid_reference, inception
+from evaluation import fid, fid_reference, inception
 from simvq_common.errors import ArtifactError, ConfigError
-from stage1_tokenizer.emoji import load_emoji
+from image_data.emoji import load_emoji
 
 OFFLINE = "offline-torchscript"
 

@@ -7,13 +7,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT = ("simvq_common", "stage1_tokenizer", "stage2_generator", "studies", "pipelines", "benchmarks", "scripts")
+PROJECT = ("simvq_common", "image_data", "evaluation", "stage1_tokenizer", "stage2_generator", "studies", "pipelines",
+           "benchmarks", "scripts")
 ALLOWED = {  # package: the project packages it may import
     "simvq_common": set(),
-    "stage1_tokenizer": {"simvq_common"},
+    "image_data": {"simvq_common"},
+    "evaluation": {"simvq_common", "image_data"},
+    "stage1_tokenizer": {"simvq_common", "image_data", "evaluation"},
     "stage2_generator": {"simvq_common"},
-    "studies": {"simvq_common", "stage1_tokenizer"},
-    "pipelines": {"simvq_common", "stage1_tokenizer", "stage2_generator", "studies"},
+    "studies": {"simvq_common", "image_data", "evaluation", "stage1_tokenizer"},
+    "pipelines": {"simvq_common", "image_data", "evaluation", "stage1_tokenizer", "stage2_generator", "studies"},
 }
 
 

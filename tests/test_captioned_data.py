@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 
 from simvq_common import distributed
 from simvq_common.errors import ArtifactError
-from stage1_tokenizer import webdataset
-from stage1_tokenizer.captioned_folder import CaptionedFolderDataset, write_captioned_folder
-from stage1_tokenizer.datasets import build_image_dataset
-from stage1_tokenizer.emoji import EmojiDataset
-from stage1_tokenizer.image_folder import BadImageWarning, ImageFolderDataset
-from stage1_tokenizer.loading import EpochSampler, ShardedEpochSampler, collate_skip_none, epoch_sampler_for
-from stage1_tokenizer.webdataset import DamagedTarWarning, TarShardDataset, scan_tar, write_webdataset
+from image_data import webdataset
+from image_data.captioned_folder import CaptionedFolderDataset, write_captioned_folder
+from image_data.datasets import build_image_dataset
+from image_data.emoji import EmojiDataset
+from image_data.image_folder import BadImageWarning, ImageFolderDataset
+from image_data.loading import EpochSampler, ShardedEpochSampler, collate_skip_none, epoch_sampler_for
+from image_data.webdataset import DamagedTarWarning, TarShardDataset, scan_tar, write_webdataset
 
 N = 48  # emoji written per layout
 PER_TAR = 8
@@ -258,14 +258,15 @@ def _two_ranks_worker(rank: int, world: int, port: int, out: str) -> None:
         rules = nccl_rules.install()  # the gather as a GPU run would make it
         opened, real_scan = [], webdataset.scan_tar
         webdataset.scan_tar = lambda path: (opened.append(Path(path).name), real_scan(path))[1]
-        ds = build_image_dataset(str(Path(out) / "tars"), "train", 32, random_crop=False)
+        ds = build_image_dataset(str(Path(out) / "tars"), "train", 32, random_crop=False,
+                                 share=distributed.work_share())
         result.update(at_construction=list(opened), boundaries=ds.shard_boundaries, calls=sorted(set(rules.calls)))
         opened.clear()
         other = 1 - rank  # a tar of the other rank's share: scanned here when first read, once
         result["captions"] = [ds.caption(other * PER_TAR), ds.caption(other * PER_TAR + 1)]
         result["on_access"] = list(opened)
         result["gathered"] = distributed.all_gather_object({"rank": rank})
-        opened.clear()  # rank 0's work alone (an evaluation): it scans every tar itself, joining no collective
+        opened.clear()  # rank 0's work alone (an evaluation, no share given): it scans every tar, joining nothing
         result["alone"] = distributed.run_on_rank0(lambda: len(build_image_dataset(str(Path(out) / "tars"), "train", 32)),
                                                    Path(out) / "alone.json", poll_s=0.05)
         result["opened_alone"] = opened

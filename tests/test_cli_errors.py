@@ -2,11 +2,15 @@
 other exception) is not caught."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli import SCHEMAS, main, schema_of
 from pipelines.sample import write_samples
+from simvq_common.schema_keys import schema_keys
+from stage1_tokenizer.config import TokenizerTrainConfig
 from test_sample import tiny_tokenizer
 
 
@@ -71,3 +75,42 @@ def test_a_bug_is_not_caught(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "dataset-info", (broken, "help"))
     with pytest.raises(KeyError, match="a bug"):
         main(["dataset-info"])
+
+
+@pytest.mark.parametrize("argv, nearest", [
+    (["train-tokenizer", "resolution=32"], "did you mean data.resolution?"),
+    (["train-generator", "optim.weight_dekay=0.1"], "did you mean optim.weight_decay"),
+    (["sample", "guidance_scal=3"], "did you mean sampling.guidance_scale or"),
+    (["evaluate", "resolution=32", "runs/samples"], None),  # nothing near: the samples set the resolution
+])
+def test_an_unknown_key_names_the_nearest_real_ones(capsys, argv, nearest):
+    err = run_cli(capsys, argv)
+    key = argv[1].split("=")[0]
+    assert f"unknown key '{key}'" in err and "`--help` after the command lists every key" in err
+    assert (nearest in err) if nearest else "did you mean" not in err
+
+
+@pytest.mark.parametrize("command", sorted(SCHEMAS))
+def test_help_lists_every_config_key_with_its_default_and_comment(capsys, command):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "config keys (key=value; defaults shown):" in out
+    listed = {re.split(r"\s{2,}", line.strip())[0] for line in out.split("config keys")[1].splitlines()[1:]}
+    keys = schema_keys(schema_of(command))
+    assert {f"{k.name}={k.default}" for k in keys} <= listed
+    for key in keys:  # every comment the schema writes for a key is shown on its line (the next, if long)
+        assert not key.comment or " ".join(key.comment.split()) in " ".join(out.split())
+
+
+def test_schema_keys_reads_defaults_and_comments_from_the_source():
+    from pipelines.config import EvaluateConfig, QualityStudyConfig
+
+    keys = {k.name: k for k in schema_keys(EvaluateConfig)}
+    assert keys["metrics"].default == "[fid,sfid,kid,prc]" and keys["out"].default == '""'
+    assert keys["max_reference"].comment == "the first N reference images (0 = all)"
+    assert keys["reference_split"].comment == ""
+    knobs = {k.name: k for k in schema_keys(QualityStudyConfig)}["knobs"]  # a comment block above the field
+    assert knobs.comment.startswith("one knob at a time:") and knobs.comment.endswith("(the run's when there is no sweep)")
+    nested = [k.name for k in schema_keys(TokenizerTrainConfig)]
+    assert "tokenizer.quantizer.codebook_size" in nested and "optim.lr" in nested

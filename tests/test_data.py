@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stage1_tokenizer.emoji import _emoji_arrays, load_emoji
-from stage1_tokenizer.transforms import to_model_range, to_uint8
+from image_data.emoji import _emoji_arrays, load_emoji
+from image_data.transforms import to_model_range, to_uint8
 
 
 def test_emoji_splits_are_disjoint_stratified_and_complete():

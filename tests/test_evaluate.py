@@ -8,12 +8,12 @@ import torch
 
 from pipelines.config import EvaluateConfig
 from pipelines.evaluate import evaluate
-from simvq_common import fid
+from evaluation import fid
 from simvq_common.errors import UserError
-from simvq_common.fid import extract_features
-from simvq_common.fid_reference import load_reference_file
-from simvq_common.inception import FEATURE_LAYER, FID_HELPER_SHA256, resolve_inception
-from stage1_tokenizer.emoji import load_emoji
+from evaluation.fid import extract_features
+from evaluation.fid_reference import load_reference_file
+from evaluation.inception import FEATURE_LAYER, FID_HELPER_SHA256, resolve_inception
+from image_data.emoji import load_emoji
 
 N = 12
 

@@ -14,10 +14,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from simvq_common import fid, fid_reference, inception
+from evaluation import fid, fid_reference, inception
 from simvq_common.downloads import url_reachable
 from simvq_common.fingerprint import file_sha256
-from stage1_tokenizer.emoji import load_emoji
+from image_data.emoji import load_emoji
 
 OFFLINE = "offline-torchscript"
 

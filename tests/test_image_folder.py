@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from stage1_tokenizer.datasets import build_image_dataset
-from stage1_tokenizer.emoji import EmojiDataset, load_emoji
-from stage1_tokenizer.image_folder import BadImageWarning, ImageFolderDataset
-from stage1_tokenizer.loading import EpochSampler, collate_skip_none
-from stage1_tokenizer.transforms import random_crop_offset, to_model_range
+from image_data.datasets import build_image_dataset
+from image_data.emoji import EmojiDataset, load_emoji
+from image_data.image_folder import BadImageWarning, ImageFolderDataset
+from image_data.loading import EpochSampler, collate_skip_none
+from image_data.transforms import random_crop_offset, to_model_range
 
 
 def model_value(v: float) -> float:

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from simvq_common.image_metrics import psnr, ssim
-from stage1_tokenizer.emoji import load_emoji
-from stage1_tokenizer.transforms import to_model_range
+from evaluation.image_metrics import psnr, ssim
+from image_data.emoji import load_emoji
+from image_data.transforms import to_model_range
 
 
 def _gen(seed: int) -> torch.Generator:

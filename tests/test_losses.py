@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stage1_tokenizer.emoji import load_emoji
+from image_data.emoji import load_emoji
 from stage1_tokenizer.losses import PatchDiscriminator, adaptive_generator_weight, gan_weight_at, hinge_d_loss
 from stage1_tokenizer.perceptual import PERCEPTUAL_BACKENDS, PerceptualBackendUnavailable, build_perceptual_loss
-from stage1_tokenizer.transforms import to_model_range
+from image_data.transforms import to_model_range
 
 # torchvision VGG16 `features` conv layers: (index in features, in channels, out channels)
 VGG16_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),

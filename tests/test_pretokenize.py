@@ -22,10 +22,10 @@ from pipelines.pretokenize import pretokenize
 from simvq_common import distributed
 from simvq_common.config import load_config
 from simvq_common.errors import UserError
-from stage1_tokenizer.emoji import load_emoji
-from stage1_tokenizer.image_folder import BadImageWarning
+from image_data.emoji import load_emoji
+from image_data.image_folder import BadImageWarning
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage1_tokenizer.transforms import to_model_range, to_uint8
+from image_data.transforms import to_model_range, to_uint8
 from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_format import CacheError
 from stage2_generator.cache_reader import CodeCache

@@ -23,9 +23,9 @@ from text_encoders import tiny_t5_dir
 from pipelines.pretokenize import pretokenize
 from pipelines.text import TextEncoder
 from simvq_common import distributed
-from stage1_tokenizer.captioned_folder import write_captioned_folder
-from stage1_tokenizer.emoji import EmojiDataset
-from stage1_tokenizer.webdataset import write_webdataset
+from image_data.captioned_folder import write_captioned_folder
+from image_data.emoji import EmojiDataset
+from image_data.webdataset import write_webdataset
 from stage2_generator.cache_check import check_cache
 from stage2_generator.cache_reader import CodeCache
 
@@ -108,7 +108,7 @@ def _worker(rank, world, port, tokenizer_dir, data, out, opened):
     torch.set_num_threads(1)
     import nccl_rules
 
-    import stage1_tokenizer.webdataset as webdataset
+    import image_data.webdataset as webdataset
     nccl_rules.install()
     scan = webdataset.scan_tar
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.classifier import ImageClassifier
+from evaluation.classifier import ImageClassifier
 from pipelines.config import SampleConfig
 from pipelines.sample import sample
 from simvq_common.config import load_config

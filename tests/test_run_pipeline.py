@@ -290,8 +290,8 @@ def test_generator_evaluations_use_the_configured_reference(tmp_path, monkeypatc
 def test_run_on_webdataset_tars_trains_a_token_feature_text_generator(tmp_path, monkeypatch, lone_process):
     """The emoji as WebDataset tars, captions encoded by a small T5 made here: a text generator trains, samples
     from the val captions and the stage's prompts, and gets a FID."""
-    from stage1_tokenizer.config import PackDataConfig
-    from stage1_tokenizer.datasets import pack_data
+    from image_data.config import PackDataConfig
+    from image_data.datasets import pack_data
     from text_encoders import tiny_t5_dir
 
     monkeypatch.setenv("SIMVQ_FID_CACHE", str(tmp_path / "fid-cache"))

@@ -16,7 +16,7 @@ from pipelines.text import DEFAULT_TEXT_ENCODER as TEXT_ENCODER
 from pipelines.text import TextEncoder
 from simvq_common.errors import UserError
 from simvq_common.run_dir import RunDir
-from stage1_tokenizer.image_folder import ImageFolderDataset
+from image_data.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.condition import TextTokens

@@ -1,5 +1,5 @@
-"""The measures beside FID: class agreement (pipelines/classifier.py) and memorisation
-(pipelines/memorisation.py), on hand-made cases whose answers are known: a classifier fed its own val images
+"""The measures beside FID: class agreement (evaluation/classifier.py) and memorisation
+(evaluation/memorisation.py), on hand-made cases whose answers are known: a classifier fed its own val images
 agrees exactly as often as its val accuracy says; a generator that copies train images shows as copying, and
 real held-out images do not."""
 from __future__ import annotations
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.classifier import (ClassifierTrainConfig, ImageClassifier, accuracy_by_class, class_agreement,
+from evaluation.classifier import (ClassifierTrainConfig, ImageClassifier, accuracy_by_class, class_agreement,
                                   load_eval, train_classifier)
 from pipelines.config import EvaluateConfig
 from pipelines.evaluate import evaluate
-from pipelines.memorisation import closest_pairs_grid, memorisation, nearest
-from stage1_tokenizer.emoji import load_emoji
+from evaluation.memorisation import closest_pairs_grid, memorisation, nearest
+from image_data.emoji import load_emoji
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from simvq_common.errors import ConfigError
-from stage1_tokenizer.config import DrawShapesConfig
-from stage1_tokenizer.datasets import build_image_dataset
-from stage1_tokenizer.shapes import SHAPES, draw_image, draw_shapes
+from image_data.config import DrawShapesConfig
+from image_data.datasets import build_image_dataset
+from image_data.shapes import SHAPES, draw_image, draw_shapes
 
 
 def shape_area(shape: str, seed: int) -> float:

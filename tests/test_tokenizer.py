@@ -6,9 +6,9 @@ import torch
 
 from pipelines.cli import main
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
-from stage1_tokenizer.emoji import load_emoji
+from image_data.emoji import load_emoji
 from stage1_tokenizer.tokenizer import Tokenizer
-from stage1_tokenizer.transforms import to_model_range
+from image_data.transforms import to_model_range
 
 TINY = TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, norm_groups=4),
                        QuantizerConfig(kind="simvq", codebook_size=128))

@@ -16,7 +16,7 @@ from simvq_common.config import load_config
 from simvq_common.errors import NonFiniteLoss
 from stage1_tokenizer import train as train_module
 from stage1_tokenizer.config import TokenizerTrainConfig
-from stage1_tokenizer.loading import EpochSampler
+from image_data.loading import EpochSampler
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import TokenizerTrainer, train_tokenizer
 from simvq_common.distributed import free_port

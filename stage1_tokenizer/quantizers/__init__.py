@@ -6,6 +6,12 @@ from .search import nearest_code
 from .simvq import SimVQ
 from .vq import VQ
 
-QUANTIZERS = {"simvq": SimVQ, "vq": VQ, "ema_vq": EMAVQ}
+# The registry: tokenizer.quantizer.kind -> its class (built by its from_config). Only this package names a kind.
+QUANTIZERS: dict[str, type[Quantizer]] = {"simvq": SimVQ, "vq": VQ, "ema_vq": EMAVQ}
 
-__all__ = ["QUANTIZERS", "CodebookUsage", "EMAVQ", "Quantizer", "QuantizerOutput", "SimVQ", "VQ", "nearest_code"]
+
+def display_name(kind: str) -> str:
+    """How tables name a quantizer kind ("SimVQ", "plain VQ"); an unregistered name as it is."""
+    return QUANTIZERS[kind].display_name if kind in QUANTIZERS else kind
+
+__all__ = ["QUANTIZERS", "display_name", "CodebookUsage", "EMAVQ", "Quantizer", "QuantizerOutput", "SimVQ", "VQ", "nearest_code"]

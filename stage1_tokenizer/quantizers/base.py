@@ -32,11 +32,19 @@ def check_latents(z: torch.Tensor, dim: int, values: bool | None = True) -> None
 
 
 class Quantizer(nn.Module):
-    """Base class. Subclasses define `codebook()` (K, dim) and `lookup(indices)` (..., dim).
+    """Base class. Subclasses define `codebook()` (K, dim) and `lookup(indices)` (..., dim), and are built from
+    the tokenizer's quantizer config by `from_config` (a new kind: one file, one line in QUANTIZERS).
 
     `lookup` must return exactly the vectors the search ran against, with whatever gradient path
     the method trains through, so that `indices_to_codes(forward(z).indices)` reproduces forward.
     """
+
+    display_name = "quantizer"  # how tables and figures name the kind
+
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> Quantizer:
+        """The quantizer of a QuantizerConfig (the fields every kind reads; a kind with its own overrides)."""
+        return cls(**common_arguments(cfg, dim))
 
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, search_max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__()
@@ -96,3 +104,9 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"codebook_size={self.codebook_size}, dim={self.dim}, beta={self.beta}"
+
+
+def common_arguments(cfg, dim: int) -> dict:
+    """The constructor arguments every kind takes from a QuantizerConfig."""
+    return dict(codebook_size=cfg.codebook_size, dim=dim, beta=cfg.beta,
+                search_max_bytes=int(cfg.search_max_mb * 2**20))

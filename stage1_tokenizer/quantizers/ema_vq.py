@@ -9,12 +9,14 @@ import torch.nn.functional as F
 
 from simvq_common.distributed import all_reduce_sum
 
-from .base import Quantizer
+from .base import Quantizer, common_arguments
 from .search import DEFAULT_MAX_BYTES
 from .simvq import frozen_codebook
 
 
 class EMAVQ(Quantizer):
+    display_name = "EMA VQ"
+
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, decay: float = 0.99, eps: float = 1e-5,
                  seed: int = 0, search_max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(codebook_size, dim, beta, search_max_bytes)
@@ -26,6 +28,10 @@ class EMAVQ(Quantizer):
         self.register_buffer("embedding", init.clone())
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("embedding_sum", init.clone())
+
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> EMAVQ:  # reads ema_decay and seed
+        return cls(decay=cfg.ema_decay, seed=cfg.seed, **common_arguments(cfg, dim))
 
     def codebook(self) -> torch.Tensor:
         return self.embedding

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Quantizer
+from .base import Quantizer, common_arguments
 from .search import DEFAULT_MAX_BYTES
 
 
@@ -20,12 +20,18 @@ def frozen_codebook(codebook_size: int, dim: int, seed: int) -> torch.Tensor:
 
 
 class SimVQ(Quantizer):
+    display_name = "SimVQ"
+
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, bias: bool = True, seed: int = 0,
                  search_max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(codebook_size, dim, beta, search_max_bytes)
         # a buffer, not a parameter: never trained, saved in the state dict
         self.register_buffer("frozen_codebook", frozen_codebook(codebook_size, dim, seed))
         self.basis = nn.Linear(dim, dim, bias=bias)
+
+    @classmethod
+    def from_config(cls, cfg, dim: int) -> SimVQ:  # reads bias and seed
+        return cls(bias=cfg.bias, seed=cfg.seed, **common_arguments(cfg, dim))
 
     def _transform(self, rows: torch.Tensor) -> torch.Tensor:
         # Always fp32: under bf16 autocast a bf16 codebook would change which code is nearest.

@@ -9,6 +9,8 @@ from .search import DEFAULT_MAX_BYTES
 
 
 class VQ(Quantizer):
+    display_name = "plain VQ"
+
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, search_max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(codebook_size, dim, beta, search_max_bytes)
         self.embedding = nn.Embedding(codebook_size, dim)

@@ -23,8 +23,8 @@ import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from simvq_common import distributed
 from simvq_common.errors import ArtifactError, ConfigError
+from simvq_common.sharding import ALONE, WorkShare
 
 from .captioned_folder import encode_png, normalise_caption, staged_directory
 from .image_folder import (ACCEPTED_LAYOUTS, BadFileLog, MissingCaptionError, check_image_arguments, check_index,
@@ -175,16 +175,15 @@ class TarShardDataset(Dataset):
 
     Item i: (float32 (3, R, R) in [-1, 1], 0), read by seeking to its image's bytes in its tar; None if they do
     not decode or, with `require_captions`, if its caption is missing (logged in `bad_files`). Tar t holds the
-    items shard_boundaries[t]:shard_boundaries[t + 1]. Rank r of `world_size` scans tars r::world_size here and
-    the counts are gathered: every rank of the group must build the dataset (world_size=1, or inside
-    distributed.run_on_rank0's work: scan all here, no collective).
+    items shard_boundaries[t]:shard_boundaries[t + 1]. With a `share` of rank r of w (its caller's: see
+    distributed.work_share), this process scans tars r::w and the counts come together through share.gather, so
+    every rank of the group must build the dataset; without one (ALONE) it scans every tar and exchanges nothing.
     """
 
     caption_source = "webdataset"
 
     def __init__(self, root: str | os.PathLike, resolution: int, train: bool, seed: int = 0,
-                 require_captions: bool = False, rank: int | None = None, world_size: int | None = None,
-                 max_indexed_tars: int = 16) -> None:
+                 require_captions: bool = False, share: WorkShare = ALONE, max_indexed_tars: int = 16) -> None:
         check_image_arguments(resolution, seed)
         self.root = Path(root)
         self.resolution, self.train, self.seed, self.epoch = int(resolution), bool(train), int(seed), 0
@@ -196,22 +195,21 @@ class TarShardDataset(Dataset):
         if not self.tars:
             raise ArtifactError(f"no *.tar files in {self.root}: {ACCEPTED_LAYOUTS}")
         self.shard_names = [p.name for p in self.tars]
-        alone = distributed.working_alone()  # rank 0 in run_on_rank0: the other ranks would not join the gather
-        rank = (0 if alone else distributed.rank()) if rank is None else int(rank)
-        world = (1 if alone else distributed.world_size()) if world_size is None else int(world_size)
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"bad rank {rank} of world size {world}")
+        if share.world < 1 or not 0 <= share.rank < share.world:
+            raise ValueError(f"bad rank {share.rank} of world size {share.world}")
         self._indices: OrderedDict[int, TarIndex] = OrderedDict()
-        self._summarise(self._scan_share(rank, world))
+        self._summarise(self._scan_share(share))
+        rank = share.rank
         self.class_names = [self.root.resolve().name or "images"]
         self.bad_files = BadFileLog()
         if rank == 0:
             self._warn_about_damage()
         warn_if_truncated_images_allowed()
 
-    def _scan_share(self, rank: int, world: int) -> dict[int, tuple]:
+    def _scan_share(self, share: WorkShare) -> dict[int, tuple]:
         """(samples, skipped, missing captions, damage, error) of every tar: this rank's share scanned here, the
-        others' gathered from their ranks (or scanned here when no process group holds them)."""
+        others' gathered from their ranks."""
+        rank, world = share.rank, share.world
         names_digest = hashlib.blake2b("\n".join(self.shard_names).encode(), digest_size=8).hexdigest()
         mine, failure = {}, None
         try:  # whatever stops one rank's scan must reach the others, waiting in the gather
@@ -223,8 +221,7 @@ class TarShardDataset(Dataset):
             if world == 1:
                 raise
             failure = f"{type(err).__name__}: {err}"
-        share = (names_digest, mine, failure)
-        shares = distributed.all_gather_object(share) if world > 1 else [share]
+        shares = share.gather((names_digest, mine, failure))
         failed = [(r, f) for r, (_, _, f) in enumerate(shares) if f is not None]
         if failed:
             raise ArtifactError(f"rank {failed[0][0]} could not scan its tars in {self.root}: {failed[0][1]}")
@@ -232,7 +229,7 @@ class TarShardDataset(Dataset):
             raise ArtifactError(f"the ranks see different *.tar files in {self.root}: every rank needs the same "
                                 f"folder (a shared filesystem)")
         summary = {t: row for _, rows, _ in shares for t, row in rows.items()}
-        for t in range(len(self.tars)):  # no group (rank and world_size passed by hand): scan the rest here
+        for t in range(len(self.tars)):  # parts no rank brought back (a hand-made share): scan them here
             if t not in summary:
                 index = scan_tar(self.tars[t])
                 summary[t] = (len(index.samples), index.skipped, index.missing_captions, index.damage, index.error)

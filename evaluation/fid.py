@@ -21,7 +21,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                        prc_features_to_metric)
 
-from .errors import ArtifactError, ConfigError
+from simvq_common.errors import ArtifactError, ConfigError
 from .fid_reference import ReferenceCache, reference_cache_key
 from .inception import FEATURE_LAYER, LOGITS_LAYER, RESIZE, SPATIAL_LAYER, resolve_inception
 
@@ -63,7 +63,7 @@ def _as_dataset(images: ImagesLike) -> Dataset:
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 3):
-        raise ValueError("images must be uint8 (N, 3, H, W) (convert with stage1_tokenizer.transforms.to_uint8) "
+        raise ValueError("images must be uint8 (N, 3, H, W) (convert with image_data.transforms.to_uint8) "
                          f"or a folder; got {getattr(images, 'dtype', type(images))} "
                          f"{tuple(getattr(images, 'shape', ()))}")
     if images.shape[0] < 2:

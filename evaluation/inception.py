@@ -17,10 +17,10 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from .downloads import download_checked, hub_cache_path, name_hash_prefix, url_reachable
-from .errors import ArtifactError, ConfigError, UserError
-from .fingerprint import file_sha256
-from .provenance import package_version
+from simvq_common.downloads import download_checked, hub_cache_path, name_hash_prefix, url_reachable
+from simvq_common.errors import ArtifactError, ConfigError, UserError
+from simvq_common.fingerprint import file_sha256
+from simvq_common.provenance import package_version
 
 SOURCES = ("auto", "torch-fidelity", "offline-torchscript")
 SOURCE_ENV = "SIMVQ_FID_INCEPTION"  # overrides source=None; e.g. "offline-torchscript" on a firewalled cluster

@@ -27,6 +27,8 @@ from simvq_common.io import write_json_atomic
 from simvq_common.pretrained import PretrainedModel
 from simvq_common.provenance import environment
 
+from .inputs import reference_images
+
 
 @dataclass
 class ClassifierConfig:
@@ -106,8 +108,6 @@ def accuracy_by_class(predictions: torch.Tensor, labels: torch.Tensor, num_class
 
 def train_classifier(cfg: ClassifierTrainConfig) -> Path:
     """Train on the train split, evaluate on the val split, save the directory (model + eval.json)."""
-    from .evaluate import reference_images  # the evaluation's own loading: the same images, the same crops
-
     tic = time.time()
     train, train_labels, class_names, described = reference_images(cfg.data, "train", cfg.resolution, cfg.max_images)
     val, val_labels, _, _ = reference_images(cfg.data, "val", cfg.resolution, 0)

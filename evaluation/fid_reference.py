@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ArtifactError
-from .fingerprint import file_sha256
+from simvq_common.errors import ArtifactError
+from simvq_common.fingerprint import file_sha256
 from .inception import PREPROCESS_VERSION
-from .io import write_npz_atomic
+from simvq_common.io import write_npz_atomic
 
 CACHE_ENV = "SIMVQ_FID_CACHE"  # default directory of the reference-statistics cache
 STATS_KEYS = ("mu", "sigma", "num", "weights_sha256", "reference_hash", "inception_source", "suite", "description")

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from simvq_common.errors import ArtifactError, ConfigError
+from simvq_common.sharding import ALONE, WorkShare
 
 from .captioned_folder import METADATA_FILE, CaptionedFolderDataset, sidecar_share, write_captioned_folder
 from .config import PackDataConfig
@@ -31,12 +32,14 @@ def detect_layout(folder: Path) -> str:
 
 
 def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0, random_crop: bool | None = None,
-                        require_captions: bool = False
+                        require_captions: bool = False, share: WorkShare = ALONE
                         ) -> EmojiDataset | ImageFolderDataset | CaptionedFolderDataset | TarShardDataset:
     """The dataset for `split` of `source`: "emoji" (bundled) or a folder (how the split's folder and its layout
     are found: docs/DATA.md). Split "train" gets random crops, any other split centre crops, unless `random_crop`
     says otherwise (pre-tokenization centre-crops the train split: its codes must not depend on a seed).
-    `require_captions`: items of captioned layouts without a caption are None (tokenizer training needs none)."""
+    `require_captions`: items of captioned layouts without a caption are None (tokenizer training needs none).
+    `share`: work every rank of a group runs together passes distributed.work_share() (tars are then scanned
+    a share per rank); alone, everything is done here."""
     if source == "emoji":
         return EmojiDataset(split, resolution)
     root = Path(source).expanduser()
@@ -60,7 +63,8 @@ def build_image_dataset(source: str, split: str, resolution: int, seed: int = 0,
     train = split == "train" if random_crop is None else random_crop
     layout = detect_layout(folder)
     if layout == "webdataset":
-        dataset = TarShardDataset(folder, resolution, train=train, seed=seed, require_captions=require_captions)
+        dataset = TarShardDataset(folder, resolution, train=train, seed=seed, require_captions=require_captions,
+                                  share=share)
     elif layout in ("jsonl", "sidecar"):
         dataset = CaptionedFolderDataset(folder, resolution, train=train, seed=seed, layout=layout,
                                          require_captions=require_captions)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from simvq_common.fid import FEATURE_LAYER, content_hash, extract_features
-from simvq_common.fid_reference import ReferenceCache, reference_cache_key
-from simvq_common.inception import resolve_inception
+from evaluation.fid import FEATURE_LAYER, content_hash, extract_features
+from evaluation.fid_reference import ReferenceCache, reference_cache_key
+from evaluation.inception import resolve_inception
 
 COPY_QUANTILE = 0.01
 
