@@ -21,7 +21,7 @@ from pipelines.text import TextEncoder, check_same_encoder
 from simvq_common.errors import UserError
 from simvq_common.fingerprint import file_sha256
 from stage2_generator.cache_reader import CodeCache
-from stage2_generator.condition import TextTokens
+from stage2_generator.conditionings import TextTokens
 from stage2_generator.config import GeneratorConfig
 
 NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown

@@ -36,7 +36,7 @@ T5_TYPES = ("t5", "mt5", "umt5")  # encoder-decoder families whose encoder alone
 class TextFeatures:
     """Encoded captions: pooled (n, dim) with mask None, or token features (n, max_tokens, dim) with their mask
     (n, max_tokens) bool, True where a token is: left-padded with zeros, a caption's tokens last (the layout the
-    generator reads, stage2_generator.condition)."""
+    generator reads, stage2_generator.conditionings)."""
 
     features: np.ndarray
     mask: np.ndarray | None = None

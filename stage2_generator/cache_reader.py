@@ -14,7 +14,7 @@ import torch
 from simvq_common.artifacts import expect_kind
 
 from .cache_format import MANIFEST_FILE, SAFETENSORS_DTYPES, CacheError, read_manifest, text_encoder_info
-from .condition import TextTokens
+from .conditionings import TextTokens
 
 
 def open_shard(path: str | Path) -> dict[str, np.ndarray]:

@@ -18,7 +18,6 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "L": (1024, 24, 16),
     "XL": (1280, 36, 20),
 }
-CONDITIONINGS = ("class", "text", "none")
 
 
 def swiglu_hidden(dim: int) -> int:
@@ -36,7 +35,7 @@ class GeneratorConfig:
     """
 
     size: str = "tiny"  # a key of SIZES
-    conditioning: str = "class"  # class | text | none
+    conditioning: str = "class"  # a key of stage2_generator.conditionings.CONDITIONINGS: class | text | none
     rope: str = "2d"  # 2d: half of each head rotates by the code's row, half by its column | 1d: by sequence position
     rope_base: float = 10000.0
     text_tokens: int = 4  # prefix tokens a pooled text embedding is projected to (conditioning=text)
@@ -72,32 +71,22 @@ class GeneratorConfig:
 
     @property
     def prefix_length(self) -> int:
-        if self.conditioning != "text":
-            return 1
-        return self.text_max_tokens if self.text_features == "tokens" else self.text_tokens
+        from .conditionings import conditioning_for  # the kinds build modules: torch is imported only here
+
+        return conditioning_for(self).prefix_length(self)
 
     def check(self) -> None:
         """Refuse an unbuildable config, naming the key and the fix."""
         if self.size not in SIZES:
             raise ConfigError(f"model.size={self.size!r} is not a registered size: choose one of {sorted(SIZES)}")
-        if self.conditioning not in CONDITIONINGS:
-            raise ConfigError(f"model.conditioning={self.conditioning!r}: choose one of {CONDITIONINGS}")
+        from .conditionings import conditioning_for
+
+        conditioning_for(self).check(self)  # an unknown kind, or one its kind cannot build
         if self.rope not in ("1d", "2d"):
             raise ConfigError(f"model.rope={self.rope!r}: choose 1d or 2d")
         if self.codebook_size < 2 or len(self.grid) != 2 or min(self.grid) < 1:
             raise ConfigError(f"model.codebook_size={self.codebook_size} / model.grid={self.grid} are unset: they "
                               f"come from the code cache the generator is trained on")
-        if self.conditioning == "class" and self.num_classes < 1:
-            raise ConfigError("model.conditioning=class needs model.num_classes >= 1 (from the cache's class names)")
-        if self.conditioning == "text" and (self.text_dim < 1 or self.text_tokens < 1):
-            raise ConfigError(f"model.conditioning=text needs text_dim >= 1 (the cache's text encoder) and "
-                              f"text_tokens >= 1; got {self.text_dim} and {self.text_tokens}")
-        if self.conditioning == "text" and self.text_features == "tokens" and self.text_max_tokens < 1:
-            raise ConfigError(f"token text features need text_max_tokens >= 1 (the cache's encoder); got "
-                              f"{self.text_max_tokens}")
-        if self.text_features not in ("", "pooled", "tokens"):
-            raise ConfigError(f"model.text_features={self.text_features!r}: it comes from the cache (pooled or "
-                              f"tokens)")
         if self.rope == "2d" and (self.dim // self.heads) % 4:
             raise ConfigError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
         if not 0.0 <= self.condition_dropout < 1.0:

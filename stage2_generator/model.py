@@ -1,7 +1,7 @@
 """The stage-2 generator: a Llama-style decoder (stage2_generator.decoder) over the tokenizer's codes.
 
 A sequence is [condition prefix, code_0, ..., code_{L-2}]; the hidden state at position P - 1 + j
-predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix (stage2_generator.condition)
+predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix (stage2_generator.conditionings)
 is one class token, tokens projected from a sentence embedding or from a text encoder's token features
 (padding masked out of attention), or one learned start token, each with a null for guidance. Positions are rotary: 2d rotates half of each head by the code's row and half by its column
 (prefix tokens are not rotated); 1d by sequence position. The output head is zero-initialised, so
@@ -21,7 +21,7 @@ from torch import nn
 from simvq_common.errors import ArtifactError
 from simvq_common.pretrained import PretrainedModel
 
-from .condition import Condition
+from .conditionings import build_conditioning, conditioning_for
 from .config import GeneratorConfig, swiglu_hidden
 from .decoder import Decoder, KVCache
 from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
@@ -71,7 +71,7 @@ class Generator(PretrainedModel, nn.Module):
         cfg.check()
         self.config = cfg
         d, k = cfg.dim, cfg.codebook_size
-        self.condition = Condition(cfg)
+        self.condition = build_conditioning(cfg)
         self.token_embed = nn.Embedding(k, d)
         angles = rotary_frequencies(cfg)
         self.decoder = Decoder(d, cfg.depth, cfg.heads, swiglu_hidden(d), angles.cos(), angles.sin(),
@@ -154,6 +154,5 @@ def training_flops_per_token(cfg: GeneratorConfig) -> int:
     x positions for the attention scores and their weighted sum (PaLM's count; causal masking not discounted)."""
     d, positions = cfg.dim, cfg.prefix_length + cfg.sequence_length - 1
     matmul_weights = cfg.depth * (4 * d * d + 3 * d * swiglu_hidden(d)) + d * cfg.codebook_size
-    if cfg.conditioning == "text":  # the text projection, per sequence (pooled: to P tokens; tokens: P of them)
-        matmul_weights += cfg.text_dim * d * cfg.prefix_length
+    matmul_weights += conditioning_for(cfg).prefix_matmul_weights(cfg)
     return 6 * matmul_weights + 12 * cfg.depth * d * positions

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .condition import concat_conditions
 from .config import SamplingConfig
 from .model import Generator
 
@@ -71,7 +70,7 @@ def generate(model: Generator, condition, indices, cfg: SamplingConfig, *,
     use_cache=False recomputes the whole sequence at every step (the reference the cache is tested and
     benchmarked against).
     """
-    conditional = model.config.conditioning != "none"
+    conditional = model.condition.conditional
     cfg.check(conditional)
     batch, length = len(indices), model.config.sequence_length
     device = next(model.parameters()).device
@@ -84,7 +83,7 @@ def generate(model: Generator, condition, indices, cfg: SamplingConfig, *,
         codes[:, :start] = prefix_codes
     guided = conditional and cfg.guidance_scale != 1.0
     if guided:  # one doubled batch: rows [0, B) conditional, [B, 2B) null
-        condition = concat_conditions(condition, model.condition.null(batch, device))
+        condition = model.condition.concat(condition, model.condition.null(batch, device))
     rows = 2 * batch if guided else batch
 
     def run(t: int, cache):

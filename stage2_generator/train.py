@@ -31,6 +31,7 @@ from .cache_format import text_encoder_differences
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
 from .checkpoints import consolidated_weights, load_newest_intact_tag, save_tag
+from .conditionings import conditioning_for
 from .config import GeneratorConfig, GeneratorTrainConfig
 from .model import Generator, parameter_groups, training_flops_per_token
 
@@ -101,9 +102,9 @@ def model_config_for(cfg: GeneratorConfig, cache: CodeCache) -> GeneratorConfig:
             made_by = "text encoder" if key.startswith("text") else "tokenizer or dataset"
             raise UserError(f"model.{key}={mine} but the cache {cache.path} has {key} {value}: the cache was made "
                             f"by another {made_by}; use a matching cache or leave model.{key} unset")
-    if cfg.conditioning == "text" and not cache.has_text:
-        raise UserError(f"model.conditioning=text but cache {cache.path} holds no text embeddings: pretokenize "
-                        f"with text_embeddings=true")
+    if conditioning_for(cfg).needs_text and not cache.has_text:
+        raise UserError(f"model.conditioning={cfg.conditioning} but cache {cache.path} holds no text embeddings: "
+                        f"pretokenize with text_embeddings=true")
     return replace(cfg, **from_cache)
 
 
@@ -130,7 +131,8 @@ class GeneratorTrainer:
                                expect_tokenizer=cfg.model.tokenizer_fingerprint or None)
         cfg = replace(cfg, model=model_config_for(cfg.model, self.cache))
         self.cfg = cfg
-        text = cfg.model.conditioning == "text"
+        self.conditioning = conditioning_for(cfg.model)
+        text = self.conditioning.needs_text
         self.loader = CacheLoader(self.cache, cfg.data.batch_size, seed=cfg.run.seed, drop_last=True, text=text)
         self.val_cache = (CodeCache(cfg.data.val_cache, expect_codebook_size=cfg.model.codebook_size,
                                     expect_tokenizer=cfg.model.tokenizer_fingerprint) if cfg.data.val_cache else None)
@@ -207,15 +209,11 @@ class GeneratorTrainer:
             self.loader.set_epoch(self.loader.epoch + 1)
 
     def condition_of(self, batch):
-        if self.cfg.model.conditioning == "class":
-            return batch.labels.to(self.device)
-        if self.cfg.model.conditioning == "text":
-            return batch.text_embeddings.to(self.device)
-        return None
+        return self.conditioning.from_batch(batch, self.device)
 
     def dropout_mask(self, n: int, micro_step: int) -> torch.Tensor | None:
         """Which conditions to null for guidance: a pure function of (seed, step, micro-step, rank)."""
-        if self.cfg.model.conditioning == "none" or self.cfg.model.condition_dropout == 0:
+        if not self.conditioning.conditional or self.cfg.model.condition_dropout == 0:
             return None
         u = np.random.default_rng([self.cfg.run.seed, self.step, micro_step, rank()]).random(n)
         return torch.from_numpy(u < self.cfg.model.condition_dropout).to(self.device)
@@ -250,7 +248,7 @@ class GeneratorTrainer:
         if self.cfg.data.val_sequences:
             n = min(n, self.cfg.data.val_sequences)
         loader = CacheLoader(self.val_cache, self.cfg.data.batch_size, shuffle=False, drop_last=True,
-                             text=self.cfg.model.conditioning == "text")
+                             text=self.conditioning.needs_text)
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x sequences, sequences)
         remaining = n // world_size()  # equal on every rank: ZeRO-3 gathers weights in lockstep

@@ -10,7 +10,7 @@ from stage2_generator.cache_format import CacheError, code_dtype, manifest_heade
 from stage2_generator.cache_loader import CacheLoader
 from stage2_generator.cache_reader import CodeCache, open_shard
 from stage2_generator.cache_writer import CacheWriter, ShardContent, caption_table, token_feature_tensors
-from stage2_generator.condition import TextTokens
+from stage2_generator.conditionings import TextTokens
 from synthetic_cache import EMBED_DIM, FINGERPRINT, MAX_TOKENS, header_for, make_cache
 
 # ---------------------------------------------------------------- format round trip ------------

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from stage2_generator.config import SIZES, GeneratorConfig, swiglu_hidden
 from stage2_generator.loss import chunk_rows, chunked_cross_entropy
-from stage2_generator.condition import TextTokens
+from stage2_generator.conditionings import TextTokens
 from stage2_generator.model import Generator, parameter_groups, rotary_frequencies
 
 LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6}  # LlamaGen's GPT sizes (K = 16,384, 1,000 classes)

@@ -1,5 +1,6 @@
 """Kinds are registered, not switched on: no code outside a registry compares a kind's name, and a kind defined in
-a test file alone (registered there, no library file touched) builds, trains, saves, loads and round-trips."""
+a test file alone (registered there, no library file touched) builds, trains, saves, loads and round-trips
+(quantizers) or trains, exports and samples (conditionings)."""
 from __future__ import annotations
 
 import ast
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from simvq_common.errors import ConfigError
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.quantizers import QUANTIZERS, VQ, display_name
 from stage1_tokenizer.tokenizer import Tokenizer
+from stage2_generator.conditionings import CONDITIONINGS, ClassLabel
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("simvq_common", "image_data", "evaluation", "stage1_tokenizer", "stage2_generator", "studies", "pipelines")
@@ -98,3 +101,82 @@ def test_an_unregistered_quantizer_kind_is_refused_with_the_registered_ones():
     with pytest.raises(Exception, match=r"unknown quantizer kind 'nope': expected one of \['ema_vq', 'simvq', 'vq'\]"):
         Tokenizer(TokenizerConfig(AutoencoderConfig(ch=8, ch_mult=[1], num_res_blocks=1, z_channels=8, norm_groups=4),
                                   QuantizerConfig(kind="nope", codebook_size=16)))
+
+
+# ---------------------------------------------------------------- conditioning kinds -----------
+def conditioning_comparisons(path: Path) -> list[str]:
+    """Comparisons of something named *conditioning* with a registered kind's name, as file:line."""
+    source, found = path.read_text(), []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = {o.value for o in operands if isinstance(o, ast.Constant)} | {
+                e.value for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts
+                if isinstance(e, ast.Constant)}
+            if names & set(CONDITIONINGS) and any("conditioning" in ast.get_source_segment(source, o) for o in operands):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+# pipelines/ still switches on the kind (its side of the registry, how a request becomes model input, is to come):
+# these counts may only fall
+PIPELINE_SWITCHES = {"pipelines/sample.py": 3, "pipelines/run.py": 9, "pipelines/serve.py": 5,
+                     "pipelines/report.py": 2, "pipelines/model_card.py": 1, "pipelines/quality_study.py": 1}
+
+
+def test_the_model_side_never_compares_a_conditioning_kind_and_the_pipelines_only_fewer():
+    registry = REPO / "stage2_generator" / "conditionings"
+    found: dict[str, int] = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if registry not in path.parents and (hits := conditioning_comparisons(path)):
+                found[str(path.relative_to(REPO))] = len(hits)
+    assert {f: n for f, n in found.items() if not f.startswith("pipelines/")} == {}
+    assert all(n <= PIPELINE_SWITCHES.get(f, 0) for f, n in found.items()), found
+
+
+class ClassPair(ClassLabel):
+    """A kind defined here alone: the class token followed by a learned 'pair' token (a 2-token prefix)."""
+
+    @classmethod
+    def prefix_length(cls, cfg) -> int:
+        return 2
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.pair = torch.nn.Parameter(torch.randn(1, 1, cfg.dim))
+
+    def forward(self, condition, drop=None, batch_size=None):
+        first = super().forward(condition, drop, batch_size)
+        return torch.cat([first, self.pair.expand(len(first), 1, -1)], dim=1)
+
+
+def test_a_conditioning_registered_in_a_test_file_trains_exports_and_samples(monkeypatch, tmp_path):
+    from synthetic_cache import make_cache
+    from simvq_common.config import load_config
+    from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
+    from stage2_generator.model import Generator
+    from stage2_generator.sampling import generate
+    from stage2_generator.train import train_generator
+
+    monkeypatch.setitem(CONDITIONINGS, "class_pair", ClassPair)
+    make_cache(tmp_path / "cache", num_images=20, images_per_shard=8, codebook_size=64, grid=(2, 3))
+    cfg = load_config(GeneratorTrainConfig, None, [
+        f"data.cache={tmp_path / 'cache'}", "model.size=nano", "model.conditioning=class_pair", "data.batch_size=4",
+        "run.steps=3", f"run.out_dir={tmp_path / 'run'}", "run.val_every=100", "run.checkpoint_every=3"])
+    generator = Generator.from_pretrained(train_generator(cfg))
+    assert isinstance(generator.condition, ClassPair) and generator.prefix_length == 2
+    assert not torch.equal(generator.condition.pair, torch.zeros_like(generator.condition.pair))
+    labels = torch.tensor([0, 1, 2, 0])
+    sampling = SamplingConfig(guidance_scale=2.0, top_k=8, seed=3)
+    cached = generate(generator, labels, torch.arange(4), sampling)
+    assert torch.equal(cached, generate(generator, labels, torch.arange(4), sampling, use_cache=False))
+    assert cached.shape == (4, 6) and int(cached.max()) < 64
+
+
+def test_an_unregistered_conditioning_is_refused_with_the_registered_ones():
+    from stage2_generator.config import GeneratorConfig
+
+    cfg = GeneratorConfig(conditioning="layout", codebook_size=8, grid=[2, 2], num_classes=3)
+    with pytest.raises(ConfigError, match=r"model.conditioning='layout': choose one of \('class', 'text', 'none'\)"):
+        cfg.check()

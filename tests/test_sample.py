@@ -19,7 +19,7 @@ from simvq_common.run_dir import RunDir
 from image_data.image_folder import ImageFolderDataset
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_reader import CodeCache
-from stage2_generator.condition import TextTokens
+from stage2_generator.conditionings import TextTokens
 from stage2_generator.config import GeneratorConfig, SamplingConfig
 from stage2_generator.model import Generator
 from stage2_generator.sampling import generate
