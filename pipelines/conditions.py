@@ -21,7 +21,6 @@ from pipelines.text import TextEncoder, check_same_encoder
 from simvq_common.errors import UserError
 from simvq_common.fingerprint import file_sha256
 from stage2_generator.cache_reader import CodeCache
-from stage2_generator.conditionings import TextTokens
 from stage2_generator.config import GeneratorConfig
 
 NAMES_SHOWN = 20  # valid class names listed when a requested one is unknown
@@ -34,7 +33,7 @@ class Conditions:
     names: list[str]  # the class names, the prompts, or [""] (unconditional)
     class_ids: list[int]  # the class id of each slot; -1 for text and unconditional
     prompts: list[str]  # the prompt of each slot; "" for class and unconditional
-    model_input: torch.Tensor | TextTokens | None  # class ids (C,), prompt features (C, ...); None unconditional
+    model_input: object  # class ids (C,), prompt features (C, ...); None unconditional
     text_encoder: dict | None = None  # TextEncoder.info when prompts were encoded
     prompt_source: dict | None = None  # where the prompts came from: config, file (path, hash) or cache
     order: np.ndarray | None = None  # with class_counts: the slot of global indices 0..sum - 1; None = round robin
@@ -104,39 +103,6 @@ def resolve_classes(requested: list[str], model_cfg: GeneratorConfig) -> list[in
                  f"or ids 0..{model_cfg.num_classes - 1}" if names else f"ids 0..{model_cfg.num_classes - 1}")
         raise UserError(f"unknown class(es) {unknown}: the generator's classes are {valid}")
     return ids
-
-
-def build_conditions(cfg: SampleConfig, model_cfg: GeneratorConfig, device: torch.device,
-                     text_encoder: TextEncoder | None = None) -> Conditions:
-    """What cfg's samples are conditioned on; text_encoder: the generator's, already loaded (else loaded here)."""
-    kind = model_cfg.conditioning
-    described = "unconditional" if kind == "none" else f"{kind}-conditional"
-    if cfg.classes and kind != "class":
-        raise UserError(f"classes={cfg.classes} but the generator is {described}: "
-                        + ("pass prompts=[...] instead" if kind == "text" else "drop classes"))
-    if cfg.class_counts and kind != "class":
-        raise UserError(f"class_counts={cfg.class_counts} but the generator is {described}: drop class_counts")
-    given = given_prompts(cfg)
-    if given and kind != "text":
-        raise UserError(f"{given[0]}={getattr(cfg, given[0])} but the generator is {described}: "
-                        + ("pass classes=[...] instead" if kind == "class" else "drop the prompts"))
-    if kind == "class":
-        ids = resolve_classes(cfg.classes, model_cfg)
-        names = [model_cfg.class_names[i] if i < len(model_cfg.class_names) else str(i) for i in ids]
-        order = None
-        if cfg.class_counts:
-            check_class_counts(cfg.class_counts, len(ids), bool(cfg.classes))
-            order = class_order(cfg.class_counts)
-        return Conditions(names, ids, [""] * len(ids), torch.tensor(ids, dtype=torch.long, device=device),
-                          order=order)
-    if kind == "text":
-        prompts, source = prompt_list(cfg)
-        encoder = text_encoder or generator_text_encoder(model_cfg, device)
-        text = encoder.encode(prompts)
-        model_input = (torch.from_numpy(text.features).to(device) if text.mask is None else
-                       TextTokens(torch.from_numpy(text.features), torch.from_numpy(text.mask)).to(device))
-        return Conditions(prompts, [-1] * len(prompts), prompts, model_input, encoder.info, prompt_source=source)
-    return Conditions([""], [-1], [""], None)
 
 
 def given_prompts(cfg: SampleConfig) -> list[str]:

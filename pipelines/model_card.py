@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .conditionings import request_kind_named
+
 TOKENIZER_METRICS = [("rfid", "rFID", "{:.2f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
                      ("lpips", "LPIPS", "{:.4f}"), ("utilisation", "codebook utilisation", "{:.1%}"),
                      ("perplexity", "code perplexity", "{:.1f}")]
@@ -108,15 +110,11 @@ def _usage(facts: CardFacts) -> list[str]:
                   f'generator = Generator.from_pretrained("{repo}")',
                   f"tokenizer = Tokenizer.from_pretrained({tok_args})  # the one whose codes it learned",
                   "assert tokenizer.fingerprint() == generator.config.tokenizer_fingerprint"]
-        condition = {"class": "torch.tensor([0, 0, 1, 1])  # ids into generator.config.class_names",
-                     "none": "None"}.get(facts.conditioning)
+        condition, guidance, given = request_kind_named(facts.conditioning).card_usage()
         if condition is not None:
             python += [f"condition = {condition}",
-                       "codes = generate(generator, condition, [0, 1, 2, 3], SamplingConfig(guidance_scale="
-                       + ("2.0))  # seeds: the indices" if facts.conditioning == "class" else "1.0))"),
+                       f"codes = generate(generator, condition, [0, 1, 2, 3], SamplingConfig(guidance_scale={guidance}",
                        "images = tokenizer.decode(codes.view(4, *generator.config.grid))  # (4, 3, H, W) in [-1, 1]"]
-        given = {"class": "per_class=8 sampling.guidance_scale=2", "text": 'prompts=["a red heart"] per_prompt=4 '
-                 "sampling.guidance_scale=2"}.get(facts.conditioning, "num_samples=16")
         shell = [f"simvq sample --generator {repo} --out runs/s {given}  # its tokenizer: {tok}, fingerprint-checked"]
     return ["## Use", "", "With simvq-gen installed; offline (`HF_HUB_OFFLINE=1`) the local Hub cache alone serves "
             f"it, after `hf download {repo}` where there is a network.", "",

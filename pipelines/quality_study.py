@@ -36,6 +36,7 @@ from stage2_generator.model import Generator
 from stage2_generator.checkpoints import export_checkpoint
 from stage2_generator.train import train_generator
 
+from .conditionings import request_kind
 from .config import EvaluateConfig, PipelineConfig, QualityStudyConfig, SampleConfig
 from .evaluate import evaluate
 from .sample import sample
@@ -58,7 +59,7 @@ class Study:
         self.gen_run = self.run / f"generator_{cfg.generator}"
         self.measured: dict[str, dict] = {}  # key -> row, this call's
         self.rfid = json.loads((self.run / "stages" / "tokenizer-eval.json").read_text())["result"]["rfid"]
-        if Generator.from_pretrained(self.gen_run / "generator").config.conditioning != "class":
+        if not request_kind(Generator.from_pretrained(self.gen_run / "generator").config).has_classes:
             raise UserError(f"generator {cfg.generator} of {self.run} is not class-conditional: the study measures "
                             f"class generators (their class plan and class agreement)")
 

@@ -21,6 +21,7 @@ from stage1_tokenizer.quantizers.health import perplexity as usage_perplexity  #
 from stage2_generator.cache_reader import CodeCache  # noqa: E402
 
 from .baseline import code_frequencies  # noqa: E402
+from .conditionings import request_kind_named  # noqa: E402
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -94,7 +95,8 @@ def quality_rows(result: dict) -> list[str]:
                 f"{_fmt(m.get('kid_mean'), '.4f')} | "
                 f"{_fmt(m.get('precision'), '.3f')} | {_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
     rows = [row(f"generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps)",
-                MIX_SHOWN[g["samples"]["class_mix"]] + (" (val captions)" if g["conditioning"] == "text" else ""),
+                MIX_SHOWN[g["samples"]["class_mix"]]
+                + (" (val captions)" if request_kind_named(g["conditioning"]).fid_on_captions else ""),
                 g["metrics"]) for name, g in result["generators"].items()]
     if result["baseline"]:
         rows.append(row("baseline: unigram codes per class, same tokenizer",
@@ -205,7 +207,7 @@ def write_report(out: Path, result: dict) -> dict:
     for name, g in result["generators"].items():
         copied = _copy(g["samples"]["grid"], out, f"grid_{name}.png")
         if copied:
-            what = "one row per class" if g["conditioning"] == "class" else "one row per prompt"
+            what = request_kind_named(g["conditioning"]).grid_rows
             grids.append(f"### Generator `{name}` ({what})\n\n![{name}]({copied})\n")
     if baseline:
         copied = _copy(baseline["samples"]["grid"], out, "grid_baseline.png")

@@ -55,12 +55,15 @@ from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
 from image_data.transforms import to_uint8
 from stage2_generator.cache_reader import CodeCache
+from stage2_generator.conditionings import conditioning_for
 from stage2_generator.config import GeneratorTrainConfig
 from stage2_generator.model import Generator
 from stage2_generator.train import train_generator
 
 from .baseline import class_unigram_codes, code_counts_by_class
-from .conditions import class_order, largest_remainder
+from .conditionings import request_kind
+from .conditionings.class_label import ClassRequests
+from .conditions import class_order
 from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeConfig, SampleConfig
 from .evaluate import evaluate
 from .pretokenize import pretokenize
@@ -187,16 +190,6 @@ def reference_classes(val_cache: str, train_cache: str) -> tuple[np.ndarray, lis
     return labels, np.bincount(labels, minlength=len(train_names)).tolist()
 
 
-def fid_class_plan(mix: str, conditioning: str, reference_counts: list[int], num: int) -> dict:
-    """The classes of a stage's num FID samples: its class_mix and the per-class counts ([] = round robin, or
-    no classes). Text generators take val captions, so they follow the reference whatever class_mix says."""
-    if conditioning == "none":
-        return {"class_mix": "none", "class_counts": []}
-    if conditioning == "class" and mix == "balanced":
-        return {"class_mix": "balanced", "class_counts": []}
-    return {"class_mix": "reference", "class_counts": largest_remainder(reference_counts, num)}
-
-
 def reference_captions(val: CodeCache, labels: np.ndarray, class_counts: list[int]) -> list[str]:
     """Sample g's prompt: the caption of a val image of class class_order(class_counts)[g]; class c's samples
     are spread evenly over its val images in val order (at counts = the val counts, each image once)."""
@@ -248,7 +241,7 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
                           lambda: evaluate_tokenizer(tok_eval_cfg), everywhere=False)
 
     # pre-tokenization: text embeddings when any generator is text-conditioned
-    text = any(c.model.conditioning == "text" for c in gen_cfgs.values())
+    text = any(conditioning_for(c.model).needs_text for c in gen_cfgs.values())
     caches = {}
     for split, aug in (("train", cfg.aug), ("val", "none")):
         cache_cfg = PretokenizeConfig(tokenizer=tok["path"], data=cfg.data, split=split, resolution=cfg.resolution,
@@ -280,8 +273,9 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
              "cache_val": caches["val"]["fingerprint"]},
             Path(gen_cfg.run.out_dir), lambda c=gen_cfg: trained_generator(c))
         # a text generator's FID samples are conditioned on the val cache's captions
-        captions = {"captions": caches["val"]["fingerprint"]} if gen_cfg.model.conditioning == "text" else {}
-        plan = fid_class_plan(cfg.class_mix, gen_cfg.model.conditioning, reference_counts, fid_samples)
+        kind = request_kind(gen_cfg.model)
+        captions = {"captions": caches["val"]["fingerprint"]} if kind.fid_on_captions else {}
+        plan = kind.fid_plan(cfg.class_mix, reference_counts, fid_samples)
         samples = stages.run(
             f"samples-{stage.name}",
             {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
@@ -295,7 +289,7 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
 
     baseline = None
     if cfg.baseline:  # the classes a class generator's samples have, whether or not the run trains one
-        plan = fid_class_plan(cfg.class_mix, "class", reference_counts, fid_samples)
+        plan = ClassRequests().fid_plan(cfg.class_mix, reference_counts, fid_samples)
         samples = stages.run(
             "baseline", {"tokenizer": tok["fingerprint"], "cache": caches["train"]["fingerprint"],
                          "num": fid_samples, "seed": cfg.sampling.seed, **plan}, out / "baseline",
@@ -304,7 +298,8 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
         baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
 
     # the ready-made models' grids, for the report to show beside the run's own
-    prompts = next((g.prompts for g in cfg.generators if gen_cfgs[g.name].model.conditioning == "text"), [])
+    prompts = next((g.prompts for g in cfg.generators
+                    if "prompts" in request_kind(gen_cfgs[g.name].model).selects), [])
     ready_made = {name: stages.run(f"ready-made-{name}", {"generator": Generator.from_pretrained(name).fingerprint(),
                                                          "per_class": cfg.grid_per_class, "prompts": prompts},
                                    out / f"ready_made_{name}",
@@ -333,20 +328,13 @@ def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrai
     """FID samples (classes as `plan` says, or val captions in the reference's class mix for text) plus the
     report's grid samples."""
     common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=cfg.sampling, save_pngs=False)
-    if gen_cfg.model.conditioning == "text":
-        val = CodeCache(val_cache)  # its captions: the emoji names, or the class names of an image folder
-        captions = reference_captions(val, val_labels, plan["class_counts"])
-        fid = sample(SampleConfig(out=str(folder), prompts=captions, per_prompt=1, **common))
-        # the report's grid: the stage's prompts, else the first val captions
-        grid = sample(SampleConfig(out=str(folder / "grid"), prompts=stage.prompts or captions[:8],
-                                   per_prompt=cfg.grid_per_class, first_index=num, **common))
-    elif gen_cfg.model.conditioning == "class":
-        fid = sample(SampleConfig(out=str(folder), num_samples=num, class_counts=plan["class_counts"], **common))
-        grid = sample(SampleConfig(out=str(folder / "grid"), per_class=cfg.grid_per_class, first_index=num,
-                                   **common))
-    else:
-        fid = sample(SampleConfig(out=str(folder), num_samples=num, **common))
-        grid = None
+
+    def captions() -> list[str]:  # the val captions (emoji names, or an image folder's class names), in the mix
+        return reference_captions(CodeCache(val_cache), val_labels, plan["class_counts"])
+    fid_request, grid_request = request_kind(gen_cfg.model).pipeline_requests(num, plan, cfg.grid_per_class,
+                                                                              stage.prompts, captions)
+    fid = sample(SampleConfig(out=str(folder), **fid_request, **common))
+    grid = grid_request and sample(SampleConfig(out=str(folder / "grid"), first_index=num, **grid_request, **common))
     grid_png = folder / "grid" / "grid.png" if grid else folder / "grid.png"
     log_grid(gen_cfg, grid_png)
     return {"path": str(folder), "num": num, "grid": str(grid_png), **plan, "summary": fid}
@@ -354,12 +342,9 @@ def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrai
 
 def ready_made_grid(cfg: PipelineConfig, name: str, prompts: list[str], folder: Path) -> dict:
     """A ready-made generator's grid at its recommended sampler settings: a row per class, or per prompt."""
-    conditioning = Generator.from_pretrained(name).config.conditioning
-    if conditioning == "text" and not prompts:
-        raise ConfigError(f"ready_made: {name} is text-conditional and the run has no text generator's prompts to "
-                          f"draw it with: give a text generator stage `prompts`, or drop {name}")
-    request = dict(prompts=prompts, per_prompt=cfg.grid_per_class) if conditioning == "text" else \
-        dict(per_class=cfg.grid_per_class)
+    model_cfg = Generator.from_pretrained(name).config
+    conditioning = model_cfg.conditioning
+    request = request_kind(model_cfg).grid_request(name, cfg.grid_per_class, prompts)
     summary = sample(SampleConfig(generator=name, out=str(folder), batch_size=cfg.sample_batch_size,
                                   save_pngs=False, **request))
     sampling = json.loads((folder / "sampling.json").read_text())["config"]["sampling"]

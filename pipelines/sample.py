@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.conditions import Conditions, build_conditions, sample_count
+from pipelines.conditionings import build_conditions, request_kind
+from pipelines.conditions import Conditions, sample_count
 from pipelines.tokenizer_match import load_matching_tokenizer
 from pipelines.config import SampleConfig
 from pipelines.text import TextEncoder
@@ -291,11 +292,10 @@ class Plan:
 def plan_samples(models: Models, cfg: SampleConfig) -> Plan:
     """Check `cfg` against the loaded models (sampling, conditions, prefix, count) and fix its indices."""
     model_cfg = models.generator.config
-    cfg.sampling.check(model_cfg.conditioning != "none")
+    cfg.sampling.check(models.generator.condition.conditional)
     conditions = build_conditions(cfg, model_cfg, models.device, models.text_encoder)
     prefix = prefix_codes(cfg, model_cfg, models.tokenizer, models.device)
-    per_condition = cfg.per_prompt if model_cfg.conditioning == "text" else cfg.per_class
-    num_samples = sample_count(cfg, conditions, per_condition)
+    num_samples = sample_count(cfg, conditions, request_kind(model_cfg).per_condition(cfg))
     if num_samples < 1:
         raise UserError("nothing to sample: set num_samples (or per_class / per_prompt) >= 1")
     indices = cfg.first_index + np.arange(num_samples, dtype=np.int64)
@@ -326,7 +326,7 @@ def sampling_record(cfg: SampleConfig, models: Models, plan: Plan, image_size, w
         "tokenizer": {"path": model_location(models.tokenizer_dir),
                       "fingerprint": model_cfg.tokenizer_fingerprint},  # load_matching_tokenizer refused any other
         "classes": ({"ids": conditions.class_ids, "names": conditions.names}
-                    if model_cfg.conditioning == "class" else None),
+                    if request_kind(model_cfg).has_classes else None),
         "text_encoder": conditions.text_encoder,
         "prompt_source": conditions.prompt_source,  # the prompts themselves are in samples.npz
         "prefix": None if prefix is None else {"image": str(Path(cfg.prefix_image).resolve()),

@@ -20,12 +20,14 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipelines.conditionings import request_kind
 from pipelines.conditions import generator_text_encoder
 from pipelines.config import SampleConfig, ServeConfig
 from pipelines.sample import SEEDS_RULE, Models, load_models, sample_with
 from simvq_common.console import console
 from simvq_common.errors import ConfigError, UserError
 from simvq_common.hub import resolve_model_dir
+from stage2_generator.conditionings import conditioning_for
 from stage2_generator.config import SamplingConfig, recommended_sampling
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: no calls home
@@ -71,11 +73,7 @@ def request_config(cfg: ServeConfig, models: Models, request: Request, out: Path
     if not 1 <= request.num_images <= cfg.max_images:
         raise UserError(f"number of images = {request.num_images}: choose 1 to {cfg.max_images} (the server's "
                         f"max_images)")
-    condition = (request.condition or "").strip()
-    if model_cfg.conditioning == "text" and not condition:
-        raise UserError("the prompt is empty: type what the images should show (the generator is text-conditional)")
-    if model_cfg.conditioning == "class" and not condition:
-        raise UserError("no class picked: choose one of the generator's classes")
+    wanted = request_kind(model_cfg).serve_request((request.condition or "").strip())
     prefix = ""
     if request.prefix_image:
         prefix = str(out / f"prefix{Path(request.prefix_image).suffix or '.png'}")
@@ -87,9 +85,7 @@ def request_config(cfg: ServeConfig, models: Models, request: Request, out: Path
                               temperature=float(request.temperature), top_k=int(request.top_k),
                               top_p=float(request.top_p), seed=int(request.seed))
     return SampleConfig(generator=cfg.generator, tokenizer=models.tokenizer_dir, out=str(out),
-                        classes=[condition] if model_cfg.conditioning == "class" else [],
-                        prompts=[condition] if model_cfg.conditioning == "text" else [],
-                        num_samples=int(request.num_images), prefix_image=prefix,
+                        num_samples=int(request.num_images), **wanted, prefix_image=prefix,
                         prefix_rows=int(request.prefix_rows) if prefix else 0, batch_size=cfg.batch_size,
                         sampling=sampling, save_pngs=True, device=cfg.device)
 
@@ -145,8 +141,7 @@ def answer(cfg: ServeConfig, models: Models, request: Request) -> tuple[str, str
 
 def header(cfg: ServeConfig, models: Models) -> str:
     model_cfg = models.generator.config
-    kind = {"class": f"class-conditional ({model_cfg.num_classes} classes)",
-            "text": f"text-conditional ({model_cfg.text_encoder})"}.get(model_cfg.conditioning, "unconditional")
+    kind = request_kind(model_cfg).summary(model_cfg)
     rows, cols = model_cfg.grid
     return (f"## simvq sampler\n**generator** `{cfg.generator}`: fingerprint `{models.generator_fingerprint}`, "
             f"size {model_cfg.size}, {kind}, {rows}x{cols} codes of K = {model_cfg.codebook_size:,}  \n"
@@ -159,22 +154,16 @@ def build_page(cfg: ServeConfig, models: Models):
     import gradio as gr
 
     model_cfg = models.generator.config
-    kind, (rows, _) = model_cfg.conditioning, model_cfg.grid
+    rows = model_cfg.grid[0]
     start = recommended_sampling(SamplingConfig(), resolve_model_dir(cfg.generator))  # the page opens at these
-    names = model_cfg.class_names or [str(i) for i in range(model_cfg.num_classes)]
     with gr.Blocks(title="simvq sampler") as page:
         gr.Markdown(header(cfg, models))
         with gr.Row():
             with gr.Column(scale=1):
-                if kind == "class":  # typed values too: ids, and unknown names get the sampler's own message
-                    condition = gr.Dropdown(names, value=names[0], label="class", allow_custom_value=True,
-                                            elem_id="condition")
-                else:
-                    condition = gr.Textbox(label="prompt", visible=kind == "text", placeholder="a red heart",
-                                           elem_id="condition")
+                condition = request_kind(model_cfg).page_input(gr, model_cfg)
                 num_images = gr.Slider(1, cfg.max_images, value=min(8, cfg.max_images), step=1, label="images",
                                        elem_id="num_images")
-                with gr.Row(visible=kind != "none"):
+                with gr.Row(visible=models.generator.condition.conditional):
                     guidance = gr.Slider(0, GUIDANCE_MAX, value=start.guidance_scale, step=0.1,
                                          label="guidance scale (1 = off)", elem_id="guidance")
                     schedule = gr.Radio(["constant", "linear"], value=start.guidance_schedule, label="guidance schedule")
@@ -213,7 +202,7 @@ def launch(cfg: ServeConfig):
     check_serve(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     models = load_models(SampleConfig(generator=cfg.generator, tokenizer=cfg.tokenizer, device=cfg.device))
-    if models.generator.config.conditioning == "text":  # loaded once, not per request
+    if conditioning_for(models.generator.config).needs_text:  # loaded once, not per request
         models.text_encoder = generator_text_encoder(models.generator.config, models.device)
     page = build_page(cfg, models).queue(default_concurrency_limit=1, max_size=cfg.queue_size)
     port = cfg.port or free_port(cfg.host)

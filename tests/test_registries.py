@@ -4,8 +4,10 @@ a test file alone (registered there, no library file touched) builds, trains, sa
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from simvq_common.errors import ConfigError
 from stage1_tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from stage1_tokenizer.quantizers import QUANTIZERS, VQ, display_name
 from stage1_tokenizer.tokenizer import Tokenizer
+from pipelines.conditionings import REQUESTS
+from pipelines.conditionings.class_label import ClassRequests
 from stage2_generator.conditionings import CONDITIONINGS, ClassLabel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +109,7 @@ def test_an_unregistered_quantizer_kind_is_refused_with_the_registered_ones():
 
 # ---------------------------------------------------------------- conditioning kinds -----------
 def conditioning_comparisons(path: Path) -> list[str]:
-    """Comparisons of something named *conditioning* with a registered kind's name, as file:line."""
+    """Comparisons of something named *conditioning* or *kind* with a registered kind's name, as file:line."""
     source, found = path.read_text(), []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
@@ -113,26 +117,26 @@ def conditioning_comparisons(path: Path) -> list[str]:
             names = {o.value for o in operands if isinstance(o, ast.Constant)} | {
                 e.value for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set)) for e in o.elts
                 if isinstance(e, ast.Constant)}
-            if names & set(CONDITIONINGS) and any("conditioning" in ast.get_source_segment(source, o) for o in operands):
+            if names & set(CONDITIONINGS) and any(word in ast.get_source_segment(source, o) for o in operands
+                                                  for word in ("conditioning", "kind")):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     return found
 
 
-# pipelines/ still switches on the kind (its side of the registry, how a request becomes model input, is to come):
-# these counts may only fall
-PIPELINE_SWITCHES = {"pipelines/sample.py": 3, "pipelines/run.py": 9, "pipelines/serve.py": 5,
-                     "pipelines/report.py": 2, "pipelines/model_card.py": 1, "pipelines/quality_study.py": 1}
+def test_no_code_outside_the_two_conditioning_registries_compares_a_conditioning_kind():
+    registries = (REPO / "stage2_generator" / "conditionings", REPO / "pipelines" / "conditionings")
+    offenders = [hit for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+                 if not any(r in path.parents for r in registries) for hit in conditioning_comparisons(path)]
+    assert not offenders
 
 
-def test_the_model_side_never_compares_a_conditioning_kind_and_the_pipelines_only_fewer():
-    registry = REPO / "stage2_generator" / "conditionings"
-    found: dict[str, int] = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            if registry not in path.parents and (hits := conditioning_comparisons(path)):
-                found[str(path.relative_to(REPO))] = len(hits)
-    assert {f: n for f, n in found.items() if not f.startswith("pipelines/")} == {}
-    assert all(n <= PIPELINE_SWITCHES.get(f, 0) for f, n in found.items()), found
+def test_the_conditioning_check_catches_a_comparison():
+    source = REPO / "tests" / "_probe_conditioning.py"
+    source.write_text('def f(cfg, kind):\n    return cfg.conditioning == "text" or kind in ("class", "x")\n')
+    try:
+        assert len(conditioning_comparisons(source)) == 2
+    finally:
+        source.unlink()
 
 
 class ClassPair(ClassLabel):
@@ -151,7 +155,7 @@ class ClassPair(ClassLabel):
         return torch.cat([first, self.pair.expand(len(first), 1, -1)], dim=1)
 
 
-def test_a_conditioning_registered_in_a_test_file_trains_exports_and_samples(monkeypatch, tmp_path):
+def test_a_conditioning_registered_in_a_test_file_trains_samples_and_serves(monkeypatch, tmp_path):
     from synthetic_cache import make_cache
     from simvq_common.config import load_config
     from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
@@ -172,6 +176,46 @@ def test_a_conditioning_registered_in_a_test_file_trains_exports_and_samples(mon
     cached = generate(generator, labels, torch.arange(4), sampling)
     assert torch.equal(cached, generate(generator, labels, torch.arange(4), sampling, use_cache=False))
     assert cached.shape == (4, 6) and int(cached.max()) < 64
+
+    # the jobs' side, registered here too: `simvq sample` and `simvq serve` draw the same images by class name
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    gradio_client = pytest.importorskip("gradio_client")
+    from pipelines.config import SampleConfig, ServeConfig
+    from pipelines.sample import sample
+    from pipelines.serve import launch
+    from stage2_generator.config import GeneratorConfig
+    from tiny_models import tiny_tokenizer
+
+    monkeypatch.setitem(REQUESTS, "class_pair", ClassRequests())
+    tokenizer = tiny_tokenizer(0)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(1)
+    model = Generator(GeneratorConfig(size="nano", conditioning="class_pair", codebook_size=64, grid=[4, 4],
+                                      num_classes=3, class_names=["ant", "bee", "cat"],
+                                      tokenizer_path=str(tmp_path / "tokenizer"),
+                                      tokenizer_fingerprint=tokenizer.fingerprint()))
+    with torch.no_grad():
+        for p in model.parameters():  # every weight random: the head is zero-initialised otherwise
+            p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "pair")
+    sampling = SamplingConfig(guidance_scale=2.0, seed=4)
+    sample(SampleConfig(generator=str(tmp_path / "pair"), out=str(tmp_path / "cli"), classes=["bee"], num_samples=3,
+                        sampling=sampling))
+    with np.load(tmp_path / "cli" / "samples.npz") as drawn:
+        cli_images, cli_labels = drawn["arr_0"], drawn["labels"]
+    codes = generate(model.eval(), torch.tensor([1, 1, 1]), [0, 1, 2], sampling)
+    by_hand = ((tokenizer.decode(codes.view(3, 4, 4)) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    assert cli_labels.tolist() == [1, 1, 1] and np.array_equal(cli_images, by_hand.permute(0, 2, 3, 1).numpy())
+    page, url = launch(ServeConfig(generator=str(tmp_path / "pair"), port=0, out=str(tmp_path / "served"),
+                                   max_images=4, device="cpu"))
+    try:
+        client = gradio_client.Client(url, verbose=False, analytics_enabled=False,
+                                      download_files=str(tmp_path / "downloads"))
+        _, _, files = client.predict("bee", 3, 2.0, "constant", 1.0, 0, 1.0, 4, None, 0, api_name="/sample")
+    finally:
+        page.close()
+    with np.load(next(f for f in files if Path(f).name == "samples.npz")) as served:
+        assert np.array_equal(served["arr_0"], cli_images)
 
 
 def test_an_unregistered_conditioning_is_refused_with_the_registered_ones():

@@ -246,6 +246,7 @@ def test_rank0_stages_run_their_models_on_the_process_device(tmp_path, monkeypat
 
     gpu = torch.device("cpu", 0)
     monkeypatch.setattr(distributed, "setup", lambda group_of_one=False: gpu)
+    monkeypatch.setattr(distributed, "own_device", lambda: gpu)
     moved, fid_devices = [], []
     real_to, real_fid = torch.nn.Module.to, evaluate_module.compute_fid
 
