@@ -68,7 +68,8 @@ from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeC
 from .evaluate import evaluate
 from .pretokenize import pretokenize
 from .report import write_report, write_results_section
-from .sample import sample, write_samples
+from .sample import sample
+from .sample_files import write_samples
 
 
 def identity_hash(identity: dict) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import SCHEMAS, main, schema_of
-from pipelines.sample import write_samples
+from pipelines.sample_files import write_samples
 from simvq_common.schema_keys import schema_keys
 from stage1_tokenizer.config import TokenizerTrainConfig
 from test_sample import tiny_tokenizer

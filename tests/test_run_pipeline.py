@@ -120,7 +120,7 @@ def test_samples_hash_is_the_hash_of_the_pixels_under_arr_0(tmp_path):
     import hashlib
 
     from pipelines.run import samples_hash
-    from pipelines.sample import write_samples
+    from pipelines.sample_files import write_samples
 
     images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     write_samples(tmp_path, images, labels=[0, 1], indices=[0, 1], codes=[[0], [1]], prompts=["", ""], meta={})

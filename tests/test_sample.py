@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipelines.config import SampleConfig
 from pipelines.conditions import Conditions, class_order
-from pipelines.sample import SEEDS_RULE, RankParts, generate_images, grid_layout, sample, write_samples
+from pipelines.sample import SEEDS_RULE, generate_images, sample
+from pipelines.sample_files import RankParts, grid_layout, write_samples
 from pipelines.text import DEFAULT_TEXT_ENCODER as TEXT_ENCODER
 from pipelines.text import TextEncoder
 from simvq_common.errors import UserError
