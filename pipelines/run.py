@@ -31,7 +31,8 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +71,23 @@ from .pretokenize import pretokenize
 from .report import write_report, write_results_section
 from .sample import sample
 from .sample_files import write_samples
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A trained model stage's result: its directory and fingerprint (what later stages record as input)."""
+
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    """A pre-tokenization stage's result: the cache, its fingerprint and its sequence count."""
+
+    path: str
+    fingerprint: str
+    sequences: int
 
 
 def identity_hash(identity: dict) -> str:
@@ -233,28 +251,25 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
 
     # stage 1: the tokenizer and its reconstruction metrics (the floor under every generator's FID)
 
-    def train_tok() -> dict:
-        path = train_tokenizer(tok_cfg)
-        return {"path": str(path), "fingerprint": Tokenizer.from_pretrained(path).fingerprint()}
-    tok = stages.run("tokenizer", training_identity(tok_cfg), out / "tokenizer", train_tok)
-    tok_eval_cfg = tokenizer_eval_config(cfg, tok["path"])
-    tok_eval = stages.run("tokenizer-eval", tokenizer_job_identity(tok_eval_cfg, tok["fingerprint"]), None,
-                          lambda: evaluate_tokenizer(tok_eval_cfg), everywhere=False)
+    tok = ModelRecord(**stages.run("tokenizer", training_identity(tok_cfg), out / "tokenizer",
+                                   partial(trained_tokenizer, tok_cfg)))
+    tok_eval_cfg = tokenizer_eval_config(cfg, tok.path)
+    tok_eval = stages.run("tokenizer-eval", tokenizer_job_identity(tok_eval_cfg, tok.fingerprint), None,
+                          partial(evaluate_tokenizer, tok_eval_cfg), everywhere=False)
 
     # pre-tokenization: text embeddings when any generator is text-conditioned
     text = any(conditioning_for(c.model).needs_text for c in gen_cfgs.values())
-    caches = {}
+    caches: dict[str, CacheRecord] = {}
     for split, aug in (("train", cfg.aug), ("val", "none")):
-        cache_cfg = PretokenizeConfig(tokenizer=tok["path"], data=cfg.data, split=split, resolution=cfg.resolution,
+        cache_cfg = PretokenizeConfig(tokenizer=tok.path, data=cfg.data, split=split, resolution=cfg.resolution,
                                       out=str(out / f"cache_{split}"), aug=aug, text_embeddings=text,
                                       max_images=cfg.max_images if split == "train" else cfg.max_reference,
                                       batch_size=cfg.pretokenize_batch_size, num_workers=0, text=cfg.text)
-        caches[split] = stages.run(
-            f"cache-{split}", tokenizer_job_identity(cache_cfg, tok["fingerprint"]), out / f"cache_{split}",
-            lambda c=cache_cfg: {"path": str(pretokenize(c)), "fingerprint": CodeCache(c.out).fingerprint,
-                                 "sequences": len(CodeCache(c.out))})
-    fid_samples = cfg.fid_samples or caches["val"]["sequences"]  # as many as the reference has images
-    val_labels, reference_counts = reference_classes(caches["val"]["path"], caches["train"]["path"])
+        caches[split] = CacheRecord(**stages.run(
+            f"cache-{split}", tokenizer_job_identity(cache_cfg, tok.fingerprint), out / f"cache_{split}",
+            partial(pretokenized, cache_cfg)))
+    fid_samples = cfg.fid_samples or caches["val"].sequences  # as many as the reference has images
+    val_labels, reference_counts = reference_classes(caches["val"].path, caches["train"].path)
     eval_base = dict(reference=cfg.reference or cfg.data, reference_split="val", max_reference=cfg.max_reference,
                      metrics=list(cfg.metrics), fid_source=cfg.fid_source)
 
@@ -262,29 +277,29 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
         npz = Path(samples["path"]) / "samples.npz"
         key = distributed.rank0_decides(lambda: samples_hash(npz))  # one rank reads the ~10 GB of pixels
         return stages.run(f"eval-{name}", {"samples": key, **eval_base}, None,
-                          lambda: evaluate(EvaluateConfig(samples=str(npz), **eval_base)), everywhere=False)
+                          partial(evaluate, EvaluateConfig(samples=str(npz), **eval_base)), everywhere=False)
 
     # stage 2: each generator, its samples and their metrics
     generators = {}
     for stage in cfg.generators:
         gen_cfg = gen_cfgs[stage.name]
-        gen = stages.run(
+        gen = ModelRecord(**stages.run(
             f"generator-{stage.name}",
-            {**training_identity(gen_cfg), "cache_train": caches["train"]["fingerprint"],
-             "cache_val": caches["val"]["fingerprint"]},
-            Path(gen_cfg.run.out_dir), lambda c=gen_cfg: trained_generator(c))
+            {**training_identity(gen_cfg), "cache_train": caches["train"].fingerprint,
+             "cache_val": caches["val"].fingerprint},
+            Path(gen_cfg.run.out_dir), partial(trained_generator, gen_cfg)))
         # a text generator's FID samples are conditioned on the val cache's captions
         kind = request_kind(gen_cfg.model)
-        captions = {"captions": caches["val"]["fingerprint"]} if kind.fid_on_captions else {}
+        captions = {"captions": caches["val"].fingerprint} if kind.fid_on_captions else {}
         plan = kind.fid_plan(cfg.class_mix, reference_counts, fid_samples)
         samples = stages.run(
             f"samples-{stage.name}",
-            {"generator": gen["fingerprint"], "sampling": asdict(cfg.sampling), "num": fid_samples,
+            {"generator": gen.fingerprint, "sampling": asdict(cfg.sampling), "num": fid_samples,
              "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **plan, **captions},
             out / f"samples_{stage.name}",
-            lambda g=gen, s=stage, c=gen_cfg, p=plan: sample_generator(
-                cfg, g["path"], c, s, fid_samples, p, out / f"samples_{s.name}", caches["val"]["path"], val_labels))
-        generators[stage.name] = {"generator": gen, "samples": samples, "metrics": evaluated(stage.name, samples),
+            partial(sample_generator, cfg, gen.path, gen_cfg, stage, fid_samples, plan, out / f"samples_{stage.name}",
+                    caches["val"].path, val_labels))
+        generators[stage.name] = {"generator": asdict(gen), "samples": samples, "metrics": evaluated(stage.name, samples),
                                   "run_dir": gen_cfg.run.out_dir, "conditioning": gen_cfg.model.conditioning,
                                   "size": gen_cfg.model.size, "steps": gen_cfg.run.steps}
 
@@ -292,10 +307,10 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     if cfg.baseline:  # the classes a class generator's samples have, whether or not the run trains one
         plan = ClassRequests().fid_plan(cfg.class_mix, reference_counts, fid_samples)
         samples = stages.run(
-            "baseline", {"tokenizer": tok["fingerprint"], "cache": caches["train"]["fingerprint"],
+            "baseline", {"tokenizer": tok.fingerprint, "cache": caches["train"].fingerprint,
                          "num": fid_samples, "seed": cfg.sampling.seed, **plan}, out / "baseline",
-            lambda: baseline_samples(tok["path"], caches["train"]["path"], plan, fid_samples, cfg.sampling.seed,
-                                     out / "baseline", device), everywhere=False)
+            partial(baseline_samples, tok.path, caches["train"].path, plan, fid_samples, cfg.sampling.seed,
+                    out / "baseline", device), everywhere=False)
         baseline = {"samples": samples, "metrics": evaluated("baseline", samples)}
 
     # the ready-made models' grids, for the report to show beside the run's own
@@ -304,11 +319,12 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     ready_made = {name: stages.run(f"ready-made-{name}", {"generator": Generator.from_pretrained(name).fingerprint(),
                                                          "per_class": cfg.grid_per_class, "prompts": prompts},
                                    out / f"ready_made_{name}",
-                                   lambda n=name: ready_made_grid(cfg, n, prompts, out / f"ready_made_{n}"))
+                                   partial(ready_made_grid, cfg, name, prompts, out / f"ready_made_{name}"))
                   for name in cfg.ready_made}
 
-    result = {"config": asdict(cfg), "tokenizer": {**tok, "eval": tok_eval, "run_dir": str(out / "tokenizer")},
-              "caches": caches, "reference_class_counts": reference_counts, "generators": generators,
+    result = {"config": asdict(cfg),
+              "tokenizer": {**asdict(tok), "eval": tok_eval, "run_dir": str(out / "tokenizer")},
+              "caches": {split: asdict(record) for split, record in caches.items()}, "reference_class_counts": reference_counts, "generators": generators,
               "baseline": baseline, "ready_made": ready_made, "timings": stages.timings}
     if distributed.rank() == 0:
         reported = write_report(out, result)
@@ -319,9 +335,20 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     return result
 
 
+def trained_tokenizer(cfg) -> dict:
+    path = train_tokenizer(cfg)
+    return asdict(ModelRecord(str(path), Tokenizer.from_pretrained(path).fingerprint()))
+
+
+def pretokenized(cfg: PretokenizeConfig) -> dict:
+    path = pretokenize(cfg)
+    cache = CodeCache(cfg.out)
+    return asdict(CacheRecord(str(path), cache.fingerprint, len(cache)))
+
+
 def trained_generator(cfg: GeneratorTrainConfig) -> dict:
     path = train_generator(cfg)
-    return {"path": str(path), "fingerprint": Generator.from_pretrained(path).fingerprint()}
+    return asdict(ModelRecord(str(path), Generator.from_pretrained(path).fingerprint()))
 
 
 def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
