@@ -12,6 +12,7 @@ from .unconditional import Unconditional
 
 # model.conditioning -> its kind (text: pooled or token features, by model.text_features)
 CONDITIONINGS: dict[str, type[Conditioning]] = {"class": ClassLabel, "text": PooledText, "none": Unconditional}
+PooledText.variants["tokens"] = TokenText
 
 
 def conditioning_for(cfg) -> type[Conditioning]:

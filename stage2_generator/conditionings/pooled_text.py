@@ -1,5 +1,5 @@
 """Pooled text conditioning: a sentence embedding projected to `text_tokens` prefix tokens; a learned null
-embedding. The `text` kind: its token-feature variant is token_text.TokenText."""
+embedding. The `text` kind; with model.text_features=tokens its variant token_text.TokenText serves instead."""
 from __future__ import annotations
 
 import torch
@@ -15,12 +15,11 @@ TEXT_FEATURES = ("", "pooled", "tokens")  # "" = not yet filled in from the cach
 
 class PooledText(Conditioning):
     needs_text = True
+    variants: dict[str, type[Conditioning]] = {}  # model.text_features -> another kind (the registry fills it)
 
     @classmethod
     def resolve(cls, cfg) -> type[Conditioning]:
-        from .token_text import TokenText
-
-        return TokenText if cfg.text_features == "tokens" else cls
+        return cls.variants.get(cfg.text_features, cls)
 
     @classmethod
     def check(cls, cfg) -> None:
