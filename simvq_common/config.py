@@ -23,7 +23,7 @@ def _describe(err: OmegaConfBaseException, source: str, schema: type) -> str:
     if isinstance(err, ConfigKeyError):
         near = nearest_keys(schema, key)
         return (f"{source}: unknown key '{key}'" + (f"; did you mean {' or '.join(near)}?" if near else "")
-                + " (`--help` after the command lists every key)")
+                + (" (`--help` after the command lists every key)" if source == "override" else ""))
     if isinstance(err, ValidationError):
         return f"{source}: bad value for '{key}': {str(err).splitlines()[0]}"
     return f"{source}: {str(err).splitlines()[0]}"

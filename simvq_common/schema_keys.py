@@ -76,9 +76,12 @@ def nearest_keys(schema: type, key: str, count: int = 3) -> list[str]:
     """The schema's keys nearest to a mistyped one: by the whole dotted name, then by its last part (so
     `resolution` finds `data.resolution`)."""
     names = [k.name for k in schema_keys(schema)]
-    near = difflib.get_close_matches(key, names, n=count, cutoff=0.6)
-    leaf = key.rsplit(".", 1)[-1]
-    near += [n for n in names if difflib.get_close_matches(leaf, [n.rsplit(".", 1)[-1]], cutoff=0.75)]
+    section, _, leaf = key.rpartition(".")
+    siblings = {n.rpartition(".")[2]: n for n in names if n.rpartition(".")[0] == section}
+    near = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=count, cutoff=0.6)]
+    if not near:  # elsewhere in the schema: by the whole name, then by the last part
+        near = difflib.get_close_matches(key, names, n=count, cutoff=0.6)
+        near += [n for n in names if difflib.get_close_matches(leaf, [n.rpartition(".")[2]], cutoff=0.75)]
     return list(dict.fromkeys(near))[:count]
 
 

@@ -80,13 +80,18 @@ class GeneratorConfig:
         if self.size not in SIZES:
             raise ConfigError(f"model.size={self.size!r} is not a registered size: choose one of {sorted(SIZES)}")
         from .conditionings import conditioning_for
+        from .conditionings.pooled_text import TEXT_FEATURES
 
-        conditioning_for(self).check(self)  # an unknown kind, or one its kind cannot build
+        kind = conditioning_for(self)  # an unknown kind is refused here
         if self.rope not in ("1d", "2d"):
             raise ConfigError(f"model.rope={self.rope!r}: choose 1d or 2d")
         if self.codebook_size < 2 or len(self.grid) != 2 or min(self.grid) < 1:
             raise ConfigError(f"model.codebook_size={self.codebook_size} / model.grid={self.grid} are unset: they "
                               f"come from the code cache the generator is trained on")
+        kind.check(self)  # what this kind needs (class names, text widths ...)
+        if self.text_features not in TEXT_FEATURES:
+            raise ConfigError(f"model.text_features={self.text_features!r}: it comes from the cache (pooled or "
+                              f"tokens)")
         if self.rope == "2d" and (self.dim // self.heads) % 4:
             raise ConfigError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
         if not 0.0 <= self.condition_dropout < 1.0:

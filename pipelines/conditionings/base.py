@@ -19,7 +19,7 @@ class RequestKind:
     alternative = ""  # what to pass instead of another kind's selection ("pass classes=[...] instead")
     has_classes = False  # samples carry class ids (class agreement, the quality study, sampling.json's classes)
     fid_on_captions = False  # its FID samples are conditioned on the val captions (their cache is an input)
-    grid_rows = "one row per sample"  # what a report's grid shows
+    grid_rows = "a square of samples"  # what a report's grid shows
 
     def refuse_foreign(self, cfg: SampleConfig, kinds) -> None:
         """Another kind's keys set in `cfg` are refused, saying what to pass or drop."""
@@ -51,7 +51,7 @@ class RequestKind:
 
     def grid_request(self, name: str, grid_per: int, prompts: list[str]) -> dict:
         """The keys that draw a ready-made generator's grid (a row per class, or per prompt)."""
-        return dict(num_samples=grid_per)
+        return dict(per_class=grid_per)  # one condition: per_class samples of it
 
     def serve_request(self, condition: str) -> dict:
         """A server request's condition field as SampleConfig keys."""

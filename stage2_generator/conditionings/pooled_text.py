@@ -26,9 +26,6 @@ class PooledText(Conditioning):
         if cfg.text_dim < 1 or cfg.text_tokens < 1:
             raise ConfigError(f"model.conditioning=text needs text_dim >= 1 (the cache's text encoder) and "
                               f"text_tokens >= 1; got {cfg.text_dim} and {cfg.text_tokens}")
-        if cfg.text_features not in TEXT_FEATURES:
-            raise ConfigError(f"model.text_features={cfg.text_features!r}: it comes from the cache (pooled or "
-                              f"tokens)")
 
     @classmethod
     def prefix_length(cls, cfg) -> int:
