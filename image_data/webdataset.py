@@ -1,7 +1,7 @@
 """WebDataset tar shards (img2dataset's layout) as a map-style Dataset: a member index per tar, items read by seeking.
 
-Each rank scans only its share of the tars at construction (their sample counts are gathered), any other tar
-when first read; nothing is extracted. docs/DATA.md: the layout, what is skipped and counted, the sampling.
+At construction a process scans the tars of the share its caller hands it (the others' sample counts are
+gathered; alone, it scans them all), any other tar when first read; nothing is extracted. docs/DATA.md: the layout, what is skipped and counted, the sampling.
 """
 from __future__ import annotations
 
@@ -199,10 +199,9 @@ class TarShardDataset(Dataset):
             raise ValueError(f"bad rank {share.rank} of world size {share.world}")
         self._indices: OrderedDict[int, TarIndex] = OrderedDict()
         self._summarise(self._scan_share(share))
-        rank = share.rank
         self.class_names = [self.root.resolve().name or "images"]
         self.bad_files = BadFileLog()
-        if rank == 0:
+        if share.rank == 0:
             self._warn_about_damage()
         warn_if_truncated_images_allowed()
 
