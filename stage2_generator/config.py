@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
@@ -35,6 +35,8 @@ class GeneratorConfig:
     """
 
     size: str = "tiny"  # a key of SIZES
+    decoder: str = "llama"  # a key of stage2_generator.decoders.DECODERS: llama (the project's own) | x-transformers
+    decoder_options: dict[str, Any] = field(default_factory=dict)  # x-transformers: Decoder keywords, e.g. {ff_dropout: 0.1}
     conditioning: str = "class"  # a key of stage2_generator.conditionings.CONDITIONINGS: class | text | none
     rope: str = "2d"  # 2d: half of each head rotates by the code's row, half by its column | 1d: by sequence position
     rope_base: float = 10000.0
@@ -82,7 +84,10 @@ class GeneratorConfig:
         from .conditionings import conditioning_for
         from .conditionings.pooled_text import TEXT_FEATURES
 
+        from .decoders import decoder_for
+
         kind = conditioning_for(self)  # an unknown kind is refused here
+        decoder_for(self).check(self)
         if self.rope not in ("1d", "2d"):
             raise ConfigError(f"model.rope={self.rope!r}: choose 1d or 2d")
         if self.codebook_size < 2 or len(self.grid) != 2 or min(self.grid) < 1:

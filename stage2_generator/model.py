@@ -1,4 +1,5 @@
-"""The stage-2 generator: a Llama-style decoder (stage2_generator.decoder) over the tokenizer's codes.
+"""The stage-2 generator: a decoder (stage2_generator.decoders: the project's Llama-style one by default) over the
+tokenizer's codes.
 
 A sequence is [condition prefix, code_0, ..., code_{L-2}]; the hidden state at position P - 1 + j
 predicts code_j (P = prefix length, L = h * w codes in raster order). The prefix (stage2_generator.conditionings)
@@ -18,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simvq_common.errors import ArtifactError
+from simvq_common.errors import ArtifactError, ConfigError
 from simvq_common.pretrained import PretrainedModel
 
 from .conditionings import build_conditioning, conditioning_for
-from .config import GeneratorConfig, swiglu_hidden
-from .decoder import Decoder, KVCache
+from .config import GeneratorConfig
+from .decoders import decoder_for
 from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
 
 
@@ -74,8 +75,7 @@ class Generator(PretrainedModel, nn.Module):
         self.condition = build_conditioning(cfg)
         self.token_embed = nn.Embedding(k, d)
         angles = rotary_frequencies(cfg)
-        self.decoder = Decoder(d, cfg.depth, cfg.heads, swiglu_hidden(d), angles.cos(), angles.sin(),
-                               checkpoint_activations=cfg.checkpoint_activations)
+        self.decoder = decoder_for(cfg).build(cfg, angles)
         self.head = OutputHead(d, k, loss_chunk_mb)
         self._step_compiled = False
 
@@ -107,7 +107,7 @@ class Generator(PretrainedModel, nn.Module):
 
     @torch.no_grad()
     def prefill(self, condition, batch_size: int | None = None,
-                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+                codes: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
         """Encode the prefix (and any given leading codes (B, t)): the logits (B, K) of the next code and the cache."""
         x = self.condition(condition, None, batch_size=batch_size)
         if codes is not None and codes.shape[1]:
@@ -118,7 +118,7 @@ class Generator(PretrainedModel, nn.Module):
         return self.head(hidden[:, -1]), cache
 
     @torch.no_grad()
-    def decode_step(self, code: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+    def decode_step(self, code: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
         """Append code (B,) to the cached sequence (in place): the logits (B, K) of the code after it, and the cache."""
         if cache.filled >= cache.capacity:
             raise ValueError(f"the cache is full: the grid {self.config.grid} with a prefix of {self.prefix_length} "
@@ -127,12 +127,15 @@ class Generator(PretrainedModel, nn.Module):
         cache.advance(1)
         return logits, cache
 
-    def _step(self, code: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _step(self, code: torch.Tensor, cache) -> torch.Tensor:
         return self.head(self.decoder(self.token_embed(code)[:, None], cache, step=True)[:, -1])
 
     def compile_decode_step(self) -> None:
         """Compile the decode step (once per model; a new batch size compiles once more). Every step has the same
         shapes (the cache is preallocated, the position is a tensor), so one graph serves every position."""
+        if not self.decoder.compilable_step:
+            raise ConfigError(f"compile=true needs a decoder whose decode step keeps its shapes; model.decoder="
+                              f"{self.config.decoder!r} grows its cache at every step: sample with compile=false")
         if not self._step_compiled:
             self._step = torch.compile(self._step, dynamic=False)
             self._step_compiled = True
@@ -153,6 +156,6 @@ def training_flops_per_token(cfg: GeneratorConfig) -> int:
     (attention and feed-forward projections, the output head; embeddings are lookups) plus 12 x layers x width
     x positions for the attention scores and their weighted sum (PaLM's count; causal masking not discounted)."""
     d, positions = cfg.dim, cfg.prefix_length + cfg.sequence_length - 1
-    matmul_weights = cfg.depth * (4 * d * d + 3 * d * swiglu_hidden(d)) + d * cfg.codebook_size
+    matmul_weights = decoder_for(cfg).matmul_weights(cfg) + d * cfg.codebook_size
     matmul_weights += conditioning_for(cfg).prefix_matmul_weights(cfg)
     return 6 * matmul_weights + 12 * cfg.depth * d * positions

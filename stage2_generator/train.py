@@ -218,6 +218,12 @@ class GeneratorTrainer:
         u = np.random.default_rng([self.cfg.run.seed, self.step, micro_step, rank()]).random(n)
         return torch.from_numpy(u < self.cfg.model.condition_dropout).to(self.device)
 
+    def seed_model_randomness(self, micro_step: int) -> None:
+        """Seed torch's generators from (seed, step, micro-step, rank), so that the model's own randomness (a
+        decoder's dropout) is a function of the step too, and a resumed run draws what the straight one drew."""
+        seed = np.random.default_rng([self.cfg.run.seed, self.step, micro_step, rank(), 1]).integers(2**62)
+        torch.manual_seed(int(seed))
+
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self, batches) -> float:
         self.engine.train()
@@ -225,6 +231,7 @@ class GeneratorTrainer:
         for micro in range(self.cfg.data.grad_accum):
             batch = next(batches)
             codes = batch.codes.to(self.device, non_blocking=True)
+            self.seed_model_randomness(micro)
             loss = self.engine(codes, self.condition_of(batch), self.dropout_mask(len(codes), micro))
             self.engine.backward(loss)
             skipped = self.engine.skipped_steps

@@ -1,5 +1,6 @@
 """The stage-2 model: sizes, the chunked loss against the plain one (values and gradients), KV-cached against
-uncached logits, rotary layout, condition dropout, and the generator directory round trip."""
+uncached logits, rotary layout, condition dropout, and the generator directory round trip; the model-level
+checks run over every registered decoder."""
 import math
 
 import pytest
@@ -9,7 +10,9 @@ import torch.nn.functional as F
 from stage2_generator.config import SIZES, GeneratorConfig, swiglu_hidden
 from stage2_generator.loss import chunk_rows, chunked_cross_entropy
 from stage2_generator.conditionings import TextTokens
-from stage2_generator.model import Generator, parameter_groups, rotary_frequencies
+from stage2_generator.decoders import DECODERS
+from simvq_common.errors import ConfigError
+from stage2_generator.model import Generator, parameter_groups, rotary_frequencies, training_flops_per_token
 
 LLAMAGEN_PARAMS = {"B": 111e6, "L": 343e6, "XL": 775e6}  # LlamaGen's GPT sizes (K = 16,384, 1,000 classes)
 
@@ -103,9 +106,10 @@ def test_training_starts_at_the_uniform_loss_because_the_head_is_zero(conditioni
     assert loss.item() == pytest.approx(math.log(cfg.codebook_size), abs=1e-6)
 
 
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("conditioning", ["class", "text", "tokens", "none"])
-def test_loss_is_the_mean_cross_entropy_of_the_uncached_logits(conditioning):
-    cfg = config(conditioning)
+def test_loss_is_the_mean_cross_entropy_of_the_uncached_logits(conditioning, decoder):
+    cfg = config(conditioning, decoder=decoder)
     model = random_model(cfg)
     codes = torch.randint(0, cfg.codebook_size, (2, cfg.sequence_length))
     condition = condition_for(cfg, 2)
@@ -117,8 +121,9 @@ def test_loss_is_the_mean_cross_entropy_of_the_uncached_logits(conditioning):
 
 @pytest.mark.parametrize("conditioning,rope", [("class", "2d"), ("class", "1d"), ("text", "2d"),
                                                    ("tokens", "2d"), ("tokens", "1d"), ("none", "2d")])
-def test_kv_cached_logits_equal_the_uncached_ones(conditioning, rope):
-    cfg = config(conditioning, rope)
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_kv_cached_logits_equal_the_uncached_ones(conditioning, rope, decoder):
+    cfg = config(conditioning, rope, decoder=decoder)
     model = random_model(cfg)
     codes = torch.randint(0, cfg.codebook_size, (3, cfg.sequence_length))
     condition = condition_for(cfg, 3)
@@ -178,8 +183,10 @@ def test_dropped_conditions_become_the_null_condition(conditioning):
     assert abs(mixed.item() - model(codes, condition).item()) > 1e-4
 
 
-def test_generator_directory_rebuilds_the_same_model(tmp_path):
-    cfg = config("text", tokenizer_fingerprint="0123456789abcdef")
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_generator_directory_rebuilds_the_same_model(tmp_path, decoder):
+    cfg = config("text", tokenizer_fingerprint="0123456789abcdef", decoder=decoder,
+                 decoder_options={"ff_mult": 2} if decoder == "x-transformers" else {})
     model = random_model(cfg)
     model.save_pretrained(tmp_path / "gen")
     again = Generator.from_pretrained(tmp_path / "gen")
@@ -217,10 +224,11 @@ def test_bad_configs_are_refused_naming_the_key():
         model.logits(torch.zeros(1, 13, dtype=torch.long), torch.tensor([0]))
 
 
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("conditioning", ["class", "text", "tokens", "none"])
-def test_every_gradient_is_finite_and_reaches_the_condition(conditioning):
+def test_every_gradient_is_finite_and_reaches_the_condition(conditioning, decoder):
     # a zero null embedding or start token once gave non-finite gradients through the first RMSNorm
-    cfg = config(conditioning)
+    cfg = config(conditioning, decoder=decoder)
     model = Generator(cfg)
     with torch.no_grad():
         model.head.weight.normal_(0, 0.1)  # so that gradients reach the body
@@ -233,11 +241,12 @@ def test_every_gradient_is_finite_and_reaches_the_condition(conditioning):
     assert model.condition.get_parameter(learned).grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("rope", ["2d", "1d"])
-def test_a_text_prefix_padding_is_invisible(rope):
+def test_a_text_prefix_padding_is_invisible(rope, decoder):
     """Whatever the features at masked (padding) positions hold, every code's logits are the same; a feature at
     an attended position changes them (so the mask is not hiding everything)."""
-    cfg = config("tokens", rope)
+    cfg = config("tokens", rope, decoder=decoder)
     model = random_model(cfg)
     codes = torch.randint(0, cfg.codebook_size, (4, cfg.sequence_length))
     text = condition_for(cfg, 4)
@@ -249,3 +258,38 @@ def test_a_text_prefix_padding_is_invisible(rope):
     # and the mask alone changes the result: unmasking row 0's padding makes it visible
     unmasked = TextTokens(noisy.features, torch.ones_like(text.mask))
     assert (model.logits(codes, unmasked)[0] - model.logits(codes, noisy)[0]).abs().max() > 1e-3
+
+
+def test_x_transformers_options_reach_its_decoder():
+    """decoder_options are x_transformers.Decoder keywords: dropout makes training-mode losses differ and leaves
+    eval mode deterministic; a wider feed-forward has more weights."""
+    cfg = config("class", decoder="x-transformers", decoder_options={"attn_dropout": 0.5, "ff_dropout": 0.5})
+    model = random_model(cfg)
+    codes, labels = torch.randint(0, cfg.codebook_size, (4, cfg.sequence_length)), condition_for(cfg, 4)
+    assert model(codes, labels).item() == model(codes, labels).item()
+    model.train()
+    assert model(codes, labels).item() != model(codes, labels).item()
+    narrow = Generator(config("class", decoder="x-transformers", decoder_options={"ff_mult": 2}))
+    wide = Generator(config("class", decoder="x-transformers", decoder_options={"ff_mult": 4}))
+    assert wide.num_parameters() - narrow.num_parameters() > 0
+
+
+@pytest.mark.parametrize("decoder,options,message", [
+    ("transformer", {}, "model.decoder='transformer': choose one of"),
+    ("llama", {"ff_dropout": 0.1}, "the llama decoder takes none"),
+    ("x-transformers", {"depth": 3}, "the generator sets these"),
+    ("x-transformers", {"no_such_option": 1}, "x_transformers.Decoder refused them"),
+])
+def test_bad_decoder_choices_are_refused_naming_the_key(decoder, options, message):
+    with pytest.raises(ConfigError, match=message):
+        Generator(config("class", decoder=decoder, decoder_options=options))
+
+
+def test_training_flops_count_the_x_transformers_decoders_products():
+    """Its products are the four attention projections and the GLU feed-forward of every layer (ff_mult 4:
+    d -> 2 x 4d, 4d -> d), counted from the built module."""
+    cfg = config("class", size="tiny", decoder="x-transformers")
+    d, positions = cfg.dim, cfg.prefix_length + cfg.sequence_length - 1
+    per_layer = 4 * d * d + d * 8 * d + 4 * d * d
+    assert training_flops_per_token(cfg) == 6 * (cfg.depth * per_layer + d * cfg.codebook_size) + \
+        12 * cfg.depth * d * positions

@@ -1,6 +1,6 @@
 """Kinds are registered, not switched on: no code outside a registry compares a kind's name, and a kind defined in
 a test file alone (registered there, no library file touched) builds, trains, saves, loads and round-trips
-(quantizers) or trains, exports and samples (conditionings)."""
+(quantizers), trains, exports and samples (conditionings) or trains, saves and samples (decoders)."""
 from __future__ import annotations
 
 import ast
@@ -18,6 +18,10 @@ from stage1_tokenizer.tokenizer import Tokenizer
 from pipelines.conditionings import REQUESTS
 from pipelines.conditionings.class_label import ClassRequests
 from stage2_generator.conditionings import CONDITIONINGS, ClassLabel
+from stage2_generator.config import GeneratorConfig, SamplingConfig
+from stage2_generator.decoders import DECODERS, LlamaDecoder
+from stage2_generator.model import Generator
+from stage2_generator.sampling import generate
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("simvq_common", "image_data", "evaluation", "stage1_tokenizer", "stage2_generator", "studies", "pipelines")
@@ -224,3 +228,41 @@ def test_an_unregistered_conditioning_is_refused_with_the_registered_ones():
     cfg = GeneratorConfig(conditioning="layout", codebook_size=8, grid=[2, 2], num_classes=3)
     with pytest.raises(ConfigError, match=r"model.conditioning='layout': choose one of \('class', 'text', 'none'\)"):
         cfg.check()
+
+
+def test_no_code_outside_the_decoder_registry_compares_a_decoder_kind():
+    registry = REPO / "stage2_generator" / "decoders"
+    offenders = [hit for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+                 if registry not in path.parents for hit in compared_names(path, set(DECODERS))]
+    assert not offenders
+
+
+class WideLlama(LlamaDecoder):
+    """A kind defined here alone: the llama decoder with a feed-forward of 4x the width."""
+
+    @classmethod
+    def build(cls, cfg, angles):
+        return cls(cfg.dim, cfg.depth, cfg.heads, 4 * cfg.dim, angles.cos(), angles.sin())
+
+
+def test_a_decoder_registered_in_a_test_file_builds_trains_and_samples(monkeypatch, tmp_path):
+    monkeypatch.setitem(DECODERS, "wide-llama", WideLlama)
+    cfg = GeneratorConfig(size="nano", decoder="wide-llama", codebook_size=31, grid=[2, 3], num_classes=3)
+    torch.manual_seed(0)
+    model = Generator(cfg)
+    assert model.decoder.blocks[0].down.in_features == 4 * cfg.dim
+    codes, labels = torch.randint(0, 31, (4, 6)), torch.tensor([0, 1, 2, 0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(codes, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "gen")
+    again = Generator.from_pretrained(tmp_path / "gen").eval()
+    settings = SamplingConfig(guidance_scale=2.0, top_k=8, seed=1)
+    cached = generate(again, labels, range(4), settings)
+    assert torch.equal(cached, generate(again, labels, range(4), settings, use_cache=False))

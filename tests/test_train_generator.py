@@ -68,10 +68,18 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_generator_learns_a_class_conditional_code_pattern(tmp_path):
+# every registered decoder trains, resumes and samples; x-transformers with its dropout on (a random model)
+DECODER_OVERRIDES = {"llama": [], "x-transformers": ["model.decoder=x-transformers",
+                                                    "model.decoder_options.attn_dropout=0.1",
+                                                    "model.decoder_options.ff_dropout=0.1"]}
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODER_OVERRIDES))
+def test_generator_learns_a_class_conditional_code_pattern(tmp_path, decoder):
     codes, labels = learnable_cache(tmp_path / "cache")
     cfg = tiny(tmp_path, "run.steps=40", "optim.lr=1e-2", "model.condition_dropout=0", "run.val_every=40",
-               "run.checkpoint_every=40", cache=tmp_path / "cache", val=tmp_path / "cache")
+               "run.checkpoint_every=40", *DECODER_OVERRIDES[decoder], cache=tmp_path / "cache",
+               val=tmp_path / "cache")
     out = train_generator(cfg)
     logged = metrics(tmp_path / "run")
     assert logged[0]["loss"] == pytest.approx(math.log(50), abs=1e-5)  # zero head: the uniform loss
@@ -81,17 +89,24 @@ def test_generator_learns_a_class_conditional_code_pattern(tmp_path):
     model = Generator.from_pretrained(out)
     sampled = generate(model, torch.tensor([0, 1, 2]), range(3), SamplingConfig(temperature=0))
     assert torch.equal(sampled, torch.from_numpy(codes[:3]))  # argmax reproduces each class's pattern
+    # drawn codes (guided, top-k) are the same through the KV cache and recomputing every step
+    settings = SamplingConfig(guidance_scale=2.0, temperature=1.5, top_k=10, seed=3)
+    drawn = [generate(model, torch.tensor([0, 1, 2] * 4), range(12), settings, use_cache=c) for c in (True, False)]
+    assert torch.equal(*drawn) and len(set(map(tuple, drawn[0].tolist()))) > 3  # and they are not all the pattern
 
 
-def test_resume_is_bitwise_exact(tmp_path, one_thread):
-    train_generator(tiny(tmp_path / "a", "run.steps=6"))
+@pytest.mark.parametrize("decoder", sorted(DECODER_OVERRIDES))
+def test_resume_is_bitwise_exact(tmp_path, one_thread, decoder):
+    extra = ["run.steps=6", *DECODER_OVERRIDES[decoder]]
+    train_generator(tiny(tmp_path / "a", *extra))
     # run b is killed after its step-3 checkpoint (same config: the cosine schedule spans 6 steps), then resumed
-    interrupted = GeneratorTrainer(tiny(tmp_path / "b", "run.steps=6", cache=tmp_path / "a" / "cache"))
+    interrupted = GeneratorTrainer(tiny(tmp_path / "b", *extra, cache=tmp_path / "a" / "cache"))
     batches = interrupted.batches()
     for _ in range(3):
         interrupted.train_step(batches)
     interrupted.save()
-    trainer = GeneratorTrainer(tiny(tmp_path / "b", "run.steps=6", cache=tmp_path / "a" / "cache"))
+    torch.manual_seed(1234)  # what the process did before resuming does not matter
+    trainer = GeneratorTrainer(tiny(tmp_path / "b", *extra, cache=tmp_path / "a" / "cache"))
     assert trainer.step == 3 and trainer.loader.position == 12
     trainer.train()
     a, b = exported(tmp_path / "a" / "run"), exported(tmp_path / "b" / "run")

@@ -1,9 +1,9 @@
-"""The generator's decoder: Llama-style pre-norm blocks (RMSNorm, rotary attention through
-`scaled_dot_product_attention`, SwiGLU), with a preallocated KV cache for generation.
+"""The project's own decoder (`model.decoder: llama`, the default): Llama-style pre-norm blocks (RMSNorm, rotary
+attention through `scaled_dot_product_attention`, SwiGLU), with a preallocated KV cache for generation.
 
-Written here rather than taken from x-transformers: the project needs one fixed architecture, and the general
-library's per-layer work (the rotation recomputed and concatenated in every layer, RMSNorm as three kernels,
-separate q / k / v products) cost a measured 4-34% of the training step (docs/BENCHMARKS.md, "Stage-2
+Written here rather than taken from x-transformers (which is registered beside it for research: xtransformers.py):
+the general library's per-layer work (the rotation recomputed and concatenated in every layer, RMSNorm as three
+kernels, separate q / k / v products) cost a measured 4-34% of the training step (docs/BENCHMARKS.md, "Stage-2
 training step"); its growing cache also changes shape at every decode step, which torch.compile cannot keep.
 Here the cache has a fixed shape and the decode position is a tensor, so a compiled decode step is one graph.
 """
@@ -15,6 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from simvq_common.errors import ConfigError
+
+from ..config import swiglu_hidden
+from .base import GeneratorDecoder
 
 NORM_EPS = 1e-6
 
@@ -100,9 +105,28 @@ class Block(nn.Module):
         return x + self.down(up * F.silu(gate))
 
 
-class Decoder(nn.Module):
+class Decoder(GeneratorDecoder):
     """`depth` blocks and a final RMSNorm over inputs (B, n, dim); `cos` / `sin` (max_positions, head_dim)
     hold the rotation of every position."""
+
+    compilable_step = True  # the cache has a fixed shape: a compiled decode step is one graph
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.decoder_options:
+            raise ConfigError(f"model.decoder_options={dict(cfg.decoder_options)}: the llama decoder takes none (its "
+                              f"architecture is fixed); options are for model.decoder=x-transformers")
+
+    @classmethod
+    def build(cls, cfg, angles: torch.Tensor) -> Decoder:
+        """The decoder of a GeneratorConfig; `angles` (max_positions, head_dim) are every position's rotation."""
+        return cls(cfg.dim, cfg.depth, cfg.heads, swiglu_hidden(cfg.dim), angles.cos(), angles.sin(),
+                   checkpoint_activations=cfg.checkpoint_activations)
+
+    @classmethod
+    def matmul_weights(cls, cfg) -> int:
+        """Weights of the matrix products per position (training FLOPs): attention and SwiGLU projections."""
+        return cfg.depth * (4 * cfg.dim * cfg.dim + 3 * cfg.dim * swiglu_hidden(cfg.dim))
 
     def __init__(self, dim: int, depth: int, heads: int, hidden: int, cos: torch.Tensor, sin: torch.Tensor,
                  checkpoint_activations: bool = False) -> None:
