@@ -5,13 +5,17 @@ The number means something only beside the classifier's accuracy on real held-ou
 reported, with the real images' per-class accuracy weighted by the samples' class mix (a generator can at best
 agree as often as the classifier is right on real images). `ratio` = agreement / that accuracy.
 
-The classifier is a plain 6-conv network (three stages of two 3x3 convs with BatchNorm and ReLU, max-pooling
-between, global average pooling, a linear head), trained with AdamW on random flips and shifts: small enough to
-train in minutes on a CPU for a small labelled set (the bundled emoji: `simvq train-classifier`), saved as a
-model directory (config.yaml, model.safetensors, fingerprint.txt) with its held-out accuracy in eval.json.
+The default classifier (`arch: cnn6`) is a plain 6-conv network (three stages of two 3x3 convs with BatchNorm
+and ReLU, max-pooling between, global average pooling, a linear head): small enough to train in minutes on a CPU
+for a small labelled set such as the bundled emoji at 32 px, where timm's ImageNet-shaped networks downsample a
+32 px image to one pixel before their head. For larger images or data, `arch` names any model in timm's registry
+(e.g. resnet18, convnext_atto), built from scratch with the classes as its head. Either is trained with AdamW on
+random flips and shifts (`simvq train-classifier`) and saved as a model directory (config.yaml,
+model.safetensors, fingerprint.txt) with its held-out accuracy in eval.json.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simvq_common.console import console
+from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
 from simvq_common.pretrained import PretrainedModel
 from simvq_common.provenance import environment
@@ -37,7 +42,8 @@ class ClassifierConfig:
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)
     resolution: int = 32  # the image size it was trained at (others are resized to it)
-    width: int = 32  # channels of the first stage; doubled at each of the next two
+    width: int = 32  # cnn6: channels of the first stage; doubled at each of the next two
+    arch: str = "cnn6"  # cnn6 (the project's 6-conv network) | a model name in timm's registry (e.g. resnet18)
 
 
 @dataclass
@@ -45,13 +51,28 @@ class ClassifierTrainConfig:
     data: str = "emoji"  # "emoji" (bundled) or an image folder (ImageNet layout: train/, val/)
     resolution: int = 32
     out: str = "runs/classifier"  # the classifier directory
-    width: int = 32
+    width: int = 32  # cnn6: channels of the first stage
+    arch: str = "cnn6"  # cnn6 (the project's 6-conv network) | a model name in timm's registry (e.g. resnet18)
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2.0e-3
     weight_decay: float = 0.05
     seed: int = 0
     max_images: int = 0  # the first N train images (0 = all)
+
+
+OWN_ARCH = "cnn6"
+
+
+def timm_network(name: str, num_classes: int) -> nn.Module:
+    """A timm registry model built from scratch (no download) with `num_classes` outputs."""
+    import timm
+
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.5)
+        raise ConfigError(f"arch={name!r} is neither {OWN_ARCH} nor a model in timm's registry"
+                          + (f"; similar names: {near}" if near else "; see timm.list_models()"))
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=3)
 
 
 class ImageClassifier(PretrainedModel, nn.Module):
@@ -62,6 +83,9 @@ class ImageClassifier(PretrainedModel, nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
+        if config.arch != OWN_ARCH:
+            self.network = timm_network(config.arch, config.num_classes)
+            return
         layers, channels = [], 3
         for stage in range(3):
             width = config.width * 2**stage
@@ -79,6 +103,8 @@ class ImageClassifier(PretrainedModel, nn.Module):
         if x.shape[-1] != self.config.resolution or x.shape[-2] != self.config.resolution:
             x = F.interpolate(x, size=(self.config.resolution,) * 2, mode="bilinear", antialias=True,
                               align_corners=False)
+        if self.config.arch != OWN_ARCH:
+            return self.network(x)
         return self.head(self.features(x).mean((2, 3)))
 
     @torch.no_grad()
@@ -113,7 +139,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> Path:
     val, val_labels, _, _ = reference_images(cfg.data, "val", cfg.resolution, 0)
     train_labels, val_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(val_labels).long()
     torch.manual_seed(cfg.seed)
-    model = ImageClassifier(ClassifierConfig(len(class_names), class_names, cfg.resolution, cfg.width))
+    model = ImageClassifier(ClassifierConfig(len(class_names), class_names, cfg.resolution, cfg.width, cfg.arch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train) // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)

@@ -16,6 +16,7 @@ from pipelines.config import EvaluateConfig
 from pipelines.evaluate import evaluate
 from evaluation.memorisation import closest_pairs_grid, memorisation, nearest
 from image_data.emoji import load_emoji
+from simvq_common.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,19 @@ def test_a_fingerprint_covers_zero_dimensional_tensors():
     assert one != two and len(one) == 16
     # a 1-d tensor's bytes are unchanged by the reshape, so every fingerprint recorded before stays valid
     assert tensors_fingerprint("c", {"w": torch.arange(4.0)}) == "d0697f97179feca9"  # the value before the reshape
+
+
+def test_a_timm_architecture_trains_saves_and_reloads_as_the_classifier(tmp_path):
+    """arch names a model in timm's registry: it trains as the 6-conv default does, and its directory rebuilds it
+    with the same predictions."""
+    out = tmp_path / "clf"
+    train_classifier(ClassifierTrainConfig(out=str(out), arch="resnet10t", epochs=1, max_images=128, batch_size=32))
+    classifier = ImageClassifier.from_pretrained(out)
+    assert classifier.config.arch == "resnet10t" and hasattr(classifier, "network")
+    val = load_emoji("val", 32)
+    predictions = classifier.predict(val.images)
+    report = load_eval(out)
+    assert report["val"]["accuracy"] == pytest.approx(float((predictions == val.labels).double().mean()), abs=1e-12)
+    with pytest.raises(ConfigError, match="arch='resnet_tiny' is neither cnn6 nor a model in timm's registry; "
+                                          "similar names: \\['\\w+_tiny'"):
+        train_classifier(ClassifierTrainConfig(out=str(tmp_path / "bad"), arch="resnet_tiny"))
