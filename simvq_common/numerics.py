@@ -1,4 +1,15 @@
-"""How a training run computes: bf16 or fp32, and deterministic kernels or the fastest ones."""
+"""How a training run computes: bf16 or fp32, and deterministic kernels or the fastest ones.
+
+Precision: `run.precision` (auto = bf16 on CUDA, fp32 on CPU) is read by `use_bf16` alone, and each trainer
+reaches bf16 by one mechanism:
+- stage 1 (tokenizer): torch.autocast around the forward; the weights, the EMA and the optimizer stay fp32, and the
+  losses that need fp32 (L1, the perceptual net, the codebook distances) cast their inputs up;
+- stage 2 (generator): DeepSpeed's bf16 (`bf16.enabled` in the engine config, stage2_generator/train.py): the
+  module's weights are bf16 copies of fp32 masters the optimizer keeps, and the export writes the masters. What
+  the model code does about dtypes follows from that: the rotary angles stay fp32 buffers and the rotation
+  returns x's dtype, and the logits are fp32 (the output head), so the loss and sampling never see bf16.
+Evaluation and sampling run the exported fp32 weights.
+"""
 from __future__ import annotations
 
 import os
