@@ -270,12 +270,15 @@ def test_bf16_training_exports_the_fp32_master_weights(tmp_path, stage):
     assert moved > 0  # some masters hold more precision than their bf16 copies
 
 
-@pytest.mark.parametrize("conditioning", ["class", "text", "none"])
-def test_bf16_training_of_every_conditioning_takes_finite_steps_that_move_the_weights(tmp_path, conditioning):
-    # bf16 is the default on CUDA; the cached text embeddings are fp32 and must meet bf16 weights
+@pytest.mark.parametrize("conditioning,decoder", [("class", "llama"), ("text", "llama"), ("none", "llama"),
+                                                  ("text", "x-transformers")])
+def test_bf16_training_of_every_conditioning_takes_finite_steps_that_move_the_weights(tmp_path, conditioning, decoder):
+    # bf16 is the default on CUDA; the cached text embeddings are fp32 and must meet bf16 weights (and the
+    # x-transformers decoder's rotary angles, fp32 buffers, its bf16 queries and keys)
     make_cache(tmp_path / "cache", num_images=12, images_per_shard=8, codebook_size=64, grid=(2, 3), text=True)
     cfg = tiny(tmp_path, f"model.conditioning={conditioning}", "run.steps=3", "run.precision=bf16",
-               "model.condition_dropout=0.5", f"data.val_cache={tmp_path / 'cache'}", "run.val_every=3")
+               "model.condition_dropout=0.5", f"data.val_cache={tmp_path / 'cache'}", "run.val_every=3",
+               *DECODER_OVERRIDES[decoder])
     trainer = GeneratorTrainer(cfg)
     before = {k: v.detach().float().clone() for k, v in trainer.engine.module.named_parameters()}
     trainer.train()  # a non-finite loss or a skipped (non-finite gradient) step raises
