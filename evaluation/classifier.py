@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ from .inputs import reference_images
 @dataclass
 class ClassifierConfig:
     """What rebuilds a classifier: saved as config.yaml beside its weights."""
+
+    added_fields: ClassVar[tuple[str, ...]] = ("arch",)  # left out of the fingerprint at its default (older ones keep theirs)
 
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)

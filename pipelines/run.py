@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 
 from simvq_common import distributed
 from simvq_common.artifacts import write_kind
-from simvq_common.config import load_config, to_yaml
+from simvq_common.config import canonical_container, load_config, to_yaml
 from simvq_common.console import console
 from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
@@ -145,8 +145,7 @@ class Stages:
 def training_identity(cfg: TokenizerTrainConfig | GeneratorTrainConfig) -> dict:
     """A training stage's identity: its config, less what does not change its result: where its records are
     mirrored (TensorBoard, W&B) and which signals preempt it. Changing those retrains nothing."""
-    config = OmegaConf.to_container(OmegaConf.structured(
-        replace(cfg, run=replace(cfg.run, **asdict(TrackingSettings())))))
+    config = canonical_container(replace(cfg, run=replace(cfg.run, **asdict(TrackingSettings()))))
     config["run"].pop("preemption_signals")
     return {"config": OmegaConf.to_yaml(config)}
 

@@ -5,6 +5,7 @@ command-line overrides with OmegaConf, so a typo or a wrong type fails at start 
 """
 from __future__ import annotations
 
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Sequence, TypeVar
 
@@ -75,4 +76,27 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
 
 def to_yaml(config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def canonical_container(config) -> dict:
+    """A config as plain containers, as fingerprints and run identities hash it: a field that a schema added after
+    artifacts were saved with it (listed in the schema's `added_fields`) is left out while it holds its default,
+    so that those artifacts keep their fingerprints and their runs resume."""
+    container = OmegaConf.to_container(OmegaConf.structured(config))
+    _drop_added_defaults(config, container)
+    return container
+
+
+def canonical_yaml(config) -> str:
+    return OmegaConf.to_yaml(canonical_container(config))
+
+
+def _drop_added_defaults(config, container: dict) -> None:
+    added = getattr(type(config), "added_fields", ())
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in added and value == (f.default if f.default is not MISSING else f.default_factory()):
+            del container[f.name]
+        elif is_dataclass(value):
+            _drop_added_defaults(value, container[f.name])
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .artifacts import KINDS, expect_kind, write_kind
-from .config import load_config, to_yaml
+from .config import canonical_yaml, load_config, to_yaml
 from .errors import ArtifactError
 from .fingerprint import tensors_fingerprint
 from .hub import resolve_model_dir
@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 def model_fingerprint(config, state: dict[str, torch.Tensor]) -> str:
-    return tensors_fingerprint(to_yaml(config), state)
+    return tensors_fingerprint(canonical_yaml(config), state)
 
 
 def save_pretrained(directory: str | Path, kind: str, config, state: dict[str, torch.Tensor]) -> Path:

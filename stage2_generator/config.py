@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
@@ -33,6 +33,9 @@ class GeneratorConfig:
     cache); the rest is the experiment's. The tokenizer's path and fingerprint let sampling decode with
     exactly the tokenizer that made the codes.
     """
+
+    # left out of fingerprints and run identities while at their defaults (generators saved before them keep theirs)
+    added_fields: ClassVar[tuple[str, ...]] = ("decoder", "decoder_options")
 
     size: str = "tiny"  # a key of SIZES
     decoder: str = "llama"  # a key of stage2_generator.decoders.DECODERS: llama (the project's own) | x-transformers

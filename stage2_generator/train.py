@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from simvq_common.preemption import PreemptionWatch, preempted
 from simvq_common.run_dir import RunDir
 from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import TrackingSettings
+from simvq_common.config import canonical_container
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .cache_format import text_encoder_differences
@@ -160,7 +161,7 @@ class GeneratorTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def identity(self) -> dict:
         """What a checkpoint must share with the run that resumes it."""
-        return {"model": asdict(self.cfg.model), "cache": self.cache.fingerprint, "world_size": world_size(),
+        return {"model": canonical_container(self.cfg.model), "cache": self.cache.fingerprint, "world_size": world_size(),
                 "zero_stage": self.zero_stage, "batch_size": self.cfg.data.batch_size,
                 "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
 

@@ -95,3 +95,18 @@ def test_shipped_deepspeed_files_set_their_stage_and_nothing_the_experiment_owns
     ds = deepspeed_config(cfg, bf16=False)
     assert ds["zero_optimization"]["stage"] == int(path.stem.removeprefix("zero"))
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 2)
+
+
+def test_a_field_added_to_a_schema_leaves_older_fingerprints_and_identities_alone():
+    """A generator config without the decoder fields (as saved before they existed) and one with them at their
+    defaults hash the same; a non-default value is part of the fingerprint."""
+    from simvq_common.config import canonical_container, canonical_yaml
+    from stage2_generator.config import GeneratorConfig
+
+    cfg = GeneratorConfig(codebook_size=64, grid=[2, 3], num_classes=3)
+    assert "decoder" in to_yaml(cfg) and "decoder" not in canonical_yaml(cfg)
+    before = to_yaml(cfg).replace("decoder: llama\n", "").replace("decoder_options: {}\n", "")
+    assert canonical_yaml(cfg) == before
+    assert "decoder" not in canonical_container(cfg)
+    other = GeneratorConfig(codebook_size=64, grid=[2, 3], num_classes=3, decoder="x-transformers")
+    assert "decoder: x-transformers" in canonical_yaml(other)
