@@ -42,10 +42,11 @@ def compared_names(path: Path, names: set[str]) -> list[str]:
     return found
 
 
-def test_no_code_outside_the_quantizer_registry_compares_a_quantizer_kind():
-    registry = REPO / "stage1_tokenizer" / "quantizers"
+@pytest.mark.parametrize("registry,kinds", [("stage1_tokenizer/quantizers", QUANTIZERS),
+                                            ("stage2_generator/decoders", DECODERS)])
+def test_no_code_outside_a_registry_compares_one_of_its_kinds(registry, kinds):
     offenders = [hit for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
-                 if registry not in path.parents for hit in compared_names(path, set(QUANTIZERS))]
+                 if REPO / registry not in path.parents for hit in compared_names(path, set(kinds))]
     assert not offenders
 
 
@@ -228,13 +229,6 @@ def test_an_unregistered_conditioning_is_refused_with_the_registered_ones():
     cfg = GeneratorConfig(conditioning="layout", codebook_size=8, grid=[2, 2], num_classes=3)
     with pytest.raises(ConfigError, match=r"model.conditioning='layout': choose one of \('class', 'text', 'none'\)"):
         cfg.check()
-
-
-def test_no_code_outside_the_decoder_registry_compares_a_decoder_kind():
-    registry = REPO / "stage2_generator" / "decoders"
-    offenders = [hit for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
-                 if registry not in path.parents for hit in compared_names(path, set(DECODERS))]
-    assert not offenders
 
 
 class WideLlama(LlamaDecoder):
