@@ -46,7 +46,8 @@ from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import cpu_times, markdown_table, other_cpu_share, provenance, publish  # noqa: E402
-from stage2_generator.config import GeneratorConfig, SamplingConfig, swiglu_hidden  # noqa: E402
+from stage2_generator.config import GeneratorConfig, SamplingConfig  # noqa: E402
+from stage2_generator.decoders.llama import swiglu_hidden  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
 from stage2_generator.sampling import generate
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage2_generator.config import GeneratorConfig, swiglu_hidden
+from stage2_generator.config import GeneratorConfig
+from stage2_generator.decoders.llama import swiglu_hidden
 from stage2_generator.model import rotary_frequencies
 
 

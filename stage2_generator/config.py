@@ -9,7 +9,7 @@ from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
 
 # Named decoder sizes: (width, depth, heads). B / L / XL are LlamaGen's GPT-B / L / XL; the small ones
-# train on a CPU. The SwiGLU hidden width follows Llama: 8/3 of the width, rounded up to a multiple of 256.
+# train on a CPU (the llama decoder's SwiGLU width: stage2_generator/decoders/llama.py).
 SIZES: dict[str, tuple[int, int, int]] = {
     "nano": (64, 2, 4),
     "tiny": (128, 4, 4),
@@ -18,10 +18,6 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "L": (1024, 24, 16),
     "XL": (1280, 36, 20),
 }
-
-
-def swiglu_hidden(dim: int) -> int:
-    return 256 * -(-int(8 * dim / 3) // 256)
 
 
 @dataclass

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stage2_generator.config import SIZES, GeneratorConfig, swiglu_hidden
+from stage2_generator.config import SIZES, GeneratorConfig
+from stage2_generator.decoders.llama import swiglu_hidden
 from stage2_generator.loss import chunk_rows, chunked_cross_entropy
 from stage2_generator.conditionings import TextTokens
 from stage2_generator.decoders import DECODERS

@@ -18,10 +18,14 @@ from torch.utils.checkpoint import checkpoint
 
 from simvq_common.errors import ConfigError
 
-from ..config import swiglu_hidden
 from .base import GeneratorDecoder
 
 NORM_EPS = 1e-6
+
+
+def swiglu_hidden(dim: int) -> int:
+    """The SwiGLU hidden width, as Llama's: 8/3 of the width, rounded up to a multiple of 256."""
+    return 256 * -(-int(8 * dim / 3) // 256)
 
 
 class RMSNorm(nn.Module):
