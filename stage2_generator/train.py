@@ -187,7 +187,10 @@ class GeneratorTrainer:
             barrier()
             if rank() == 0:
                 state = consolidated_weights(self.checkpoints, f"step_{self.step:08d}")
-        elif self.bf16:  # ZeRO-0 in bf16: every rank's optimizer holds the whole fp32 master copy
+        elif self.bf16:
+            # ZeRO-0 in bf16: DeepSpeed (0.19.8) wraps the optimizer in its FP16_Optimizer, whose fp32_groups hold
+            # every rank's whole master copy. It has no public way out: it links no fragments for
+            # safe_get_full_fp32_param (None) and saves no partitions for zero_to_fp32; so its groups are read
             names = {id(p): n for n, p in self.engine.module.named_parameters()}
             optimizer = self.engine.optimizer
             state = {names[id(p16)]: p32.detach().clone() for g16, g32 in
