@@ -5,7 +5,7 @@
                                           [--checkpoint-activations] [--quick]
 
 A step is forward + backward + AdamW (betas 0.9 / 0.95, weight decay on matrices, no clipping) on a batch of
-random codes and class labels, for (a) ours: `stage2_generator.Generator` (x-transformers decoder, chunked
+random codes and class labels, for (a) ours: `stage2_generator.Generator` (its llama decoder, chunked
 loss) and (b) lean: benchmarks/lean_generator.py (fused qkv and SwiGLU projections, SDPA, one
 `F.cross_entropy` over materialised logits), with the same size, vocabulary, batch and starting weights (the
 lean model is loaded from ours; the parameter counts are asserted equal and the per-step losses compared).

@@ -78,6 +78,20 @@ def timm_network(name: str, num_classes: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=3)
 
 
+def check_arch(arch: str, resolution: int) -> None:
+    """Refuse, before any data is read, an arch that is not buildable or cannot take `resolution` px images (a
+    transformer with a fixed input size, say)."""
+    if arch == OWN_ARCH:
+        return
+    network = timm_network(arch, 2).eval()
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, resolution, resolution))
+    except Exception as error:  # timm's models raise several kinds on a wrong input size
+        raise ConfigError(f"arch={arch!r} cannot classify {resolution} px images ({error}); choose a convolutional "
+                          f"network (e.g. resnet18) or cnn6") from error
+
+
 class ImageClassifier(PretrainedModel, nn.Module):
     """uint8 or [-1, 1] images (N, 3, H, W) -> class logits (N, num_classes)."""
 
@@ -138,6 +152,7 @@ def accuracy_by_class(predictions: torch.Tensor, labels: torch.Tensor, num_class
 def train_classifier(cfg: ClassifierTrainConfig) -> Path:
     """Train on the train split, evaluate on the val split, save the directory (model + eval.json)."""
     tic = time.time()
+    check_arch(cfg.arch, cfg.resolution)
     train, train_labels, class_names, described = reference_images(cfg.data, "train", cfg.resolution, cfg.max_images)
     val, val_labels, _, _ = reference_images(cfg.data, "val", cfg.resolution, 0)
     train_labels, val_labels = torch.as_tensor(train_labels).long(), torch.as_tensor(val_labels).long()

@@ -101,7 +101,9 @@ def _architecture(model, kind: str) -> list[tuple[str, str]]:
                           + (", ..." if len(c.class_names) > 12 else ""),
                  "text": f"text-conditional: {c.text_encoder} ({c.text_features or 'pooled'} features, dim "
                          f"{c.text_dim})", "none": "unconditional"}[c.conditioning]
+    decoder = c.decoder + (f" with options {dict(c.decoder_options)}" if c.decoder_options else "")
     return [("size", f"{c.size}: width {c.dim}, {c.depth} layers, {c.heads} heads, {c.rope} rotary positions"),
+            ("decoder", decoder),
             ("codes", f"{c.grid[0]} x {c.grid[1]} = {c.sequence_length} per image, codebook size K = "
                       f"{c.codebook_size:,}"), ("conditioning", condition), ("parameters", params)]
 

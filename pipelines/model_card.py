@@ -57,7 +57,7 @@ def _what_it_is(facts: CardFacts) -> list[str]:
     else:
         tok = facts.tokenizer or {}
         pinned = tok.get("hub_id", "?") + (f"@{tok['revision']}" if tok.get("revision") else "")
-        lines = [f"An autoregressive image generator (simvq-gen stage 2, a Llama-style decoder) over the codes of "
+        lines = [f"An autoregressive image generator (simvq-gen stage 2, a transformer decoder) over the codes of "
                  f"the tokenizer [{tok.get('hub_id', '?')}](https://huggingface.co/{tok.get('hub_id', '')}) "
                  f"(`{pinned}`, fingerprint `{tok.get('fingerprint', '?')}`), which decodes its samples."]
         if not tok.get("checked", True):

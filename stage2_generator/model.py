@@ -30,7 +30,7 @@ from .loss import DEFAULT_CHUNK_MB, chunk_rows, chunked_cross_entropy
 
 def rotary_frequencies(cfg: GeneratorConfig) -> torch.Tensor:
     """(P + L - 1, head_dim) rotation angles of every input position (consecutive pairs of features share a
-    frequency, as decoder.rotate applies them)."""
+    frequency, as decoders.llama.rotate and x-transformers' rotate_half apply them)."""
     head_dim = cfg.dim // cfg.heads
     h, w = cfg.grid
     n_prefix, n_codes = cfg.prefix_length, cfg.sequence_length - 1  # the last code is never an input

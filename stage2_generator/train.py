@@ -19,13 +19,13 @@ from omegaconf import OmegaConf
 
 from simvq_common.console import console, progress
 from simvq_common import distributed
+from simvq_common.config import canonical_container
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
 from simvq_common.preemption import PreemptionWatch, preempted
 from simvq_common.run_dir import RunDir
 from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import TrackingSettings
-from simvq_common.config import canonical_container
 from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 
 from .cache_format import text_encoder_differences

@@ -280,17 +280,35 @@ def test_x_transformers_options_reach_its_decoder():
     ("llama", {"ff_dropout": 0.1}, "the llama decoder takes none"),
     ("x-transformers", {"depth": 3}, "the generator sets these"),
     ("x-transformers", {"no_such_option": 1}, "x_transformers.Decoder refused them"),
+    ("x-transformers", {"rotary_emb_dim": 8}, "the generator sets these"),
+    ("x-transformers", {"shift_tokens": 1}, "KV-cached sampling or exact resume does not hold"),
 ])
 def test_bad_decoder_choices_are_refused_naming_the_key(decoder, options, message):
     with pytest.raises(ConfigError, match=message):
         Generator(config("class", decoder=decoder, decoder_options=options))
 
 
-def test_training_flops_count_the_x_transformers_decoders_products():
-    """Its products are the four attention projections and the GLU feed-forward of every layer (ff_mult 4:
-    d -> 2 x 4d, 4d -> d), counted from the built module."""
-    cfg = config("class", size="tiny", decoder="x-transformers")
-    d, positions = cfg.dim, cfg.prefix_length + cfg.sequence_length - 1
-    per_layer = 4 * d * d + d * 8 * d + 4 * d * d
-    assert training_flops_per_token(cfg) == 6 * (cfg.depth * per_layer + d * cfg.codebook_size) + \
-        12 * cfg.depth * d * positions
+def test_the_x_transformers_decoder_by_default_has_the_llama_decoders_products():
+    """Its defaults are size-matched: the four attention projections and a SwiGLU as wide as the llama decoder's,
+    so training FLOPs (counted from the built module) are the same."""
+    llama, xt = config("class", size="tiny"), config("class", size="tiny", decoder="x-transformers")
+    assert training_flops_per_token(xt) == training_flops_per_token(llama)
+    ff = Generator(xt).decoder.net.layers[1][1].ff
+    assert [m.weight.shape for m in ff.modules() if isinstance(m, torch.nn.Linear)] == \
+        [(2 * swiglu_hidden(xt.dim), xt.dim), (xt.dim, swiglu_hidden(xt.dim))]
+
+
+@pytest.mark.parametrize("options", [{"attn_qk_norm": True}, {"ff_relu_squared": True, "ff_glu": False},
+                                     {"attn_gate_values": True}, {"attn_num_mem_kv": 2}, {"ff_mult": 2}])
+def test_x_transformers_variants_sample_through_the_cache_as_they_score(options):
+    """The cache holds what these variants need: cached logits equal the uncached ones."""
+    cfg = config("tokens", decoder="x-transformers", decoder_options=options)
+    model = random_model(cfg)
+    codes, condition = torch.randint(0, cfg.codebook_size, (2, cfg.sequence_length)), condition_for(cfg, 2)
+    uncached = model.logits(codes, condition)
+    logits, cache = model.prefill(condition, batch_size=2)
+    cached = [logits]
+    for j in range(cfg.sequence_length - 1):
+        logits, cache = model.decode_step(codes[:, j], cache)
+        cached.append(logits)
+    torch.testing.assert_close(torch.stack(cached, dim=1), uncached, rtol=1e-4, atol=1e-4)

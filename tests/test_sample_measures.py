@@ -110,3 +110,6 @@ def test_a_timm_architecture_trains_saves_and_reloads_as_the_classifier(tmp_path
     with pytest.raises(ConfigError, match="arch='resnet_tiny' is neither cnn6 nor a model in timm's registry; "
                                           "similar names: \\['\\w+_tiny'"):
         train_classifier(ClassifierTrainConfig(out=str(tmp_path / "bad"), arch="resnet_tiny"))
+    with pytest.raises(ConfigError, match="arch='vit_tiny_patch16_224' cannot classify 32 px images"):
+        train_classifier(ClassifierTrainConfig(out=str(tmp_path / "bad"), arch="vit_tiny_patch16_224"))
+    assert not (tmp_path / "bad").exists()

@@ -7,7 +7,6 @@ from simvq_common.errors import ConfigError
 
 from .base import GeneratorDecoder
 from .llama import Decoder as LlamaDecoder
-from .llama import KVCache
 from .xtransformers import XTransformersDecoder
 
 # model.decoder -> its kind
@@ -21,4 +20,4 @@ def decoder_for(cfg) -> type[GeneratorDecoder]:
     return DECODERS[cfg.decoder]
 
 
-__all__ = ["DECODERS", "GeneratorDecoder", "KVCache", "LlamaDecoder", "XTransformersDecoder", "decoder_for"]
+__all__ = ["DECODERS", "GeneratorDecoder", "LlamaDecoder", "XTransformersDecoder", "decoder_for"]

@@ -127,11 +127,6 @@ class Decoder(GeneratorDecoder):
         return cls(cfg.dim, cfg.depth, cfg.heads, swiglu_hidden(cfg.dim), angles.cos(), angles.sin(),
                    checkpoint_activations=cfg.checkpoint_activations)
 
-    @classmethod
-    def matmul_weights(cls, cfg) -> int:
-        """Weights of the matrix products per position (training FLOPs): attention and SwiGLU projections."""
-        return cfg.depth * (4 * cfg.dim * cfg.dim + 3 * cfg.dim * swiglu_hidden(cfg.dim))
-
     def __init__(self, dim: int, depth: int, heads: int, hidden: int, cos: torch.Tensor, sin: torch.Tensor,
                  checkpoint_activations: bool = False) -> None:
         super().__init__()

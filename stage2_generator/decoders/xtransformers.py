@@ -2,8 +2,9 @@
 and feed-forward variants (and dropout, which the project's own decoder lacks) come from model.decoder_options,
 passed to `x_transformers.Decoder` as keyword arguments over Llama-like defaults.
 
-The generator's rotary angles (2d over the code grid, prefix not rotated) are handed to every layer, so the
-positions mean what they mean in the project's own decoder. x-transformers' cache grows by one position per
+The generator's rotary angles (model.rope: 2d over the code grid with the prefix not rotated, or 1d) are handed
+to every layer, so the positions mean what they mean in the project's own decoder. The defaults below are part of
+what a saved `x-transformers` generator builds: change one only under a new decoder name. x-transformers' cache grows by one position per
 decode step (a new shape each step, so the decode step is not compiled); sampling is otherwise the same.
 """
 from __future__ import annotations
@@ -16,12 +17,17 @@ import torch
 from simvq_common.errors import ConfigError
 
 from .base import GeneratorDecoder
+from .llama import swiglu_hidden
 
-# Llama-like: SwiGLU without biases, RMSNorm, SDPA attention; any of them can be overridden
+# Llama-like: SwiGLU (as wide as the llama decoder's) without biases, RMSNorm, SDPA attention; each can be overridden
 DEFAULT_OPTIONS = {"ff_glu": True, "ff_swish": True, "ff_no_bias": True, "use_rmsnorm": True, "attn_flash": True}
 # set from the generator's config (size, positions) and by its causal use: not options
 FIXED = ("dim", "depth", "heads", "attn_dim_head", "causal", "cross_attend", "rotary_pos_emb", "rotary_xpos",
+         "rotary_emb_dim", "rotary_interpolation_factor", "rotary_xpos_scale_base", "rotary_base_rescale_factor",
          "polar_pos_emb", "alibi_pos_bias", "rel_pos_bias", "dynamic_pos_bias")
+# options whose state the KV cache does not carry (cached sampling would differ from training) or whose randomness
+# is not torch's (a resumed run would differ)
+REFUSED = ("shift_tokens", "layer_dropout")
 
 
 @dataclass
@@ -44,13 +50,19 @@ class XTransformersDecoder(GeneratorDecoder):
         if fixed:
             raise ConfigError(f"model.decoder_options sets {fixed}: the generator sets these (model.size sets width, "
                               f"depth and heads; positions are its rotary angles); remove them")
+        refused = sorted(set(cfg.decoder_options) & set(REFUSED))
+        if refused:
+            raise ConfigError(f"model.decoder_options sets {refused}: KV-cached sampling or exact resume does not hold "
+                              f"with them here (the cache does not carry shifted tokens; layer dropout draws from "
+                              f"Python's random); remove them")
         if cfg.checkpoint_activations:
             raise ConfigError("model.checkpoint_activations=true is for the llama decoder; x-transformers' decoder "
                               "does not recompute activations here: set it to false")
 
     @classmethod
     def build(cls, cfg, angles: torch.Tensor) -> XTransformersDecoder:
-        return cls(cfg.dim, cfg.depth, cfg.heads, angles, dict(cfg.decoder_options))
+        return cls(cfg.dim, cfg.depth, cfg.heads, angles,
+                   {"ff_mult": swiglu_hidden(cfg.dim) / cfg.dim, **cfg.decoder_options})
 
     def __init__(self, dim: int, depth: int, heads: int, angles: torch.Tensor, options: dict) -> None:
         from x_transformers import Decoder
