@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from pipelines.conditionings import request_kind
 from pipelines.model_card import CardFacts, model_card
 from pipelines.tokenizer_match import TOKENIZER_SOURCE_FILE
 from simvq_common.artifacts import KIND_FILE, KINDS, kind_of
@@ -97,10 +98,7 @@ def _architecture(model, kind: str) -> list[tuple[str, str]]:
                          f"(R/{a.downsample_factor}) codes"),
                 ("autoencoder", f"ch {a.ch}, ch_mult {a.ch_mult}, {a.num_res_blocks} res block(s) per level"),
                 ("parameters", params)]
-    condition = {"class": f"class-conditional, {c.num_classes} classes: {', '.join(c.class_names[:12])}"
-                          + (", ..." if len(c.class_names) > 12 else ""),
-                 "text": f"text-conditional: {c.text_encoder} ({c.text_features or 'pooled'} features, dim "
-                         f"{c.text_dim})", "none": "unconditional"}[c.conditioning]
+    condition = request_kind(c).card_row(c)
     decoder = c.decoder + (f" with options {dict(c.decoder_options)}" if c.decoder_options else "")
     return [("size", f"{c.size}: width {c.dim}, {c.depth} layers, {c.heads} heads, {c.rope} rotary positions"),
             ("decoder", decoder),

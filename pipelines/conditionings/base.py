@@ -61,6 +61,10 @@ class RequestKind:
         """The kind in a page's header: "class-conditional (9 classes)"."""
         return self.described
 
+    def card_row(self, model_cfg) -> str:
+        """The conditioning row of a model card's architecture table."""
+        return self.described
+
     def page_input(self, gr, model_cfg):
         """The sampler page's condition field (a gradio component, elem_id "condition")."""
         return gr.Textbox(label="prompt", visible=False, elem_id="condition")

@@ -44,6 +44,11 @@ class ClassRequests(RequestKind):
     def summary(self, model_cfg) -> str:
         return f"class-conditional ({model_cfg.num_classes} classes)"
 
+    def card_row(self, model_cfg) -> str:
+        names = model_cfg.class_names
+        return (f"class-conditional, {model_cfg.num_classes} classes: {', '.join(names[:12])}"
+                + (", ..." if len(names) > 12 else ""))
+
     def page_input(self, gr, model_cfg):
         # typed values too: ids, and unknown names get the sampler's own message
         names = model_cfg.class_names or [str(i) for i in range(model_cfg.num_classes)]

@@ -52,6 +52,10 @@ class TextRequests(RequestKind):
     def summary(self, model_cfg) -> str:
         return f"text-conditional ({model_cfg.text_encoder})"
 
+    def card_row(self, model_cfg) -> str:
+        return (f"text-conditional: {model_cfg.text_encoder} ({model_cfg.text_features or 'pooled'} features, dim "
+                f"{model_cfg.text_dim})")
+
     def page_input(self, gr, model_cfg):
         return gr.Textbox(label="prompt", placeholder="a red heart", elem_id="condition")
 
