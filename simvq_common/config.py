@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Sequence, TypeVar, get_type_hints
 
 import yaml  # omegaconf's parser (a dependency of omegaconf): its grammar errors are not OmegaConf's
 from omegaconf import OmegaConf
@@ -69,9 +69,30 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
             raise ConfigError(f"{path} is not valid YAML{where}: {_yaml_problem(err)}") from None
     try:
         cfg = OmegaConf.merge(cfg, _parse_overrides(overrides))
-        return OmegaConf.to_object(cfg)
+        config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, "override", schema)) from None
+    _check_string_lists(config)
+    return config
+
+
+def _check_string_lists(config, prefix: str = "") -> None:
+    """OmegaConf lets a mapping into a list of strings: `prompts=[dog face, flag: Japan]` reads its last item as
+    {flag: Japan}. Refuse it here, naming the item and how to quote it."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        value, key = getattr(config, f.name), prefix + f.name
+        if is_dataclass(value):
+            _check_string_lists(value, key + ".")
+        elif isinstance(value, list) and value and all(is_dataclass(item) for item in value):
+            for i, item in enumerate(value):
+                _check_string_lists(item, f"{key}[{i}].")
+        elif hints.get(f.name) == list[str]:
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    shown = ", ".join(f"{k}: {v}" for k, v in item.items()) if isinstance(item, dict) else item
+                    raise ConfigError(f"{key}[{i}] was read as {item!r}, not text: a value holding ': ' or "
+                                      f"brackets must be quoted inside the list, e.g. \"{key}=[a, '{shown}']\"")
 
 
 def to_yaml(config) -> str:

@@ -110,3 +110,16 @@ def test_a_field_added_to_a_schema_leaves_older_fingerprints_and_identities_alon
     assert "decoder" not in canonical_container(cfg)
     other = GeneratorConfig(codebook_size=64, grid=[2, 3], num_classes=3, decoder="x-transformers")
     assert "decoder: x-transformers" in canonical_yaml(other)
+
+
+def test_a_list_item_read_as_a_mapping_is_refused_naming_it_and_the_quoting():
+    """`prompts=[dog face, flag: Japan]` once reached the text encoder as {'flag': 'Japan'} and failed there with
+    sentence-transformers' "unrecognized modality keys: ['flag']"."""
+    from pipelines.config import PipelineConfig, SampleConfig
+
+    with pytest.raises(ConfigError, match=r"prompts\[1\] was read as \{'flag': 'Japan'\}, not text: .* "
+                                          r"\"prompts=\[a, 'flag: Japan'\]\""):
+        load_config(SampleConfig, None, ["prompts=[dog face, flag: Japan]"])
+    assert load_config(SampleConfig, None, ["prompts=[dog face, 'flag: Japan']"]).prompts == ["dog face", "flag: Japan"]
+    with pytest.raises(ConfigError, match=r"generators\[0\]\.prompts\[0\] was read as"):
+        load_config(PipelineConfig, None, ["generators=[{name: text, prompts: [flag: Japan]}]"])
