@@ -55,6 +55,16 @@ def random_model(cfg: GeneratorConfig, seed: int = 0) -> Generator:
     return model.eval()
 
 
+def cached_logits(model: Generator, codes: torch.Tensor, condition) -> torch.Tensor:
+    """(B, L, K) logits of every code through prefill and one KV-cached decode step per code."""
+    logits, cache = model.prefill(condition, batch_size=len(codes))
+    steps = [logits]
+    for j in range(codes.shape[1] - 1):
+        logits, cache = model.decode_step(codes[:, j], cache)
+        steps.append(logits)
+    return torch.stack(steps, dim=1)
+
+
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_parameter_count_matches_the_architecture(size):
     cfg = GeneratorConfig(size=size, codebook_size=16384, grid=[16, 16], num_classes=1000)
@@ -129,12 +139,7 @@ def test_kv_cached_logits_equal_the_uncached_ones(conditioning, rope, decoder):
     codes = torch.randint(0, cfg.codebook_size, (3, cfg.sequence_length))
     condition = condition_for(cfg, 3)
     uncached = model.logits(codes, condition)
-    step_logits, cache = model.prefill(condition, batch_size=3)
-    cached = [step_logits]
-    for j in range(cfg.sequence_length - 1):
-        step_logits, cache = model.decode_step(codes[:, j], cache)
-        cached.append(step_logits)
-    torch.testing.assert_close(torch.stack(cached, dim=1), uncached, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_logits(model, codes, condition), uncached, rtol=1e-4, atol=1e-4)
     # a prefill that already holds the first codes continues identically
     logits, _ = model.prefill(condition, batch_size=3, codes=codes[:, :5])
     torch.testing.assert_close(logits, uncached[:, 5], rtol=1e-4, atol=1e-4)
@@ -305,10 +310,5 @@ def test_x_transformers_variants_sample_through_the_cache_as_they_score(options)
     cfg = config("tokens", decoder="x-transformers", decoder_options=options)
     model = random_model(cfg)
     codes, condition = torch.randint(0, cfg.codebook_size, (2, cfg.sequence_length)), condition_for(cfg, 2)
-    uncached = model.logits(codes, condition)
-    logits, cache = model.prefill(condition, batch_size=2)
-    cached = [logits]
-    for j in range(cfg.sequence_length - 1):
-        logits, cache = model.decode_step(codes[:, j], cache)
-        cached.append(logits)
-    torch.testing.assert_close(torch.stack(cached, dim=1), uncached, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_logits(model, codes, condition), model.logits(codes, condition), rtol=1e-4,
+                               atol=1e-4)
