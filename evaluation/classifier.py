@@ -40,7 +40,8 @@ from .inputs import reference_images
 class ClassifierConfig:
     """What rebuilds a classifier: saved as config.yaml beside its weights."""
 
-    added_fields: ClassVar[tuple[str, ...]] = ("arch",)  # left out of the fingerprint at its default (older ones keep theirs)
+    # left out of the fingerprint at its default (classifiers saved before it keep theirs)
+    added_fields: ClassVar[tuple[str, ...]] = ("arch",)
 
     num_classes: int = 0
     class_names: list[str] = field(default_factory=list)

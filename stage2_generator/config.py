@@ -35,7 +35,8 @@ class GeneratorConfig:
 
     size: str = "tiny"  # a key of SIZES
     decoder: str = "llama"  # a key of stage2_generator.decoders.DECODERS: llama (the project's own) | x-transformers
-    decoder_options: dict[str, Any] = field(default_factory=dict)  # x-transformers: Decoder keywords, e.g. {ff_dropout: 0.1}
+    # x-transformers: its Decoder's keyword arguments, e.g. {ff_dropout: 0.1}
+    decoder_options: dict[str, Any] = field(default_factory=dict)
     conditioning: str = "class"  # a key of stage2_generator.conditionings.CONDITIONINGS: class | text | none
     rope: str = "2d"  # 2d: half of each head rotates by the code's row, half by its column | 1d: by sequence position
     rope_base: float = 10000.0

@@ -161,8 +161,8 @@ class GeneratorTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def identity(self) -> dict:
         """What a checkpoint must share with the run that resumes it."""
-        return {"model": canonical_container(self.cfg.model), "cache": self.cache.fingerprint, "world_size": world_size(),
-                "zero_stage": self.zero_stage, "batch_size": self.cfg.data.batch_size,
+        return {"model": canonical_container(self.cfg.model), "cache": self.cache.fingerprint,
+                "world_size": world_size(), "zero_stage": self.zero_stage, "batch_size": self.cfg.data.batch_size,
                 "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
 
     def _resume(self) -> None:

@@ -7,6 +7,13 @@ import torch
 from torch import nn
 
 
+def key_mask(prefix_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool over key positions: the prefix's mask (B, P) on the first P, True after them."""
+    keys = torch.ones(len(prefix_mask), length, dtype=torch.bool, device=prefix_mask.device)
+    keys[:, :prefix_mask.shape[1]] = prefix_mask
+    return keys
+
+
 class GeneratorDecoder(nn.Module):
     """A causal decoder over inputs (B, n, dim), returning normed hidden states (B, n, dim).
 
@@ -17,7 +24,8 @@ class GeneratorDecoder(nn.Module):
     which counts `filled` positions of its `capacity`.
     """
 
-    compilable_step = False  # True: the decode step has the same shapes at every position (torch.compile keeps one graph)
+    # True: the decode step has the same shapes at every position (torch.compile keeps one graph)
+    compilable_step = False
 
     @classmethod
     def check(cls, cfg) -> None:

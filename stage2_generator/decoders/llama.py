@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from simvq_common.errors import ConfigError
 
-from .base import GeneratorDecoder
+from .base import GeneratorDecoder, key_mask
 
 NORM_EPS = 1e-6
 
@@ -163,8 +163,7 @@ class Decoder(GeneratorDecoder):
             cos, sin = self.cos[:n], self.sin[:n]
             mask = None if prefix_mask is None else self.causal_mask(prefix_mask, n)
             if cache is not None and prefix_mask is not None:
-                cache.attended = torch.ones(len(x), 1, 1, cache.capacity, dtype=torch.bool, device=x.device)
-                cache.attended[:, 0, 0, :prefix_mask.shape[1]] = prefix_mask
+                cache.attended = key_mask(prefix_mask, cache.capacity)[:, None, None, :]
         for i, block in enumerate(self.blocks):
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 # keep each block's input only; its activations are recomputed in the backward
@@ -178,8 +177,7 @@ class Decoder(GeneratorDecoder):
         """(B, 1, n, n) bool: query i attends key j <= i unless j is a masked prefix position; a masked position
         attends itself alone (so that no query is left without a key, whose softmax would be NaN). No other
         position reads it, and no loss does: its output is inert."""
-        keys = torch.ones(len(prefix_mask), n, dtype=torch.bool, device=prefix_mask.device)
-        keys[:, :prefix_mask.shape[1]] = prefix_mask
+        keys = key_mask(prefix_mask, n)
         causal = torch.ones(n, n, dtype=torch.bool, device=prefix_mask.device).tril()
         diagonal = torch.eye(n, dtype=torch.bool, device=prefix_mask.device)
         return (causal[None, None] & keys[:, None, None, :]) | diagonal

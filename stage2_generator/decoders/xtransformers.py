@@ -3,9 +3,10 @@ and feed-forward variants (and dropout, which the project's own decoder lacks) c
 passed to `x_transformers.Decoder` as keyword arguments over Llama-like defaults.
 
 The generator's rotary angles (model.rope: 2d over the code grid with the prefix not rotated, or 1d) are handed
-to every layer, so the positions mean what they mean in the project's own decoder. The defaults below are part of
-what a saved `x-transformers` generator builds: change one only under a new decoder name. x-transformers' cache grows by one position per
-decode step (a new shape each step, so the decode step is not compiled); sampling is otherwise the same.
+to every layer, so the positions mean what they mean in the project's own decoder. The defaults below are part
+of what a saved `x-transformers` generator builds: change one only under a new decoder name. x-transformers'
+cache grows by one position per decode step (a new shape each step, so the decode step is not compiled);
+sampling is otherwise the same.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import torch
 
 from simvq_common.errors import ConfigError
 
-from .base import GeneratorDecoder
+from .base import GeneratorDecoder, key_mask
 from .llama import swiglu_hidden
 
-# Llama-like: SwiGLU (as wide as the llama decoder's) without biases, RMSNorm, SDPA attention; each can be overridden
+# Llama-like: SwiGLU (as wide as the llama decoder's: ff_mult, set per width) without biases, RMSNorm, SDPA attention;
+# each can be overridden
 DEFAULT_OPTIONS = {"ff_glu": True, "ff_swish": True, "ff_no_bias": True, "use_rmsnorm": True, "attn_flash": True}
 # set from the generator's config (size, positions) and by its causal use: not options
 FIXED = ("dim", "depth", "heads", "attn_dim_head", "causal", "cross_attend", "rotary_pos_emb", "rotary_xpos",
@@ -61,8 +63,7 @@ class XTransformersDecoder(GeneratorDecoder):
 
     @classmethod
     def build(cls, cfg, angles: torch.Tensor) -> XTransformersDecoder:
-        return cls(cfg.dim, cfg.depth, cfg.heads, angles,
-                   {"ff_mult": swiglu_hidden(cfg.dim) / cfg.dim, **cfg.decoder_options})
+        return cls(cfg.dim, cfg.depth, cfg.heads, angles, dict(cfg.decoder_options))
 
     def __init__(self, dim: int, depth: int, heads: int, angles: torch.Tensor, options: dict) -> None:
         from x_transformers import Decoder
@@ -70,7 +71,7 @@ class XTransformersDecoder(GeneratorDecoder):
         super().__init__()
         try:
             self.net = Decoder(dim=dim, depth=depth, heads=heads, attn_dim_head=dim // heads,
-                               **{**DEFAULT_OPTIONS, **options})
+                               **{**DEFAULT_OPTIONS, "ff_mult": swiglu_hidden(dim) / dim, **options})
         except (TypeError, AssertionError) as error:  # an option it does not know, or a combination it refuses
             raise ConfigError(f"model.decoder_options={options}: x_transformers.Decoder refused them ({error}); see "
                               f"its keyword arguments (attn_*, ff_*, layer options)") from error
@@ -89,15 +90,14 @@ class XTransformersDecoder(GeneratorDecoder):
         end = start + x.shape[1]
         if end > self.max_positions:
             raise ValueError(f"{end} positions; the decoder allows {self.max_positions}")
-        key_mask = cache.key_mask if step else None
+        keys = cache.key_mask if step else None
         if prefix_mask is not None:
-            key_mask = torch.ones(len(x), self.max_positions, dtype=torch.bool, device=x.device)
-            key_mask[:, :prefix_mask.shape[1]] = prefix_mask
+            keys = key_mask(prefix_mask, self.max_positions)
             if cache is not None:
-                cache.key_mask = key_mask
+                cache.key_mask = keys
         # queries take the last x.shape[1] angles, keys (cached ones included) all of them
         options = {"rotary_pos_emb": (self.angles[None, :end], None),
-                   "self_attn_kv_mask": None if key_mask is None else key_mask[:, :end]}
+                   "self_attn_kv_mask": None if keys is None else keys[:, :end]}
         if cache is None:
             return self.net(x, **options)
         hidden, cache.intermediates = self.net(x, cache=cache.intermediates if step else None, return_hiddens=True,
