@@ -31,13 +31,15 @@ test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # `simvq serve`'s page in a real headless Chromium (tests/browser/, not in `make test`): the `browser` extra and
-# $(CHROMIUM) (playwright cannot download its own browser here); GENERATOR=DIR serves that trained generator and
-# writes the screenshot docs/figures/serve.png (without: tiny random models, the screenshot in pytest's tmp dir)
+# $(CHROMIUM) (playwright cannot download its own browser here); GENERATOR=DIR (or a ready-made name) serves that
+# trained generator at its recommended sampler, CLASS=NAME picks the class, and the screenshot is written to
+# docs/figures/serve.png (without: tiny random models, the screenshot in pytest's tmp dir)
 CHROMIUM ?= /usr/bin/chromium
 GENERATOR ?=
+CLASS ?=
 test-browser: $(INSTALLED)
 	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --disable-pip-version-check -q -e ".[browser]"
-	CHROMIUM=$(CHROMIUM) SIMVQ_GENERATOR=$(GENERATOR) $(BIN)/python -m pytest -q -s tests/browser
+	CHROMIUM=$(CHROMIUM) SIMVQ_GENERATOR=$(GENERATOR) SIMVQ_CLASS="$(CLASS)" $(BIN)/python -m pytest -q -s tests/browser
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bench_quantizer.py

@@ -57,6 +57,14 @@ def _compare_tokenizers(cfg) -> None:
     console.print(f"[green]done[/]: {cfg.out_dir}/results.json" + (f" and {cfg.results_md}" if cfg.results_md else ""))
 
 
+def _generation_study(cfg) -> None:
+    from pipelines.generation_study import run_generation_study
+
+    result = run_generation_study(cfg)
+    console.print(f"[green]done[/]: {len(result['rows'])} tokenizers in {cfg.out_dir}/results.json"
+                  + (f" and {cfg.results_md}" if cfg.results_md else ""))
+
+
 def _pretokenize(cfg) -> None:
     from pipelines.pretokenize import pretokenize
     from simvq_common.distributed import rank
@@ -174,6 +182,10 @@ COMMANDS: dict[str, tuple[Callable[[object], None], str]] = {
     "compare-tokenizers": (_compare_tokenizers,
                            "train and evaluate one tokenizer per (quantizer kind, codebook size) under the same "
                            "budget and tabulate rFID, PSNR, SSIM, LPIPS and utilisation"),
+    "generation-study": (_generation_study,
+                         "train the same class generator over each tokenizer of a tokenizer comparison (plain VQ "
+                         "and SimVQ at several K, several seeds) and tabulate generation FID against rFID, the "
+                         "generator's bits per image, codebook use and speed (e.g. -c configs/study/generation_emoji.yaml)"),
     "pretokenize": (_pretokenize,
                     "encode a dataset with a tokenizer into a code cache (shards + manifest.json) for stage 2; "
                     "resumes an interrupted run; run under torchrun for several processes "
@@ -229,6 +241,7 @@ SCHEMAS: dict[str, str] = {
     "train-tokenizer": "stage1_tokenizer.config:TokenizerTrainConfig",
     "eval-tokenizer": "stage1_tokenizer.config:TokenizerEvalConfig",
     "compare-tokenizers": "studies.config:TokenizerComparisonConfig",
+    "generation-study": "pipelines.config:GenerationStudyConfig",
     "pretokenize": "pipelines.config:PretokenizeConfig",
     "train-generator": "stage2_generator.config:GeneratorTrainConfig",
     "sample": "pipelines.config:SampleConfig",

@@ -183,3 +183,41 @@ class QualityStudyConfig:
     results_md: str = ""  # a markdown file whose quality-study section is rewritten ("" = none)
     figure: str = ""  # a PNG of FID and val loss against the step ("" = none)
     command: str = ""  # the command line, recorded with the results
+
+
+@dataclass
+class StudyTokenizer:
+    """One tokenizer of the generation study: a run of its tokenizer comparison (seed 0: the comparison's own)."""
+
+    kind: str = "simvq"  # a quantizer kind (stage1_tokenizer.quantizers.QUANTIZERS)
+    codebook_size: int = 8192
+    seed: int = 0  # the tokenizer's seed (weights, data order, codebook)
+
+
+@dataclass
+class GenerationStudyConfig:
+    """What a fully used codebook gives the generator (pipelines/generation_study.py): the same class generator
+    over each tokenizer's codes, sampled and measured alike."""
+
+    tokenizer_study: str = "configs/study/tokenizers_emoji.yaml"  # the compare-tokenizers config whose runs are used
+    tokenizers: list[StudyTokenizer] = field(default_factory=lambda: [
+        StudyTokenizer(kind, size) for size in (1024, 8192, 65536) for kind in ("vq", "simvq")])
+    aug: str = "flip"  # pre-tokenization of the train split
+    max_images: int = 0  # train images pre-tokenized (0 = all)
+    generator_config: str = "configs/generator/emoji32_class_tiny_cpu.yaml"
+    generator_overrides: list[str] = field(default_factory=list)  # the same for every tokenizer
+    generator_seeds: list[int] = field(default_factory=lambda: [0, 1])  # run.seed of each generator
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=3.0))
+    num_samples: int = 0  # samples per generator in the val split's class mix (0 = as many as val images)
+    reference: str = ""  # what FID is measured against: "" = the data's val split, or `simvq evaluate`'s reference
+    max_reference: int = 0  # reference images evaluated against (0 = all)
+    metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "prc"])
+    fid_source: str = "auto"
+    # the sampler's share: these settings (SamplingConfig key=value over `sampling`) on these tokenizers'
+    # first-seed generators ("simvq_K65536": the run names of the tokenizer comparison)
+    sweep: list[str] = field(default_factory=list)
+    sweep_tokenizers: list[str] = field(default_factory=list)
+    out_dir: str = "runs/generation_study"
+    results_md: str = ""  # a markdown file whose generation-study section is rewritten ("" = none)
+    figure: str = ""  # a PNG of generation FID and rFID against K per quantizer ("" = none)
+    command: str = ""  # the command line, recorded with the results

@@ -19,14 +19,25 @@ from stage1_tokenizer.quantizers import display_name
 from studies.config import TokenizerComparisonConfig
 
 
+def run_name(kind: str, codebook_size: int, seed: int = 0) -> str:
+    """The run directory's name under out_dir: seed 0 is the comparison's own run."""
+    return f"{kind}_K{codebook_size}" + (f"_seed{seed}" if seed else "")
+
+
+def run_config(cfg: TokenizerComparisonConfig, kind: str, codebook_size: int, seed: int = 0) -> TokenizerTrainConfig:
+    """One tokenizer run of the comparison: the base config with the quantizer swapped; a `seed` other than 0
+    reseeds the weights, the data order and the initial / frozen codebook (run.seed, tokenizer.quantizer.seed)."""
+    reseed = [f"run.seed={seed}", f"tokenizer.quantizer.seed={seed}"] if seed else []
+    return load_config(TokenizerTrainConfig, cfg.base_config, [
+        *cfg.overrides, f"tokenizer.quantizer.kind={kind}", f"tokenizer.quantizer.codebook_size={codebook_size}",
+        *reseed, f"run.out_dir={Path(cfg.out_dir) / run_name(kind, codebook_size, seed)}"])
+
+
 def run_comparison(cfg: TokenizerComparisonConfig) -> list[dict]:
     results = []
     for codebook_size in cfg.codebook_sizes:
         for kind in cfg.kinds:
-            run_dir = Path(cfg.out_dir) / f"{kind}_K{codebook_size}"
-            train_cfg = load_config(TokenizerTrainConfig, cfg.base_config, [
-                *cfg.overrides, f"tokenizer.quantizer.kind={kind}", f"tokenizer.quantizer.codebook_size={codebook_size}",
-                f"run.out_dir={run_dir}"])
+            train_cfg = run_config(cfg, kind, codebook_size)
             tokenizer_dir = train_tokenizer(train_cfg)
             result = evaluate_tokenizer(TokenizerEvalConfig(
                 tokenizer=str(tokenizer_dir), data=train_cfg.data.source, split="val",
