@@ -204,12 +204,15 @@ class GenerationStudyConfig:
         StudyTokenizer(kind, size) for size in (1024, 8192, 65536) for kind in ("vq", "simvq")])
     aug: str = "flip"  # pre-tokenization of the train split
     max_images: int = 0  # train images pre-tokenized (0 = all)
+    num_workers: int = 0  # DataLoader processes decoding images for pre-tokenization
     generator_config: str = "configs/generator/emoji32_class_tiny_cpu.yaml"
     generator_overrides: list[str] = field(default_factory=list)  # the same for every tokenizer
     generator_seeds: list[int] = field(default_factory=lambda: [0, 1])  # run.seed of each generator
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(guidance_scale=3.0))
     num_samples: int = 0  # samples per generator in the val split's class mix (0 = as many as val images)
-    reference: str = ""  # what FID is measured against: "" = the data's val split, or `simvq evaluate`'s reference
+    # what FID is measured against: "" = the data's val split (rFID's reference too, so the gap is reported), or
+    # any `simvq evaluate` reference (then no gap: rFID stays against val)
+    reference: str = ""
     max_reference: int = 0  # reference images evaluated against (0 = all)
     metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "prc"])
     fid_source: str = "auto"

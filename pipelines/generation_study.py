@@ -52,15 +52,19 @@ from .run import reference_classes
 from .sample import sample
 
 
+def digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def reused(path: Path, key: dict, make) -> dict:
     """The record at `path` when it was made from the same `key`, else make()'s, written there with the key."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest_ = digest(key)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == digest:
+        if saved.get("key") == digest_:
             return saved["record"]
     record = make()
-    write_json_atomic(path, {"key": digest, "inputs": key, "record": record})
+    write_json_atomic(path, {"key": digest_, "inputs": key, "record": record})
     return record
 
 
@@ -70,11 +74,13 @@ def code_share(codes: np.ndarray, codebook_size: int) -> float:
 
 
 def train_log(run_dir: Path) -> tuple[float | None, float | None]:
-    """(the last logged val loss in nats per code, the mean training tokens/s) of a generator run."""
+    """(the last logged val loss in nats per code, training tokens/s) of a generator run. The speed leaves out the
+    first log interval (warm-up) and is total tokens over total time: the harmonic mean of equal-token intervals."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [r["val_loss"] for r in lines if "val_loss" in r]
     speed = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r]
-    return (val[-1] if val else None), (float(np.mean(speed)) if speed else None)
+    speed = speed[1:] or speed
+    return (val[-1] if val else None), (len(speed) / sum(1 / v for v in speed) if speed else None)
 
 
 class GenerationStudy:
@@ -89,9 +95,14 @@ class GenerationStudy:
         if unknown:
             raise ConfigError(f"tokenizers: unknown quantizer kind(s) {unknown}: expected one of {sorted(QUANTIZERS)}")
         names = [self.name(t) for t in cfg.tokenizers]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"tokenizers lists one tokenizer twice ({names}): each needs its own kind, size or seed")
         missing = sorted(set(cfg.sweep_tokenizers) - set(names))
         if missing:
             raise ConfigError(f"sweep_tokenizers {missing} are not among the study's tokenizers {names}")
+        if "fid" not in cfg.metrics:
+            raise ConfigError(f"metrics={cfg.metrics}: the study compares FIDs; add fid")
+        self.sweep = [sweep_setting(cfg.sampling, setting) for setting in cfg.sweep]  # a bad key fails here, early
 
     @staticmethod
     def name(t: StudyTokenizer) -> str:
@@ -110,26 +121,38 @@ class GenerationStudy:
         rfid = reused(folder / "tokenizer_eval.record.json", {"tokenizer": fingerprint, **asdict(eval_cfg)},
                       lambda: {k: evaluate_tokenizer(eval_cfg)[k] for k in ("rfid", "psnr", "utilisation")})
         caches = {}
-        for split, aug, max_images in (("train", self.cfg.aug, self.cfg.max_images), ("val", "none", 0)):
+        # val as evaluated: its first max_reference images, so the samples' class mix is the reference's
+        for split, aug, max_images in (("train", self.cfg.aug, self.cfg.max_images),
+                                       ("val", "none", self.cfg.max_reference)):
             caches[split] = str(folder / f"cache_{split}")
             pretokenize(PretokenizeConfig(tokenizer=tokenizer_dir, data=data, split=split, resolution=resolution,
-                                          out=caches[split], aug=aug, max_images=max_images, num_workers=0))
+                                          out=caches[split], aug=aug, max_images=max_images,
+                                          num_workers=self.cfg.num_workers))
         return {"name": self.name(t), **asdict(t), "tokenizer": tokenizer_dir, "fingerprint": fingerprint,
                 "data": data, "caches": caches, **rfid}
 
     def generator(self, tok: dict, seed: int) -> dict:
-        """Train (or resume) the class generator of `seed` over `tok`'s codes; its val loss and training speed."""
-        run_dir = self.out / tok["name"] / f"generator_seed{seed}"
-        cfg = load_config(GeneratorTrainConfig, self.cfg.generator_config, [
-            *self.cfg.generator_overrides, f"data.cache={tok['caches']['train']}",
-            f"data.val_cache={tok['caches']['val']}", f"run.out_dir={run_dir}", f"run.seed={seed}"])
-        generator = train_generator(cfg)
-        val_loss, tokens_per_s = train_log(run_dir)
-        sequence_length = CodeCache(tok["caches"]["val"]).sequence_length
-        return {"seed": seed, "generator": str(generator), "fingerprint": Generator.from_pretrained(generator).fingerprint(),
-                "steps": cfg.run.steps, "val_loss": val_loss, "train_tokens_per_s": tokens_per_s,
-                "val_bits_per_image": None if val_loss is None else val_loss * sequence_length / math.log(2),
-                "val_perplexity": None if val_loss is None else math.exp(val_loss)}
+        """Train (or resume) the class generator of `seed` over `tok`'s codes; its val loss and training speed.
+
+        The run's folder is named by its whole training config and caches: a changed override trains a new
+        generator instead of resuming the finished one (whose checkpoint identity holds no optimiser settings)."""
+        overrides = [*self.cfg.generator_overrides, f"data.cache={tok['caches']['train']}",
+                     f"data.val_cache={tok['caches']['val']}", f"run.seed={seed}"]
+        key = {"config": asdict(load_config(GeneratorTrainConfig, self.cfg.generator_config, overrides)),
+               "caches": {split: CodeCache(path).fingerprint for split, path in tok["caches"].items()}}
+        run_dir = self.out / tok["name"] / f"generator_seed{seed}_{digest(key)}"
+        cfg = load_config(GeneratorTrainConfig, self.cfg.generator_config, [*overrides, f"run.out_dir={run_dir}"])
+
+        def make() -> dict:
+            generator = train_generator(cfg)
+            val_loss, tokens_per_s = train_log(run_dir)
+            sequence_length = CodeCache(tok["caches"]["val"]).sequence_length
+            return {"seed": seed, "generator": str(generator), "run_dir": str(run_dir),
+                    "fingerprint": Generator.from_pretrained(generator).fingerprint(), "steps": cfg.run.steps,
+                    "val_loss": val_loss, "train_tokens_per_s": tokens_per_s,
+                    "val_bits_per_image": None if val_loss is None else val_loss * sequence_length / math.log(2),
+                    "val_perplexity": None if val_loss is None else math.exp(val_loss)}
+        return reused(run_dir / "study_record.json", key, make)
 
     def measure(self, tok: dict, gen: dict, sampling: SamplingConfig, folder: Path) -> dict:
         """Sample `gen` at `sampling` in the val split's class mix and evaluate against the val split."""
@@ -138,19 +161,21 @@ class GenerationStudy:
         counts = largest_remainder(val_counts, num)
         key = {"generator": gen["fingerprint"], "sampling": asdict(sampling), "counts": counts, "num": num,
                "metrics": self.cfg.metrics, "reference": self.cfg.reference, "max_reference": self.cfg.max_reference,
-               "rfid": tok["rfid"]}
+               "fid_source": self.cfg.fid_source, "rfid": tok["rfid"]}
 
         def make() -> dict:
             sample(SampleConfig(generator=gen["generator"], out=str(folder), num_samples=num, class_counts=counts,
                                 sampling=sampling, sampling_preset="none", batch_size=64, save_pngs=False))
-            seconds = json.loads((folder / "sampling.json").read_text())["seconds"]
+            seconds = json.loads((folder / "sampling.json").read_text())["draw_seconds"]
             m = evaluate(EvaluateConfig(samples=str(folder), reference=self.cfg.reference or tok["data"],
                                         reference_split="val",
                                         max_reference=self.cfg.max_reference, metrics=self.cfg.metrics,
                                         fid_source=self.cfg.fid_source, tokenizer_rfid=tok["rfid"]))
             with np.load(folder / "samples.npz") as data:
                 codes, sequence_length = data["codes"], data["codes"].shape[1]
-            return {**{k: m.get(k) for k in ("fid", "sfid", "precision", "recall")}, "gap": m["fid"] - tok["rfid"],
+            # the gap only where both FIDs share a reference (rFID is always against the val split)
+            gap = None if self.cfg.reference else m["fid"] - tok["rfid"]
+            return {**{k: m.get(k) for k in ("fid", "sfid", "precision", "recall")}, "gap": gap,
                     "sample_code_share": code_share(codes, tok["codebook_size"]),
                     "sampling_tokens_per_s": num * sequence_length / seconds, "num": num}
         return {**reused(folder / "row.json", key, make), "sampling": asdict(sampling)}
@@ -173,16 +198,14 @@ def run_generation_study(cfg: GenerationStudyConfig) -> dict:
         gens = []
         for seed in cfg.generator_seeds:
             gen = study.generator(tok, seed)
-            folder = study.out / tok["name"] / f"samples_seed{seed}"
-            gens.append({**gen, **study.measure(tok, gen, cfg.sampling, folder)})
+            gens.append({**gen, **study.measure(tok, gen, cfg.sampling, Path(gen["run_dir"]) / "samples")})
         rows.append({**{k: tok[k] for k in ("name", "kind", "codebook_size", "seed", "fingerprint", "rfid", "psnr",
                                             "utilisation")},
                      "val_code_share": study.val_code_share(tok), "generators": gens,
-                     "fid": spread([g["fid"] for g in gens]), "gap": spread([g["gap"] for g in gens])})
+                     "fid": spread([g["fid"] for g in gens]), "gap": None if cfg.reference else spread([g["gap"] for g in gens])})
         if tok["name"] in cfg.sweep_tokenizers:
-            for i, setting in enumerate(cfg.sweep):
-                sampling = sweep_setting(cfg.sampling, setting)
-                folder = study.out / tok["name"] / f"sweep_{i:02d}"
+            for i, (setting, sampling) in enumerate(zip(cfg.sweep, study.sweep)):
+                folder = Path(gens[0]["run_dir"]) / f"sweep_{i:02d}"  # with the generator it samples
                 sweeps.append({"tokenizer": tok["name"], "setting": setting,
                                **study.measure(tok, gens[0], sampling, folder)})
     result = {"config": asdict(cfg), "rows": rows, "sweep": sweeps, "environment": environment(),

@@ -198,7 +198,7 @@ def draw(models: Models, plan: Plan, indices: np.ndarray, cfg: SampleConfig, on_
 
 
 def sampling_record(cfg: SampleConfig, models: Models, plan: Plan, image_size, world: int,
-                    started_at: datetime.datetime, seconds: float) -> dict:
+                    started_at: datetime.datetime, seconds: float, draw_seconds: float) -> dict:
     """sampling.json: every parameter, the seeds rule, both fingerprints, the counts, environment and time."""
     model_cfg, conditions, prefix = models.generator.config, plan.conditions, plan.prefix
     per_condition = np.bincount(conditions.slots(plan.indices), minlength=len(conditions.names)).tolist()
@@ -223,6 +223,7 @@ def sampling_record(cfg: SampleConfig, models: Models, plan: Plan, image_size, w
         "environment": environment(),
         "started": started_at.isoformat(timespec="seconds"),
         "seconds": seconds,
+        "draw_seconds": draw_seconds,  # drawing and decoding rank 0's samples (seconds also holds model loading)
     }
 
 
@@ -232,8 +233,11 @@ def sample_with(models: Models, cfg: SampleConfig) -> dict:
     started_at, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     _check(cfg)
     plan = plan_samples(models, cfg)
+    drawing = time.perf_counter()
     codes, images = draw(models, plan, plan.indices, cfg)
-    meta = sampling_record(cfg, models, plan, images.shape[1:3], 1, started_at, time.perf_counter() - start)
+    draw_seconds = time.perf_counter() - drawing
+    meta = sampling_record(cfg, models, plan, images.shape[1:3], 1, started_at, time.perf_counter() - start,
+                           draw_seconds)
     if cfg.save_pngs:
         write_pngs(Path(cfg.out), plan.indices, images)
     write_samples(cfg.out, images, labels=plan.labels, indices=plan.indices, codes=codes, prompts=plan.prompts,
@@ -253,11 +257,13 @@ def sample(cfg: SampleConfig) -> dict:
     mine = plan.indices[rank::world]  # any split gives the same samples: each depends on its index alone
     with progress(disable=rank != 0) as bar:
         task = bar.add_task("sample", total=len(mine), status=f"{world} process(es)")
+        drawing = time.perf_counter()
         codes, images = draw(models, plan, mine, cfg, on_batch=lambda n: bar.advance(task, n))
+        draw_seconds = time.perf_counter() - drawing  # this rank's codes drawn and decoded, models already loaded
     seconds = time.perf_counter() - start  # loading, sampling and decoding; writing the files not included
     summary = {"out": str(cfg.out), "num_samples": len(plan.indices), "generator_fingerprint":
                models.generator_fingerprint, "tokenizer_fingerprint": models.generator.config.tokenizer_fingerprint}
-    meta = sampling_record(cfg, models, plan, images.shape[1:3], world, started_at, seconds)
+    meta = sampling_record(cfg, models, plan, images.shape[1:3], world, started_at, seconds, draw_seconds)
     out, done = Path(cfg.out), Path(cfg.out) / RANK0_DONE
     if cfg.save_pngs:  # each rank its own
         write_pngs(out, mine, images)

@@ -66,24 +66,35 @@ def test_generation_study_measures_every_tokenizer_and_resumes(tmp_path, monkeyp
         gens = row["generators"]
         assert [g["seed"] for g in gens] == [0, 1] and gens[0]["fingerprint"] != gens[1]["fingerprint"]
         for g in gens:
-            with np.load(folder / f"samples_seed{g['seed']}" / "samples.npz") as data:
+            with np.load(Path(g["run_dir"]) / "samples" / "samples.npz") as data:
                 assert np.bincount(data["labels"], minlength=9).tolist() == counts
                 assert g["sample_code_share"] == len(np.unique(data["codes"])) / 64
             assert g["gap"] == pytest.approx(g["fid"] - row["rfid"])
-            lines = (folder / f"generator_seed{g['seed']}" / "metrics.jsonl").read_text().splitlines()
+            lines = (Path(g["run_dir"]) / "metrics.jsonl").read_text().splitlines()
             val_loss = [json.loads(x)["val_loss"] for x in lines if "val_loss" in x][-1]
             assert g["val_bits_per_image"] == pytest.approx(val_loss * 16 / math.log(2))  # 4x4 codes at 16 px
             assert g["val_perplexity"] == pytest.approx(math.exp(val_loss))
-            assert g["train_tokens_per_s"] > 0 and g["sampling_tokens_per_s"] > 0
+            meta = json.loads((Path(g["run_dir"]) / "samples" / "sampling.json").read_text())
+            assert g["sampling_tokens_per_s"] == pytest.approx(8 * 16 / meta["draw_seconds"])
+            assert 0 < meta["draw_seconds"] < meta["seconds"]  # model loading left out
         assert row["fid"]["mean"] == pytest.approx(np.mean([g["fid"] for g in gens]))
 
     (sweep,) = result["sweep"]
     assert sweep["tokenizer"] == "simvq_K64" and sweep["sampling"]["temperature"] == 0.5
     assert sweep["sampling"]["top_k"] == 8 and sweep["sampling"]["guidance_scale"] == cfg.sampling.guidance_scale
-    meta = json.loads((Path(cfg.out_dir) / "simvq_K64" / "sweep_00" / "sampling.json").read_text())
+    meta = json.loads((Path(rows["simvq_K64"]["generators"][0]["run_dir"]) / "sweep_00" / "sampling.json").read_text())
     assert meta["generator"]["fingerprint"] == rows["simvq_K64"]["generators"][0]["fingerprint"]
     assert "generation-study:begin" in (tmp_path / "RESULTS.md").read_text()
     assert (tmp_path / "fid_vs_k.png").is_file()
+
+    # a changed training override trains a new generator beside the old one, never resuming the finished one
+    changed = tiny_study(tmp_path, tokenizers=[StudyTokenizer("simvq", 64)], generator_seeds=[0], sweep=[],
+                         sweep_tokenizers=[], results_md="", figure="",
+                         generator_overrides=[*TINY_GENERATOR, "optim.lr=0.01"])
+    (new,) = run_generation_study(changed)["rows"][0]["generators"]
+    (old,) = [g for g in rows["simvq_K64"]["generators"] if g["seed"] == 0]
+    assert new["run_dir"] != old["run_dir"] and new["fingerprint"] != old["fingerprint"]
+    assert Path(old["run_dir"], "generator", "model.safetensors").is_file()
 
     # a second call measures nothing again
     for name in ("sample", "train_generator", "evaluate", "evaluate_tokenizer"):
@@ -115,6 +126,9 @@ def test_code_share_counts_distinct_codes():
     ({"tokenizers": [StudyTokenizer("fancy_vq", 64)]}, "fancy_vq"),
     ({"sweep_tokenizers": ["simvq_K999"]}, "simvq_K999"),
     ({"generator_seeds": []}, "generator_seeds"),
+    ({"tokenizers": [StudyTokenizer("vq", 64)] * 2}, "twice"),
+    ({"metrics": ["sfid"]}, "add fid"),
+    ({"sweep": ["temprature=0.5"]}, "temprature"),
 ])
 def test_bad_study_configs_are_refused_before_any_training(tmp_path, changes, named):
     with pytest.raises(ConfigError, match=named):
