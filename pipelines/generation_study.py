@@ -6,7 +6,8 @@ For each tokenizer (quantizer kind, codebook size, seed: a run of the tokenizer 
 trained when not) the study evaluates it on the val split (rFID: the floor), pre-tokenizes the data (train and val),
 trains the same class-conditional generator once per generator seed (one config, steps, batch and learning rate for
 all), samples each with the same settings in the val split's class mix and evaluates the samples against the val
-split. Every step writes an ordinary command's output under OUT/<tokenizer>/ and is reused when its inputs are
+split. Every step writes an ordinary command's output under OUT/<tokenizer>/ (its caches; each generator in
+generator_seed<S>_<hash of its training config>/ with its samples/ and sweep rows) and is reused when its inputs are
 unchanged, so a killed study continues where it stopped (a generator's training resumes from its checkpoint).
 
 Per generator it records FID, sFID, precision / recall, the gap FID - rFID, the val loss in bits per image (what

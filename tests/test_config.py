@@ -58,12 +58,13 @@ def test_missing_file_is_clear(tmp_path):
 
 
 def _schema_for(path):
-    from pipelines.config import PipelineConfig
+    from pipelines.config import GenerationStudyConfig, PipelineConfig
     from stage1_tokenizer.config import TokenizerTrainConfig
     from stage2_generator.config import GeneratorTrainConfig
     from studies.config import CollapseStudyConfig, TokenizerComparisonConfig
 
     schemas = {"study/collapse": CollapseStudyConfig, "study/tokenizers": TokenizerComparisonConfig,
+               "study/generation": GenerationStudyConfig,
                "tokenizer/": TokenizerTrainConfig, "generator/": GeneratorTrainConfig,
                "pipeline/": PipelineConfig}
     matches = [schema for prefix, schema in schemas.items() if f"configs/{prefix}" in path.as_posix()]
