@@ -18,10 +18,9 @@ need another sampler than a small one, so the best of each is reported, not one 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,23 +48,19 @@ from .config import EvaluateConfig, GenerationStudyConfig, PretokenizeConfig, Sa
 from .evaluate import evaluate
 from .pretokenize import pretokenize
 from .quality_study import sweep_setting
-from .run import reference_classes
+from .run import identity_hash, reference_classes
 from .sample import sample
-
-
-def digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def reused(path: Path, key: dict, make) -> dict:
     """The record at `path` when it was made from the same `key`, else make()'s, written there with the key."""
-    digest_ = digest(key)
+    digest = identity_hash(key)
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == digest_:
+        if saved.get("key") == digest:
             return saved["record"]
     record = make()
-    write_json_atomic(path, {"key": digest_, "inputs": key, "record": record})
+    write_json_atomic(path, {"key": digest, "inputs": key, "record": record})
     return record
 
 
@@ -129,8 +124,11 @@ class GenerationStudy:
             pretokenize(PretokenizeConfig(tokenizer=tokenizer_dir, data=data, split=split, resolution=resolution,
                                           out=caches[split], aug=aug, max_images=max_images,
                                           num_workers=self.cfg.num_workers))
+        val = CodeCache(caches["val"])
+        _, class_counts = reference_classes(caches["val"], caches["train"])
         return {"name": self.name(t), **asdict(t), "tokenizer": tokenizer_dir, "fingerprint": fingerprint,
-                "data": data, "caches": caches, **rfid}
+                "data": data, "caches": caches, "class_counts": class_counts, "sequence_length": val.sequence_length,
+                "val_code_share": code_share(val.codes(np.arange(len(val))), t.codebook_size), **rfid}
 
     def generator(self, tok: dict, seed: int) -> dict:
         """Train (or resume) the class generator of `seed` over `tok`'s codes; its val loss and training speed.
@@ -139,15 +137,16 @@ class GenerationStudy:
         generator instead of resuming the finished one (whose checkpoint identity holds no optimiser settings)."""
         overrides = [*self.cfg.generator_overrides, f"data.cache={tok['caches']['train']}",
                      f"data.val_cache={tok['caches']['val']}", f"run.seed={seed}"]
-        key = {"config": asdict(load_config(GeneratorTrainConfig, self.cfg.generator_config, overrides)),
+        cfg = load_config(GeneratorTrainConfig, self.cfg.generator_config, overrides)
+        key = {"config": asdict(cfg),
                "caches": {split: CodeCache(path).fingerprint for split, path in tok["caches"].items()}}
-        run_dir = self.out / tok["name"] / f"generator_seed{seed}_{digest(key)}"
-        cfg = load_config(GeneratorTrainConfig, self.cfg.generator_config, [*overrides, f"run.out_dir={run_dir}"])
+        run_dir = self.out / tok["name"] / f"generator_seed{seed}_{identity_hash(key)}"
+        cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))
 
         def make() -> dict:
             generator = train_generator(cfg)
             val_loss, tokens_per_s = train_log(run_dir)
-            sequence_length = CodeCache(tok["caches"]["val"]).sequence_length
+            sequence_length = tok["sequence_length"]
             return {"seed": seed, "generator": str(generator), "run_dir": str(run_dir),
                     "fingerprint": Generator.from_pretrained(generator).fingerprint(), "steps": cfg.run.steps,
                     "val_loss": val_loss, "train_tokens_per_s": tokens_per_s,
@@ -157,9 +156,8 @@ class GenerationStudy:
 
     def measure(self, tok: dict, gen: dict, sampling: SamplingConfig, folder: Path) -> dict:
         """Sample `gen` at `sampling` in the val split's class mix and evaluate against the val split."""
-        labels, val_counts = reference_classes(tok["caches"]["val"], tok["caches"]["train"])
-        num = self.cfg.num_samples or len(labels)
-        counts = largest_remainder(val_counts, num)
+        num = self.cfg.num_samples or sum(tok["class_counts"])
+        counts = largest_remainder(tok["class_counts"], num)
         key = {"generator": gen["fingerprint"], "sampling": asdict(sampling), "counts": counts, "num": num,
                "metrics": self.cfg.metrics, "reference": self.cfg.reference, "max_reference": self.cfg.max_reference,
                "fid_source": self.cfg.fid_source, "rfid": tok["rfid"]}
@@ -173,17 +171,13 @@ class GenerationStudy:
                                         max_reference=self.cfg.max_reference, metrics=self.cfg.metrics,
                                         fid_source=self.cfg.fid_source, tokenizer_rfid=tok["rfid"]))
             with np.load(folder / "samples.npz") as data:
-                codes, sequence_length = data["codes"], data["codes"].shape[1]
+                codes = data["codes"]
             # the gap only where both FIDs share a reference (rFID is always against the val split)
             gap = None if self.cfg.reference else m["fid"] - tok["rfid"]
             return {**{k: m.get(k) for k in ("fid", "sfid", "precision", "recall")}, "gap": gap,
                     "sample_code_share": code_share(codes, tok["codebook_size"]),
-                    "sampling_tokens_per_s": num * sequence_length / seconds, "num": num}
+                    "sampling_tokens_per_s": num * tok["sequence_length"] / seconds, "num": num}
         return {**reused(folder / "row.json", key, make), "sampling": asdict(sampling)}
-
-    def val_code_share(self, tok: dict) -> float:
-        val = CodeCache(tok["caches"]["val"])
-        return code_share(val.codes(np.arange(len(val))), tok["codebook_size"])
 
 
 def spread(values: list[float]) -> dict:
@@ -202,7 +196,7 @@ def run_generation_study(cfg: GenerationStudyConfig) -> dict:
             gens.append({**gen, **study.measure(tok, gen, cfg.sampling, Path(gen["run_dir"]) / "samples")})
         rows.append({**{k: tok[k] for k in ("name", "kind", "codebook_size", "seed", "fingerprint", "rfid", "psnr",
                                             "utilisation")},
-                     "val_code_share": study.val_code_share(tok), "generators": gens,
+                     "val_code_share": tok["val_code_share"], "generators": gens,
                      "fid": spread([g["fid"] for g in gens]), "gap": None if cfg.reference else spread([g["gap"] for g in gens])})
         if tok["name"] in cfg.sweep_tokenizers:
             for i, (setting, sampling) in enumerate(zip(cfg.sweep, study.sweep)):
