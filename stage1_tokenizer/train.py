@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from simvq_common.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from simvq_common.config import to_yaml
 from simvq_common.console import console, progress
+from simvq_common.ema import update_ema
 from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
@@ -48,14 +49,6 @@ def autocast_context(device: torch.device, precision: str):
 def use_channels_last(setting: bool | None, device: torch.device) -> bool:
     """run.channels_last: true / false, or null = auto: CHANNELS_LAST_AUTO (docs/BENCHMARKS.md)."""
     return device.type in CHANNELS_LAST_AUTO if setting is None else bool(setting)
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for ema_p, p in zip(ema.parameters(), model.parameters()):
-        ema_p.lerp_(p.detach(), 1.0 - decay)
-    for ema_b, b in zip(ema.buffers(), model.buffers()):
-        ema_b.copy_(b)
 
 
 def check_resumable(saved: dict, cfg: TokenizerTrainConfig) -> None:

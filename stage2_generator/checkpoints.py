@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from simvq_common.checkpoint import (INTEGRITY_FILE, by_step, integrity_problem, keep_newest, load_newest_intact,
                                      record_integrity, warn_if_short_of_space, weights_only_loads)
@@ -27,6 +28,7 @@ from .model import Generator
 
 TAG = re.compile(r"step_(\d+)")
 IDENTITY_FILE = "identity.json"
+EMA_FILE = "ema.safetensors"  # the EMA weights (optim.ema_decay > 0), covered by the tag's integrity record
 
 
 def deepspeed_checkpoint_types() -> list:
@@ -69,10 +71,11 @@ def newest_intact_tag(directory: Path) -> str | None:
     return next((tag for tag in tags_newest_first(directory) if tag_problem(directory, tag) is None), None)
 
 
-def save_tag(engine, directory: Path, step: int, identity: dict, client_state: dict, keep: int) -> None:
-    """Tag step_<step>: its identity, DeepSpeed's files from every rank, then (rank 0) its integrity record; then
-    all but the newest `keep` tags are pruned. A full disk raises DiskFullError, the unfinished tag removed and the
-    previous ones kept."""
+def save_tag(engine, directory: Path, step: int, identity: dict, client_state: dict, keep: int,
+             ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Tag step_<step>: its identity, DeepSpeed's files from every rank and (rank 0) the EMA weights, then its
+    integrity record; then all but the newest `keep` tags are pruned. A full disk raises DiskFullError, the
+    unfinished tag removed and the previous ones kept."""
     tag = f"step_{step:08d}"
     previous = tags_newest_first(directory)
     needed = tag_size(directory / previous[0]) if previous else None
@@ -83,6 +86,8 @@ def save_tag(engine, directory: Path, step: int, identity: dict, client_state: d
     barrier()  # the identity exists before `latest` can name the tag
     try:
         engine.save_checkpoint(str(directory), tag, client_state=client_state, save_latest=False)
+        if ema is not None and rank() == 0:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(directory / tag / EMA_FILE))
     except (OSError, RuntimeError) as err:
         if not is_disk_full(err):
             raise
@@ -124,6 +129,12 @@ def load_newest_intact_tag(engine, directory: Path, identity: dict) -> dict | No
                               lambda tag: distributed.rank0_decides(lambda: tag_problem(directory, tag)), load)
 
 
+def ema_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor] | None:
+    """The EMA weights saved in a tag (on the CPU), or None for a run without an EMA."""
+    path = checkpoints / tag / EMA_FILE
+    return load_file(str(path)) if path.is_file() else None
+
+
 def consolidated_weights(checkpoints: Path, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 master weights of one saved checkpoint tag, gathered from the optimizer's partitions (any ZeRO
     stage, any process count), loaded with weights_only."""
@@ -145,5 +156,6 @@ def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
     if problem is not None:
         raise ArtifactError(f"{checkpoints / tag} is not intact: {problem}")
     model = Generator.from_pretrained(run_dir / "generator")  # the config, with what the cache filled in
-    model.load_state_dict(consolidated_weights(checkpoints, tag))
+    # the weights the run exports: its EMA when it keeps one
+    model.load_state_dict(ema_weights(checkpoints, tag) or consolidated_weights(checkpoints, tag))
     return model.save_pretrained(out)

@@ -121,6 +121,9 @@ class GeneratorOptimConfig:
     schedule: str = "constant"  # constant | cosine (to min_lr_ratio x lr at run.steps)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # an EMA of the weights, validated beside them and exported instead (0 = off: the last step's weights); its
+    # decay is warmed up, min(ema_decay, (1 + n) / (10 + n)) at update n (simvq_common/ema.py); ZeRO 0-2 only
+    ema_decay: float = 0.0
 
 
 @dataclass

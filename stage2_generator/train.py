@@ -7,6 +7,7 @@ has no other randomness, so there is no RNG state to restore. N steps + resume +
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from simvq_common.console import console, progress
+from simvq_common.ema import update_ema, warmed_up_decay
 from simvq_common import distributed
 from simvq_common.config import canonical_container
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
@@ -31,7 +33,7 @@ from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 from .cache_format import text_encoder_differences
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
-from .checkpoints import consolidated_weights, load_newest_intact_tag, save_tag
+from .checkpoints import consolidated_weights, ema_weights, load_newest_intact_tag, save_tag
 from .conditionings import conditioning_for
 from .config import GeneratorConfig, GeneratorTrainConfig
 from .model import Generator, parameter_groups, training_flops_per_token
@@ -142,12 +144,21 @@ class GeneratorTrainer:
         # model and engine; the seed makes every rank build the same initial weights
         torch.manual_seed(cfg.run.seed)
         self.model = Generator(cfg.model, cfg.run.loss_chunk_mb)
+        # the EMA: an fp32 copy of the initial weights beside the engine's, on the same device
+        self.ema = (copy.deepcopy(self.model).requires_grad_(False).eval().to(self.device)
+                    if cfg.optim.ema_decay else None)
         betas = tuple(cfg.optim.betas)
         optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.ds_config = deepspeed_config(cfg, self.bf16)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
+        if not 0.0 <= cfg.optim.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must lie in [0, 1) (0 = no EMA)")
+        if self.ema is not None and self.zero_stage == 3:
+            raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} needs whole weights on every rank, which "
+                              f"ZeRO-3 ({cfg.run.deepspeed}) partitions: use configs/deepspeed/zero2.yaml or set "
+                              f"optim.ema_decay=0")
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=self.ds_config)
         if use_compile(cfg.run.compile, self.device):
@@ -161,9 +172,12 @@ class GeneratorTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def identity(self) -> dict:
         """What a checkpoint must share with the run that resumes it."""
-        return {"model": canonical_container(self.cfg.model), "cache": self.cache.fingerprint,
-                "world_size": world_size(), "zero_stage": self.zero_stage, "batch_size": self.cfg.data.batch_size,
-                "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
+        identity = {"model": canonical_container(self.cfg.model), "cache": self.cache.fingerprint,
+                    "world_size": world_size(), "zero_stage": self.zero_stage, "batch_size": self.cfg.data.batch_size,
+                    "grad_accum": self.cfg.data.grad_accum, "bf16": self.bf16, "seed": self.cfg.run.seed}
+        if self.ema is not None:  # only then: runs without an EMA resume checkpoints written before it existed
+            identity["ema_decay"] = self.cfg.optim.ema_decay
+        return identity
 
     def _resume(self) -> None:
         client = load_newest_intact_tag(self.engine, self.checkpoints, self.identity())
@@ -171,18 +185,24 @@ class GeneratorTrainer:
             return
         self.step = client["step"]
         self.loader.load_state_dict(client["loader"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ema_weights(self.checkpoints, f"step_{self.step:08d}"))
         if rank() == 0:
             console.print(f"resumed from {self.checkpoints} (step {self.step})")
 
     def save(self) -> None:
         save_tag(self.engine, self.checkpoints, self.step, self.identity(),
-                 {"step": self.step, "loader": self.loader.state_dict()}, self.cfg.run.keep_checkpoints)
+                 {"step": self.step, "loader": self.loader.state_dict()}, self.cfg.run.keep_checkpoints,
+                 ema=None if self.ema is None else self.ema.state_dict())
 
     def export(self) -> Path:
-        """Consolidated fp32 weights + config as a generator directory (rebuilds without DeepSpeed)."""
+        """Consolidated fp32 weights (the EMA's, when the run keeps one) + config as a generator directory (rebuilds
+        without DeepSpeed)."""
         out = Path(self.cfg.run.out_dir) / "generator"
         state = None
-        if self.zero_stage >= 1 and (self.zero_stage == 3 or self.bf16):
+        if self.ema is not None:
+            state = self.ema.state_dict()
+        elif self.zero_stage >= 1 and (self.zero_stage == 3 or self.bf16):
             # the fp32 master weights live in the optimizer's partitions: consolidate the saved checkpoint
             barrier()
             if rank() == 0:
@@ -244,6 +264,8 @@ class GeneratorTrainer:
                 raise NonFiniteLoss(f"non-finite gradients at step {self.step} (DeepSpeed skipped the update); "
                                     f"training stopped, the last good checkpoint is in {self.checkpoints}")
             total += loss.detach().double()
+        if self.ema is not None:  # after the accumulation boundary, where the engine has stepped
+            update_ema(self.ema, self.engine.module, warmed_up_decay(self.cfg.optim.ema_decay, self.step))
         # one host sync per step (not per micro-step): a non-finite loss stops the run before any checkpoint
         mean = float(all_reduce_sum(total / self.cfg.data.grad_accum)) / world_size()
         if not math.isfinite(mean):
@@ -252,15 +274,23 @@ class GeneratorTrainer:
         self.step += 1
         return mean
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Mean next-code cross-entropy and perplexity on the val cache (every rank the same batch count)."""
+        """Mean next-code cross-entropy and perplexity on the val cache, of the weights and of their EMA."""
+        record = self.val_loss(self.engine)
+        if self.ema is not None and record:
+            ema = self.val_loss(self.ema)
+            record.update(val_loss_ema=ema["val_loss"], val_perplexity_ema=ema["val_perplexity"])
+        return record
+
+    @torch.no_grad()
+    def val_loss(self, model) -> dict:
+        """`model`'s (the engine, or the EMA) mean val loss; every rank runs the same batch count."""
         n = len(self.val_cache)
         if self.cfg.data.val_sequences:
             n = min(n, self.cfg.data.val_sequences)
         loader = CacheLoader(self.val_cache, self.cfg.data.batch_size, shuffle=False, drop_last=True,
                              text=self.conditioning.needs_text)
-        self.engine.eval()
+        model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x sequences, sequences)
         remaining = n // world_size()  # equal on every rank: ZeRO-3 gathers weights in lockstep
         for batch in loader:
@@ -269,7 +299,7 @@ class GeneratorTrainer:
             take = min(remaining, len(batch.codes))
             remaining -= take
             condition = self.condition_of(batch)
-            loss = self.engine(batch.codes[:take].to(self.device), None if condition is None else condition[:take])
+            loss = model(batch.codes[:take].to(self.device), None if condition is None else condition[:take])
             sums[0] += loss.detach().double() * take
             sums[1] += take
         all_reduce_sum(sums)
