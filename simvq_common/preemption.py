@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import distributed
@@ -59,6 +60,16 @@ class PreemptionWatch:
     def stop_requested(self) -> bool:
         """Whether any rank received a signal: every rank must call it at the same step."""
         return distributed.any_rank(self.received is not None)
+
+    def checkpoint_phase(self, save: Callable[[], None], scheduled: bool, run_dir: str | Path, step: int) -> None:
+        """A training loop's last phase of every step, on every rank: save when the schedule says so, and when a
+        signal reached any rank save (once) and stop with `preempted`."""
+        if scheduled:
+            save()
+        if self.stop_requested():
+            if not scheduled:
+                save()
+            raise preempted(run_dir, step, self.received)
 
 
 def preempted(run_dir: str | Path, step: int, received: str | None) -> Preempted:

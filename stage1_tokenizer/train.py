@@ -25,7 +25,7 @@ from simvq_common.ema import update_ema
 from simvq_common import distributed
 from simvq_common.distributed import barrier, rank, world_size
 from simvq_common.errors import ArtifactError, ConfigError, NonFiniteLoss
-from simvq_common.preemption import PreemptionWatch, preempted
+from simvq_common.preemption import PreemptionWatch
 from simvq_common.run_dir import RunDir
 from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import TrackingSettings
@@ -316,13 +316,9 @@ class TokenizerTrainer:
                     record.update(self.save_reconstructions())
                 if record and rank() == 0:
                     self.run_dir.log(step=self.step, **record)
-                saved = self.step % run.checkpoint_every == 0 or self.step == run.steps
-                if saved:
-                    self.save()
-                if preemption.stop_requested():  # every rank, every step: a signal to one stops all here
-                    if not saved:
-                        self.save()
-                    raise preempted(run.out_dir, self.step, preemption.received)
+                # every rank, every step: a signal to one stops all here
+                preemption.checkpoint_phase(self.save, self.step % run.checkpoint_every == 0 or
+                                            self.step == run.steps, run.out_dir, self.step)
                 bar.update(task, completed=self.step)
         out = Path(run.out_dir) / "tokenizer"
         if rank() == 0:

@@ -24,7 +24,7 @@ from simvq_common import distributed
 from simvq_common.config import canonical_container
 from simvq_common.distributed import all_reduce_sum, barrier, rank, world_size
 from simvq_common.errors import ConfigError, NonFiniteLoss, UserError
-from simvq_common.preemption import PreemptionWatch, preempted
+from simvq_common.preemption import PreemptionWatch
 from simvq_common.run_dir import RunDir
 from simvq_common.run_lock import holding_run_dir
 from simvq_common.tracking import TrackingSettings
@@ -349,13 +349,9 @@ class GeneratorTrainer:
                     self.run_dir.log(step=self.step, **record)
                     bar.update(task, status=f"loss {loss:.3f}" + (f" val {record['val_loss']:.3f}"
                                                                     if "val_loss" in record else ""))
-                saved = self.step % run.checkpoint_every == 0 or self.step == run.steps
-                if saved:
-                    self.save()
-                if preemption.stop_requested():  # every rank, every step: a signal to one stops all here
-                    if not saved:
-                        self.save()
-                    raise preempted(run.out_dir, self.step, preemption.received)
+                # every rank, every step: a signal to one stops all here
+                preemption.checkpoint_phase(self.save, self.step % run.checkpoint_every == 0 or
+                                            self.step == run.steps, run.out_dir, self.step)
                 tic += time.perf_counter() - paused
                 bar.update(task, completed=self.step)
         return self.export()
