@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simvq_common.config import load_config
+from simvq_common.config import canonical_container, load_config
 from simvq_common.console import console
 from simvq_common.errors import ConfigError
 from simvq_common.io import write_json_atomic
@@ -138,7 +138,7 @@ class GenerationStudy:
         overrides = [*self.cfg.generator_overrides, f"data.cache={tok['caches']['train']}",
                      f"data.val_cache={tok['caches']['val']}", f"run.seed={seed}"]
         cfg = load_config(GeneratorTrainConfig, self.cfg.generator_config, overrides)
-        key = {"config": asdict(cfg),
+        key = {"config": canonical_container(cfg),
                "caches": {split: CodeCache(path).fingerprint for split, path in tok["caches"].items()}}
         run_dir = self.out / tok["name"] / f"generator_seed{seed}_{identity_hash(key)}"
         cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))

@@ -7,7 +7,7 @@ import torch
 
 def warmed_up_decay(decay: float, updates: int) -> float:
     """The decay of update number `updates` (0-based): min(decay, (1 + n) / (10 + n)), so that a short run's
-    average is not dominated by its random initial weights (0.1 at the first update, 0.9 at the 80th)."""
+    average is not dominated by its random initial weights (0.1 at update 0, 0.9 at update 80)."""
     return min(decay, (1 + updates) / (10 + updates))
 
 

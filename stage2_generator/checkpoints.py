@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from simvq_common.checkpoint import (INTEGRITY_FILE, by_step, integrity_problem, keep_newest, load_newest_intact,
                                      record_integrity, warn_if_short_of_space, weights_only_loads)
@@ -84,15 +84,21 @@ def save_tag(engine, directory: Path, step: int, identity: dict, client_state: d
         warn_if_short_of_space(directory, needed)
         write_json_atomic(directory / tag / IDENTITY_FILE, identity)
     barrier()  # the identity exists before `latest` can name the tag
+    failed = None
     try:
         engine.save_checkpoint(str(directory), tag, client_state=client_state, save_latest=False)
         if ema is not None and rank() == 0:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(directory / tag / EMA_FILE))
+            payload = save({k: v.detach().cpu().contiguous() for k, v in ema.items()})
+            (directory / tag / EMA_FILE).write_bytes(payload)  # the integrity record, written last, vouches for it
     except (OSError, RuntimeError) as err:
         if not is_disk_full(err):
             raise
-        shutil.rmtree(directory / tag, ignore_errors=True)
-        raise disk_full_error(directory / tag, err, needed) from err
+        failed = err
+    # the ranks decide together: rank 0 alone may have run out of space (the EMA file is its alone)
+    if distributed.any_rank(failed is not None):
+        if rank() == 0:
+            shutil.rmtree(directory / tag, ignore_errors=True)
+        raise disk_full_error(directory / tag, failed or OSError("another rank ran out of space"), needed)
     barrier()
     if rank() == 0:
         files = [f for f in sorted((directory / tag).rglob("*")) if f.is_file() and f.name != INTEGRITY_FILE]
@@ -107,8 +113,9 @@ def load_newest_intact_tag(engine, directory: Path, identity: dict) -> dict | No
     (identity) is refused."""
     def load(tag: str) -> dict:
         saved = json.loads((directory / tag / IDENTITY_FILE).read_text())
-        differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in identity.items()
-                       if saved.get(k) != v]
+        # both ways: a key only the checkpoint has (ema_decay) is a difference too
+        differences = [f"{k}: checkpoint {saved.get(k)!r}, this run {identity.get(k)!r}"
+                       for k in [*identity, *(k for k in saved if k not in identity)] if saved.get(k) != identity.get(k)]
         if differences:
             raise UserError(f"cannot resume {directory / tag}: " + "; ".join(differences) +
                             ". Use the original config and process count, or a new run.out_dir")

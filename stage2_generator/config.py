@@ -114,6 +114,8 @@ class GeneratorDataConfig:
 
 @dataclass
 class GeneratorOptimConfig:
+    # fields added after runs were saved without them: left out of run identities while at their defaults
+    added_fields: ClassVar[tuple[str, ...]] = ("ema_decay",)
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05  # on >= 2-D weights only
@@ -121,8 +123,9 @@ class GeneratorOptimConfig:
     schedule: str = "constant"  # constant | cosine (to min_lr_ratio x lr at run.steps)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    # an EMA of the weights, validated beside them and exported instead (0 = off: the last step's weights); its
-    # decay is warmed up, min(ema_decay, (1 + n) / (10 + n)) at update n (simvq_common/ema.py); ZeRO 0-2 only
+    # an fp32 EMA of the weights, validated beside them and exported instead (0 = off: the last step's weights);
+    # its decay is warmed up, min(ema_decay, (1 + n) / (10 + n)) at update n (simvq_common/ema.py); ZeRO 0-2
+    # only; under bf16 it averages the module's bf16 weights (DeepSpeed keeps the fp32 masters partitioned)
     ema_decay: float = 0.0
 
 

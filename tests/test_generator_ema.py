@@ -1,13 +1,17 @@
 """The generator's EMA (optim.ema_decay): the warmed-up average of each step's weights, validated beside them,
 exported instead of them, checkpointed so that a resumed run is bitwise the straight one; refused where it cannot
 work (ZeRO-3) and where a checkpoint was written without it."""
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 from test_train_generator import exported, metrics, tiny
 
+from simvq_common.config import canonical_container
 from simvq_common.ema import warmed_up_decay
-from simvq_common.errors import ConfigError, UserError
-from stage2_generator.checkpoints import export_checkpoint
+from simvq_common.errors import ConfigError, DiskFullError, UserError
+from stage2_generator.checkpoints import ema_weights, export_checkpoint
 from stage2_generator.model import Generator
 from stage2_generator.train import GeneratorTrainer, train_generator
 
@@ -23,7 +27,8 @@ def test_warmed_up_decay_rises_to_the_configured_one():
 
 
 def test_ema_is_the_warmed_up_average_of_every_steps_weights(tmp_path):
-    trainer = GeneratorTrainer(tiny(tmp_path, f"optim.ema_decay={DECAY}", "run.steps=5"))
+    # two micro-steps per update: the EMA moves once per optimizer step, after the engine's
+    trainer = GeneratorTrainer(tiny(tmp_path, f"optim.ema_decay={DECAY}", "run.steps=5", "data.grad_accum=2"))
     expected = {k: v.double() for k, v in trainer.engine.module.state_dict().items()}
     batches = trainer.batches()
     for update in range(5):
@@ -74,3 +79,34 @@ def test_ema_is_refused_under_zero3_and_outside_0_1_and_when_resuming_a_run_with
     train_generator(tiny(tmp_path, "run.steps=3"))
     with pytest.raises(UserError, match=r"ema_decay: checkpoint None, this run 0.9"):
         GeneratorTrainer(tiny(tmp_path, "run.steps=6", f"optim.ema_decay={DECAY}"))
+    train_generator(tiny(tmp_path / "ema", "run.steps=3", f"optim.ema_decay={DECAY}"))
+    with pytest.raises(UserError, match=r"ema_decay: checkpoint 0.9, this run None"):  # nor the other way
+        GeneratorTrainer(tiny(tmp_path / "ema", "run.steps=6"))
+
+
+def test_a_full_disk_while_the_ema_is_written_keeps_the_previous_tag(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, f"optim.ema_decay={DECAY}", "run.steps=4", "run.checkpoint_every=2")
+    trainer = GeneratorTrainer(cfg)
+    real = Path.write_bytes
+
+    def full(path, data):
+        if path.name == "ema.safetensors" and "step_00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DiskFullError, match=r"no space left to write .*step_00000004: .* free"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000002"]
+    monkeypatch.setattr(Path, "write_bytes", real)
+    resumed = GeneratorTrainer(cfg)
+    assert resumed.step == 2
+    saved, ema = ema_weights(tmp_path / "run" / "checkpoints", "step_00000002"), resumed.ema.state_dict()
+    assert saved.keys() == ema.keys() and all(torch.equal(ema[k], saved[k]) for k in saved)  # step 2's EMA
+    assert any(not torch.equal(ema[k], v) for k, v in resumed.engine.module.state_dict().items())  # not the weights
+
+
+def test_runs_without_an_ema_keep_their_identity(tmp_path):
+    """Run identities (`simvq run`'s stages, the generation study's folders) hash the canonical config: a run
+    trained before optim.ema_decay existed must not read as changed, and one with an EMA must."""
+    assert "ema_decay" not in canonical_container(tiny(tmp_path))["optim"]
+    assert canonical_container(tiny(tmp_path, f"optim.ema_decay={DECAY}"))["optim"]["ema_decay"] == DECAY
