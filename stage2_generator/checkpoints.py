@@ -31,6 +31,11 @@ IDENTITY_FILE = "identity.json"
 EMA_FILE = "ema.safetensors"  # the EMA weights (optim.ema_decay > 0), covered by the tag's integrity record
 
 
+def tag_of(step: int) -> str:
+    """The tag folder of a step's checkpoint (matched by TAG)."""
+    return f"step_{step:08d}"
+
+
 def deepspeed_checkpoint_types() -> list:
     """The classes DeepSpeed pickles into its ZeRO optimizer files (the static loss scaler, the ZeRO stage enum,
     parameter fragment addresses): allowed on resume, and nothing else. DeepSpeed's own TorchCheckpointEngine
@@ -76,7 +81,7 @@ def save_tag(engine, directory: Path, step: int, identity: dict, client_state: d
     """Tag step_<step>: its identity, DeepSpeed's files from every rank and (rank 0) the EMA weights, then its
     integrity record; then all but the newest `keep` tags are pruned. A full disk raises DiskFullError, the
     unfinished tag removed and the previous ones kept."""
-    tag = f"step_{step:08d}"
+    tag = tag_of(step)
     previous = tags_newest_first(directory)
     needed = tag_size(directory / previous[0]) if previous else None
     if rank() == 0:
@@ -155,7 +160,7 @@ def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
     """The generator of run `run_dir` as it was at checkpoint `step`, as a generator directory in `out` (its
     config.yaml is the exported generator's: the run must have finished, or be exported once)."""
     run_dir = Path(run_dir)
-    checkpoints, tag = run_dir / "checkpoints", f"step_{step:08d}"
+    checkpoints, tag = run_dir / "checkpoints", tag_of(step)
     if not (checkpoints / tag).is_dir():
         kept = sorted(p.name for p in checkpoints.glob("step_*"))
         raise UserError(f"{run_dir} keeps no checkpoint of step {step}: it keeps {kept} (run.keep_checkpoints)")

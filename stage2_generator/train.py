@@ -33,7 +33,7 @@ from simvq_common.numerics import set_deterministic, use_bf16, use_compile
 from .cache_format import text_encoder_differences
 from .cache_loader import CacheLoader
 from .cache_reader import CodeCache
-from .checkpoints import consolidated_weights, ema_weights, load_newest_intact_tag, save_tag
+from .checkpoints import consolidated_weights, ema_weights, load_newest_intact_tag, save_tag, tag_of
 from .conditionings import conditioning_for
 from .config import GeneratorConfig, GeneratorTrainConfig
 from .model import Generator, parameter_groups, training_flops_per_token
@@ -186,7 +186,7 @@ class GeneratorTrainer:
         self.step = client["step"]
         self.loader.load_state_dict(client["loader"])
         if self.ema is not None:
-            self.ema.load_state_dict(ema_weights(self.checkpoints, f"step_{self.step:08d}"))
+            self.ema.load_state_dict(ema_weights(self.checkpoints, tag_of(self.step)))
         if rank() == 0:
             console.print(f"resumed from {self.checkpoints} (step {self.step})")
 
@@ -206,7 +206,7 @@ class GeneratorTrainer:
             # the fp32 master weights live in the optimizer's partitions: consolidate the saved checkpoint
             barrier()
             if rank() == 0:
-                state = consolidated_weights(self.checkpoints, f"step_{self.step:08d}")
+                state = consolidated_weights(self.checkpoints, tag_of(self.step))
         elif self.bf16:
             # ZeRO-0 in bf16: DeepSpeed (0.19.8) wraps the optimizer in its FP16_Optimizer, whose fp32_groups hold
             # every rank's whole master copy. It has no public way out: it links no fragments for
