@@ -70,13 +70,14 @@ def code_share(codes: np.ndarray, codebook_size: int) -> float:
 
 
 def train_log(run_dir: Path) -> tuple[float | None, float | None]:
-    """(the last logged val loss in nats per code, training tokens/s) of a generator run. The speed leaves out the
-    first log interval (warm-up) and is total tokens over total time: the harmonic mean of equal-token intervals."""
+    """(the last logged val loss in nats per code, training tokens/s) of a generator run. The speed is the median
+    over the log intervals after the first (warm-up): an interval slowed by a neighbouring job or a paused,
+    resumed or preempted run does not move it, as it would move total tokens over total time."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [r["val_loss"] for r in lines if "val_loss" in r]
     speed = [r["tokens_per_s"] for r in lines if "tokens_per_s" in r]
     speed = speed[1:] or speed
-    return (val[-1] if val else None), (len(speed) / sum(1 / v for v in speed) if speed else None)
+    return (val[-1] if val else None), (float(np.median(speed)) if speed else None)
 
 
 class GenerationStudy:

@@ -18,6 +18,7 @@ from .errors import ArtifactError
 from .fingerprint import tensors_fingerprint
 from .hub import resolve_model_dir
 from .io import atomic_write, write_text_atomic
+from .weight_storage import decode, encode
 
 CONFIG_FILE, WEIGHTS_FILE, FINGERPRINT_FILE = "config.yaml", "model.safetensors", "fingerprint.txt"
 T = TypeVar("T")
@@ -27,15 +28,17 @@ def model_fingerprint(config, state: dict[str, torch.Tensor]) -> str:
     return tensors_fingerprint(canonical_yaml(config), state)
 
 
-def save_pretrained(directory: str | Path, kind: str, config, state: dict[str, torch.Tensor]) -> Path:
-    """Write the kind, the weights, then the config, then the fingerprint, each atomically."""
+def save_pretrained(directory: str | Path, kind: str, config, state: dict[str, torch.Tensor],
+                    storage: str = "fp32") -> Path:
+    """Write the kind, the weights (in `storage`: simvq_common.weight_storage), then the config, then the
+    fingerprint of the weights as they will load, each atomically."""
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    stored = {k: v.contiguous() for k, v in encode({k: v.detach().cpu() for k, v in state.items()}, storage).items()}
     directory.mkdir(parents=True, exist_ok=True)
     write_kind(directory, kind)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(stored, str(tmp)))
     write_text_atomic(directory / CONFIG_FILE, to_yaml(config))
-    write_text_atomic(directory / FINGERPRINT_FILE, model_fingerprint(config, state) + "\n")
+    write_text_atomic(directory / FINGERPRINT_FILE, model_fingerprint(config, decode(stored)) + "\n")
     return directory
 
 
@@ -47,7 +50,12 @@ def load_pretrained(directory: str | Path, schema: type[T], kind: str, map_locat
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise ArtifactError(f"{directory} is not {KINDS[kind]}: its {name} is missing")
-    return load_config(schema, directory / CONFIG_FILE), load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    stored = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    try:
+        state = decode(stored)
+    except ValueError as err:
+        raise ArtifactError(f"{directory / WEIGHTS_FILE}: {err}") from None
+    return load_config(schema, directory / CONFIG_FILE), state
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -74,8 +82,8 @@ class PretrainedModel:
     def fingerprint(self) -> str:
         return model_fingerprint(self.config, self.state_dict())
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        return save_pretrained(directory, self.kind, self.config, self.state_dict())
+    def save_pretrained(self, directory: str | Path, storage: str = "fp32") -> Path:
+        return save_pretrained(directory, self.kind, self.config, self.state_dict(), storage)
 
     @classmethod
     def from_pretrained(cls, source: str | Path, map_location: str = "cpu", revision: str | None = None):

@@ -1,0 +1,90 @@
+"""scripts/package_ready_made.py: model directories packaged in their storage load with the fingerprints their
+cards give, generators record the packaged tokenizer's, a packaged tokenizer is kept as it is, and a generator
+trained over another tokenizer or a budget overrun is refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from simvq_common.ready_made import READY_MADE
+from stage1_tokenizer.tokenizer import Tokenizer
+from stage2_generator.config import SamplingConfig
+from simvq_common.config import load_config
+from stage2_generator.model import Generator
+from test_sample import random_generator
+from tiny_models import tiny_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "package_ready_made.py"
+
+
+def package(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    tokenizer = tiny_tokenizer(0)
+    tokenizer.save_pretrained(root / "tokenizer")
+    (root / "tokenizer" / "eval.json").write_text(json.dumps({"rfid": 12.5, "psnr": 20.25}))
+    for name, conditioning, kw in [("class", "class", {}), ("text", "text", {"text_dim": 384})]:
+        random_generator(conditioning, tokenizer, root / "tokenizer", **kw).save_pretrained(root / name)
+    tiny_tokenizer(1).save_pretrained(root / "other_tokenizer")
+    random_generator("class", tiny_tokenizer(1), root / "other_tokenizer").save_pretrained(root / "foreign")
+    (root / "metrics.json").write_text(json.dumps({"fid": 99.125}))
+    return root
+
+
+def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_give(sources, tmp_path):
+    out = tmp_path / "models"
+    done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
+                   sources / "text", "--class-metrics", sources / "metrics.json", "--storage", "fp16",
+                   "emoji-class=int8", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it",
+                   "--out", out)
+    assert done.returncode == 0, done.stderr
+    tokenizer = Tokenizer.from_pretrained(out / READY_MADE["emoji-tokenizer"])
+    stored = {name: load_file(str(out / READY_MADE[name] / "model.safetensors"))
+              for name in ("emoji-tokenizer", "emoji-class", "emoji-text")}
+    assert any(k.endswith(":int8") for k in stored["emoji-class"])
+    assert not any(k.endswith(":int8") for k in stored["emoji-text"])
+    assert {t.dtype.itemsize for t in stored["emoji-text"].values() if t.is_floating_point()} == {2}  # fp16
+    for name in ("emoji-class", "emoji-text"):
+        folder = out / READY_MADE[name]
+        generator = Generator.from_pretrained(folder)
+        card = (folder / "README.md").read_text()
+        assert generator.fingerprint() == (folder / "fingerprint.txt").read_text().strip() and generator.fingerprint() in card
+        assert generator.config.tokenizer_path == "emoji-tokenizer"
+        assert generator.config.tokenizer_fingerprint == tokenizer.fingerprint()
+    card = (out / READY_MADE["emoji-class"] / "README.md").read_text()
+    assert "FID 99.12" in card and "make it" in card and "weights stored in int8" in card
+    assert load_config(SamplingConfig, out / READY_MADE["emoji-class"] / "sampling.yaml").guidance_scale == 2.5
+    assert "rFID 12.50" in (out / READY_MADE["emoji-tokenizer"] / "README.md").read_text()
+
+    # the packaged tokenizer given as the source is kept as it is (its card too), and a generator re-packaged
+    (out / READY_MADE["emoji-tokenizer"] / "README.md").write_text("kept")
+    again = package("--tokenizer", out / READY_MADE["emoji-tokenizer"], "--class-generator",
+                    out / READY_MADE["emoji-class"], "--storage", "int8", "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert (out / READY_MADE["emoji-tokenizer"] / "README.md").read_text() == "kept"
+    assert Generator.from_pretrained(out / READY_MADE["emoji-class"]).config.tokenizer_fingerprint == \
+        tokenizer.fingerprint()
+
+
+def test_a_generator_trained_over_another_tokenizer_is_refused(sources, tmp_path):
+    done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "foreign", "--out", tmp_path)
+    assert done.returncode != 0 and "trained over tokenizer" in done.stderr
+    assert Tokenizer.from_pretrained(sources / "other_tokenizer").fingerprint() in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [(["--storage", "int4"], "give a storage"),
+                                           (["--storage", "emoji-cat=fp16"], "NAME one of"),
+                                           (["--max-mib", "0.001"], "over the 0.001 MiB budget")])
+def test_bad_storage_and_budget_overruns_are_refused(sources, tmp_path, args, message):
+    done = package("--tokenizer", sources / "tokenizer", *args, "--out", tmp_path)
+    assert done.returncode != 0 and message in done.stderr
+
