@@ -31,7 +31,7 @@ class GeneratorConfig:
     """
 
     # left out of fingerprints and run identities while at their defaults (generators saved before them keep theirs)
-    added_fields: ClassVar[tuple[str, ...]] = ("decoder", "decoder_options")
+    added_fields: ClassVar[tuple[str, ...]] = ("decoder", "decoder_options", "input_noise")
 
     size: str = "tiny"  # a key of SIZES
     decoder: str = "llama"  # a key of stage2_generator.decoders.DECODERS: llama (the project's own) | x-transformers
@@ -42,6 +42,9 @@ class GeneratorConfig:
     rope_base: float = 10000.0
     text_tokens: int = 4  # prefix tokens a pooled text embedding is projected to (conditioning=text)
     condition_dropout: float = 0.1  # training: the condition is replaced by the null condition with this p
+    # training: the share of input codes replaced by uniformly random ones, the targets kept (noisy teacher forcing,
+    # a regulariser for a generator that learns a small data set by heart: docs/RECIPE.md)
+    input_noise: float = 0.0
     checkpoint_activations: bool = False  # training: keep each block's input only, recompute the rest in backward
     codebook_size: int = 0
     grid: list[int] = field(default_factory=lambda: [0, 0])
@@ -101,6 +104,8 @@ class GeneratorConfig:
             raise ConfigError(f"2d rope needs a head width divisible by 4; size {self.size} has {self.dim // self.heads}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"model.condition_dropout={self.condition_dropout} must lie in [0, 1)")
+        if not 0.0 <= self.input_noise < 1.0:
+            raise ConfigError(f"model.input_noise={self.input_noise} must lie in [0, 1)")
 
 
 @dataclass

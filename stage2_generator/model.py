@@ -92,7 +92,11 @@ class Generator(PretrainedModel, nn.Module):
 
     def _hidden(self, codes: torch.Tensor, condition, drop) -> torch.Tensor:
         prefix = self.condition(condition, drop, batch_size=len(codes))
-        x = torch.cat([prefix, self.token_embed(codes[:, :-1])], dim=1)
+        inputs = codes[:, :-1]
+        if self.training and self.config.input_noise > 0:  # from torch's generator, seeded per step by the trainer
+            noisy = torch.rand(inputs.shape, device=inputs.device) < self.config.input_noise
+            inputs = torch.where(noisy, torch.randint_like(inputs, self.config.codebook_size), inputs)
+        x = torch.cat([prefix, self.token_embed(inputs)], dim=1)
         return self.decoder(x, prefix_mask=self.condition.prefix_mask(condition, drop))
 
     def forward(self, codes: torch.Tensor, condition=None, drop: torch.Tensor | None = None) -> torch.Tensor:

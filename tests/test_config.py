@@ -99,18 +99,19 @@ def test_shipped_deepspeed_files_set_their_stage_and_nothing_the_experiment_owns
 
 
 def test_a_field_added_to_a_schema_leaves_older_fingerprints_and_identities_alone():
-    """A generator config without the decoder fields (as saved before they existed) and one with them at their
-    defaults hash the same; a non-default value is part of the fingerprint."""
+    """A generator config without the decoder and input-noise fields (as saved before they existed) and one with
+    them at their defaults hash the same; a non-default value is part of the fingerprint."""
     from simvq_common.config import canonical_container, canonical_yaml
     from stage2_generator.config import GeneratorConfig
 
     cfg = GeneratorConfig(codebook_size=64, grid=[2, 3], num_classes=3)
     assert "decoder" in to_yaml(cfg) and "decoder" not in canonical_yaml(cfg)
-    before = to_yaml(cfg).replace("decoder: llama\n", "").replace("decoder_options: {}\n", "")
+    before = to_yaml(cfg).replace("decoder: llama\n", "").replace("decoder_options: {}\n", "").replace(
+        "input_noise: 0.0\n", "")
     assert canonical_yaml(cfg) == before
-    assert "decoder" not in canonical_container(cfg)
-    other = GeneratorConfig(codebook_size=64, grid=[2, 3], num_classes=3, decoder="x-transformers")
-    assert "decoder: x-transformers" in canonical_yaml(other)
+    assert "decoder" not in canonical_container(cfg) and "input_noise" not in canonical_container(cfg)
+    other = GeneratorConfig(codebook_size=64, grid=[2, 3], num_classes=3, decoder="x-transformers", input_noise=0.1)
+    assert "decoder: x-transformers" in canonical_yaml(other) and "input_noise: 0.1" in canonical_yaml(other)
 
 
 def test_a_list_item_read_as_a_mapping_is_refused_naming_it_and_the_quoting():

@@ -189,6 +189,28 @@ def test_dropped_conditions_become_the_null_condition(conditioning):
     assert abs(mixed.item() - model(codes, condition).item()) > 1e-4
 
 
+def test_input_noise_replaces_inputs_not_targets_and_only_in_training():
+    cfg = config("class", input_noise=0.3)
+    model = random_model(cfg).train()
+    codes, labels = torch.randint(0, cfg.codebook_size, (8, cfg.sequence_length)), condition_for(cfg, 8)
+    torch.manual_seed(5)
+    noisy_loss = model(codes, labels)
+    torch.manual_seed(5)  # the same draws, by hand: inputs replaced, the targets (the clean codes) kept
+    inputs = codes[:, :-1]
+    replaced = torch.rand(inputs.shape) < 0.3
+    inputs = torch.where(replaced, torch.randint_like(inputs, cfg.codebook_size), inputs)
+    model.eval()
+    hidden = model.decoder(torch.cat([model.condition(labels, None, batch_size=8), model.token_embed(inputs)], 1),
+                           prefix_mask=model.condition.prefix_mask(labels, None))
+    by_hand = F.cross_entropy(model.head(hidden[:, cfg.prefix_length - 1:]).flatten(0, 1), codes.flatten())
+    assert 0.2 < replaced.float().mean() < 0.4
+    assert noisy_loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    clean = model(codes, labels).item()  # eval mode: no noise, the loss of the codes as they are
+    assert abs(noisy_loss.item() - clean) > 1e-3
+    torch.manual_seed(6)
+    assert model(codes, labels).item() == clean
+
+
 @pytest.mark.parametrize("decoder", sorted(DECODERS))
 def test_generator_directory_rebuilds_the_same_model(tmp_path, decoder):
     cfg = config("text", tokenizer_fingerprint="0123456789abcdef", decoder=decoder,
@@ -225,6 +247,8 @@ def test_bad_configs_are_refused_naming_the_key():
         Generator(config(k=0))
     with pytest.raises(ValueError, match="num_classes"):
         Generator(GeneratorConfig(codebook_size=10, grid=[2, 2], num_classes=0))
+    with pytest.raises(ValueError, match=r"model.input_noise=1.0 must lie in \[0, 1\)"):
+        Generator(config(input_noise=1.0))
     with pytest.raises(ValueError, match="allows"):
         model = random_model(config())
         model.logits(torch.zeros(1, 13, dtype=torch.long), torch.tensor([0]))
