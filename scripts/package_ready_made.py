@@ -84,6 +84,10 @@ def package(args) -> dict:
     run = Path(args.run) if args.run else None
     storage = storages(args.storage)
     retrain = {**RETRAIN, **dict(value.split("=", 1) for value in args.retrain)}
+    notes: dict[str, list[str]] = {}
+    for value in args.card_note:
+        name, _, text = value.partition("=")
+        notes.setdefault(name, []).append(f"- {text}")
     written = {}
 
     tokenizer_dir = Path(args.tokenizer or run / "tokenizer" / "tokenizer")
@@ -100,8 +104,8 @@ def package(args) -> dict:
             "emoji-tokenizer", tokenizer, "A SimVQ image tokenizer: 32 px emoji <-> 8 x 8 codes of K = "
             f"{tokenizer.codebook_size:,}.",
             [f"- rFID {evaluation['rfid']:.2f}, PSNR {evaluation['psnr']:.2f} dB on the emoji val split "
-             f"(`{eval_path}`)"] if "rfid" in evaluation else [], [f"- weights stored in "
-                                                                 f"{storage['emoji-tokenizer']}"],
+             f"(`{eval_path}`)"] if "rfid" in evaluation else [],
+            [f"- weights stored in {storage['emoji-tokenizer']}", *notes.get("emoji-tokenizer", [])],
             retrain["emoji-tokenizer"]))
         written["emoji-tokenizer"] = packaged_dir
 
@@ -131,7 +135,8 @@ def package(args) -> dict:
         write_text_atomic(directory / "README.md", card(
             name, model, f"A {stage}-conditional GPT-{config.size} over the codes of `emoji-tokenizer`.", numbers,
             [f"- recommended sampler settings (`{RECOMMENDED_SAMPLING}`, where `simvq sample` and `simvq serve` "
-             f"start): {json.dumps(asdict(sampling))}", f"- weights stored in {storage[name]}"], retrain[name]))
+             f"start): {json.dumps(asdict(sampling))}", f"- weights stored in {storage[name]}", *notes.get(name, [])],
+            retrain[name]))
         written[name] = directory
 
     if args.classifier:
@@ -143,8 +148,8 @@ def package(args) -> dict:
         accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]
         write_text_atomic(directory / "README.md", card(
             "emoji-classifier", classifier, "The class-agreement classifier of the 9 emoji categories "
-            "(evaluation/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"], [],
-            retrain["emoji-classifier"]))
+            "(evaluation/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"],
+            notes.get("emoji-classifier", []), retrain["emoji-classifier"]))
         written["emoji-classifier"] = directory
 
     folders = [out / folder for folder in READY_MADE.values() if (out / folder).is_dir()]
@@ -173,6 +178,7 @@ def main() -> None:
     parser.add_argument("--storage", nargs="*", default=[], help=f"the weights' storage ({', '.join(STORAGES)}) "
                         "for all, then NAME=STORAGE for one (default fp32)")
     parser.add_argument("--retrain", nargs="*", default=[], help="NAME=COMMAND: the card's retraining command")
+    parser.add_argument("--card-note", nargs="*", default=[], help="NAME=TEXT: a line added to NAME's card")
     parser.add_argument("--out", default=str(REPO / "models"), help="where the model folders go")
     parser.add_argument("--max-mib", type=float, default=16.0, help="refuse to write more than this")
     args = parser.parse_args()

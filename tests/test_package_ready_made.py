@@ -44,7 +44,7 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
     out = tmp_path / "models"
     done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
                    sources / "text", "--class-metrics", sources / "metrics.json", "--storage", "fp16",
-                   "emoji-class=int8", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it",
+                   "emoji-class=int8", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it", "--card-note", "emoji-class=int8 moves FID by 0.3",
                    "--out", out)
     assert done.returncode == 0, done.stderr
     tokenizer = Tokenizer.from_pretrained(out / READY_MADE["emoji-tokenizer"])
@@ -62,6 +62,7 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
         assert generator.config.tokenizer_fingerprint == tokenizer.fingerprint()
     card = (out / READY_MADE["emoji-class"] / "README.md").read_text()
     assert "FID 99.12" in card and "make it" in card and "weights stored in int8" in card
+    assert "- int8 moves FID by 0.3" in card
     assert load_config(SamplingConfig, out / READY_MADE["emoji-class"] / "sampling.yaml").guidance_scale == 2.5
     assert "rFID 12.50" in (out / READY_MADE["emoji-tokenizer"] / "README.md").read_text()
 
