@@ -44,8 +44,8 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
     out = tmp_path / "models"
     done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
                    sources / "text", "--class-metrics", sources / "metrics.json", "--storage", "fp16",
-                   "emoji-class=int8", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it", "--card-note", "emoji-class=int8 moves FID by 0.3",
-                   "--out", out)
+                   "emoji-class=int8", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it",
+                   "--card-note", "emoji-class=int8 moves FID by 0.3", "--out", out)
     assert done.returncode == 0, done.stderr
     tokenizer = Tokenizer.from_pretrained(out / READY_MADE["emoji-tokenizer"])
     stored = {name: load_file(str(out / READY_MADE[name] / "model.safetensors"))
@@ -57,7 +57,8 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
         folder = out / READY_MADE[name]
         generator = Generator.from_pretrained(folder)
         card = (folder / "README.md").read_text()
-        assert generator.fingerprint() == (folder / "fingerprint.txt").read_text().strip() and generator.fingerprint() in card
+        assert generator.fingerprint() == (folder / "fingerprint.txt").read_text().strip()
+        assert generator.fingerprint() in card
         assert generator.config.tokenizer_path == "emoji-tokenizer"
         assert generator.config.tokenizer_fingerprint == tokenizer.fingerprint()
     card = (out / READY_MADE["emoji-class"] / "README.md").read_text()
