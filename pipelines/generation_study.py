@@ -146,14 +146,16 @@ class GenerationStudy:
 
         def make() -> dict:
             generator = train_generator(cfg)
-            val_loss, tokens_per_s = train_log(run_dir)
+            val_loss = train_log(run_dir)[0]
             sequence_length = tok["sequence_length"]
             return {"seed": seed, "generator": str(generator), "run_dir": str(run_dir),
                     "fingerprint": Generator.from_pretrained(generator).fingerprint(), "steps": cfg.run.steps,
-                    "val_loss": val_loss, "train_tokens_per_s": tokens_per_s,
+                    "val_loss": val_loss,
                     "val_bits_per_image": None if val_loss is None else val_loss * sequence_length / math.log(2),
                     "val_perplexity": None if val_loss is None else math.exp(val_loss)}
-        return reused(run_dir / "study_record.json", key, make)
+        record = reused(run_dir / "study_record.json", key, make)
+        # the speed is read from the log each time (records from before the median rule hold another estimate)
+        return {**record, "train_tokens_per_s": train_log(run_dir)[1]}
 
     def measure(self, tok: dict, gen: dict, sampling: SamplingConfig, folder: Path) -> dict:
         """Sample `gen` at `sampling` in the val split's class mix and evaluate against the val split."""

@@ -26,8 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
 from evaluation.classifier import ImageClassifier  # noqa: E402
 from simvq_common.config import load_config, to_yaml  # noqa: E402
 from simvq_common.io import write_text_atomic  # noqa: E402
@@ -35,7 +33,7 @@ from simvq_common.pretrained import save_pretrained  # noqa: E402
 from simvq_common.ready_made import READY_MADE  # noqa: E402
 from simvq_common.weight_storage import STORAGES, decode, encode  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
-from stage2_generator.config import RECOMMENDED_SAMPLING, SamplingConfig  # noqa: E402
+from stage2_generator.config import RECOMMENDED_SAMPLING, GeneratorConfig, SamplingConfig  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
 
 RETRAIN = {
@@ -46,15 +44,27 @@ RETRAIN = {
 }
 
 
-def storages(values: list[str]) -> dict[str, str]:
-    """`fp16 emoji-class=int8` -> each ready-made name's storage (a bare value sets the default, fp32)."""
-    chosen = {name: "fp32" for name in READY_MADE}
+def per_name(option: str, values: list[str]) -> dict[str, list[str]]:
+    """`NAME=TEXT` values of `option` -> {NAME: [TEXT, ...]}, NAME a ready-made name."""
+    out: dict[str, list[str]] = {}
     for value in values:
-        name, _, storage = value.rpartition("=")
-        if (name and name not in READY_MADE) or storage not in STORAGES:
-            raise SystemExit(f"--storage {value!r}: give a storage ({', '.join(STORAGES)}), or NAME=STORAGE with "
-                             f"NAME one of {', '.join(READY_MADE)}")
-        chosen.update({name: storage} if name else {n: storage for n in chosen})
+        name, sep, text = value.partition("=")
+        if not sep or name not in READY_MADE:
+            raise SystemExit(f"{option} {value!r}: give NAME=VALUE with NAME one of {', '.join(READY_MADE)}")
+        out.setdefault(name, []).append(text)
+    return out
+
+
+def storages(values: list[str]) -> dict[str, str]:
+    """`fp16 emoji-class=int8` -> each ready-made name's storage: a bare value sets the default (fp32), in any
+    order; NAME=STORAGE sets one."""
+    bare = [value for value in values if "=" not in value]
+    named = per_name("--storage", [value for value in values if "=" in value])
+    chosen = {name: bare[-1] if bare else "fp32" for name in READY_MADE}
+    chosen.update({name: given[-1] for name, given in named.items()})
+    for storage in chosen.values():
+        if storage not in STORAGES:
+            raise SystemExit(f"--storage {storage!r}: give a storage ({', '.join(STORAGES)}), or NAME=STORAGE")
     return chosen
 
 
@@ -80,44 +90,56 @@ def card(name: str, model, what: str, numbers: list[str], extra: list[str], retr
 
 
 def package(args) -> dict:
-    out = Path(args.out)
-    run = Path(args.run) if args.run else None
+    """Load and check everything, then write: a refused generator leaves --out as it was."""
+    out, run = Path(args.out), Path(args.run) if args.run else None
     storage = storages(args.storage)
-    retrain = {**RETRAIN, **dict(value.split("=", 1) for value in args.retrain)}
-    notes: dict[str, list[str]] = {}
-    for value in args.card_note:
-        name, _, text = value.partition("=")
-        notes.setdefault(name, []).append(f"- {text}")
-    written = {}
+    retrain = {**RETRAIN, **{name: texts[-1] for name, texts in per_name("--retrain", args.retrain).items()}}
+    notes = {name: [f"- {text}" for text in texts] for name, texts in per_name("--card-note", args.card_note).items()}
 
+    # what goes where, and the tokenizer fingerprint every generator must record
     tokenizer_dir = Path(args.tokenizer or run / "tokenizer" / "tokenizer")
-    packaged_dir = out / READY_MADE["emoji-tokenizer"]
+    packaged_tokenizer = out / READY_MADE["emoji-tokenizer"]
+    keep_tokenizer = packaged_tokenizer.is_dir() and tokenizer_dir.resolve() == packaged_tokenizer.resolve()
+    if keep_tokenizer and "emoji-tokenizer" in per_name("--storage", [v for v in args.storage if "=" in v]):
+        raise SystemExit(f"{tokenizer_dir} is the packaged tokenizer, kept as it is: drop its --storage")
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    source_fingerprint = tokenizer.fingerprint()
-    if tokenizer_dir.resolve() != packaged_dir.resolve():  # (the packaged one is kept as it is, card and all)
-        save_pretrained(packaged_dir, "tokenizer", tokenizer.config, tokenizer.state_dict(),
-                        storage["emoji-tokenizer"])
-        as_stored(tokenizer, storage["emoji-tokenizer"])  # the weights the generators will record
+    trained_over = tokenizer.fingerprint()
+    if not keep_tokenizer:
+        tokenizer_state = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+        as_stored(tokenizer, storage["emoji-tokenizer"])
+    generators = {}
+    for name, stage in (("emoji-class", "class"), ("emoji-text", "text")):
+        given = getattr(args, f"{stage}_generator")
+        source = Path(given) if given else run / f"generator_{stage}" / "generator" if run else None
+        if source is not None and source.is_dir():
+            generators[name] = (stage, source, Generator.from_pretrained(source))
+    for name, (_, source, generator) in generators.items():
+        if generator.config.tokenizer_fingerprint not in (trained_over, tokenizer.fingerprint()):
+            raise SystemExit(f"{source} was trained over tokenizer {generator.config.tokenizer_fingerprint}, not "
+                             f"{tokenizer_dir} ({trained_over}): package the tokenizer it was trained with")
+    for name in ("emoji-class", "emoji-text"):  # a packaged generator left in place must fit the packaged tokenizer
+        config_path = out / READY_MADE[name] / "config.yaml"
+        if name not in generators and config_path.is_file():
+            recorded = load_config(GeneratorConfig, config_path).tokenizer_fingerprint
+            if recorded != tokenizer.fingerprint():
+                raise SystemExit(f"{out / READY_MADE[name]} records tokenizer {recorded}, not the one packaged now "
+                                 f"({tokenizer.fingerprint()}): re-package it too (--{name[6:]}-generator)")
+
+    written = {}
+    if not keep_tokenizer:
+        save_pretrained(packaged_tokenizer, "tokenizer", tokenizer.config, tokenizer_state, storage["emoji-tokenizer"])
         eval_path = tokenizer_dir / "eval.json"
         evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-        write_text_atomic(packaged_dir / "README.md", card(
+        write_text_atomic(packaged_tokenizer / "README.md", card(
             "emoji-tokenizer", tokenizer, "A SimVQ image tokenizer: 32 px emoji <-> 8 x 8 codes of K = "
             f"{tokenizer.codebook_size:,}.",
             [f"- rFID {evaluation['rfid']:.2f}, PSNR {evaluation['psnr']:.2f} dB on the emoji val split "
              f"(`{eval_path}`)"] if "rfid" in evaluation else [],
             [f"- weights stored in {storage['emoji-tokenizer']}", *notes.get("emoji-tokenizer", [])],
             retrain["emoji-tokenizer"]))
-        written["emoji-tokenizer"] = packaged_dir
+        written["emoji-tokenizer"] = packaged_tokenizer
 
-    for name, stage in (("emoji-class", "class"), ("emoji-text", "text")):
-        given = getattr(args, f"{stage}_generator")
-        source = Path(given) if given else run / f"generator_{stage}" / "generator" if run else None
-        if source is None or not source.is_dir():
-            continue
-        generator = Generator.from_pretrained(source)
-        if generator.config.tokenizer_fingerprint not in (source_fingerprint, tokenizer.fingerprint()):
-            raise SystemExit(f"{source} was trained over tokenizer {generator.config.tokenizer_fingerprint}, not "
-                             f"the packaged one ({source_fingerprint}): package the tokenizer it was trained with")
+    for name, (stage, source, generator) in generators.items():
         config = replace(generator.config, tokenizer_path="emoji-tokenizer",
                          tokenizer_fingerprint=tokenizer.fingerprint())
         model = Generator(config)
@@ -128,8 +150,8 @@ def package(args) -> dict:
         write_text_atomic(directory / RECOMMENDED_SAMPLING, to_yaml(sampling))
         given_metrics = getattr(args, f"{stage}_metrics")
         metrics_path = Path(given_metrics) if given_metrics else run / f"samples_{stage}" / "metrics.json" if run \
-            else Path("-")
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+            else None
+        metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else {}
         numbers = [f"- FID {metrics['fid']:.2f} against the emoji val split ({metrics_path}; the sampler settings "
                    f"of that evaluation and the study's are in docs/RESULTS.md)"] if "fid" in metrics else []
         write_text_atomic(directory / "README.md", card(
@@ -140,16 +162,17 @@ def package(args) -> dict:
         written[name] = directory
 
     if args.classifier:
-        classifier = as_stored(ImageClassifier.from_pretrained(args.classifier), storage["emoji-classifier"])
-        directory = save_pretrained(out / READY_MADE["emoji-classifier"], "classifier", classifier.config,
-                                    ImageClassifier.from_pretrained(args.classifier).state_dict(),
-                                    storage["emoji-classifier"])
-        shutil.copy(Path(args.classifier) / "eval.json", directory / "eval.json")
+        classifier = ImageClassifier.from_pretrained(args.classifier)
+        directory = classifier.save_pretrained(out / READY_MADE["emoji-classifier"], storage["emoji-classifier"])
+        as_stored(classifier, storage["emoji-classifier"])  # for the card's fingerprint
+        if (Path(args.classifier) / "eval.json").resolve() != (directory / "eval.json").resolve():
+            shutil.copy(Path(args.classifier) / "eval.json", directory / "eval.json")
         accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]
         write_text_atomic(directory / "README.md", card(
             "emoji-classifier", classifier, "The class-agreement classifier of the 9 emoji categories "
             "(evaluation/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"],
-            notes.get("emoji-classifier", []), retrain["emoji-classifier"]))
+            [f"- weights stored in {storage['emoji-classifier']}", *notes.get("emoji-classifier", [])],
+            retrain["emoji-classifier"]))
         written["emoji-classifier"] = directory
 
     folders = [out / folder for folder in READY_MADE.values() if (out / folder).is_dir()]
@@ -185,6 +208,7 @@ def main() -> None:
     if not (args.run or args.tokenizer):
         parser.error("give --run, or --tokenizer (with the generators' directories)")
     package(args)
+
 
 if __name__ == "__main__":
     main()

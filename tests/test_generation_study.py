@@ -13,7 +13,7 @@ import yaml
 from pipelines import generation_study as study_module
 from pipelines.conditions import largest_remainder
 from pipelines.config import GenerationStudyConfig, StudyTokenizer
-from pipelines.generation_study import code_share, reused, run_generation_study
+from pipelines.generation_study import code_share, reused, run_generation_study, train_log
 from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
 from stage1_tokenizer.tokenizer import Tokenizer
@@ -114,6 +114,13 @@ def test_reused_recomputes_only_when_its_inputs_change(tmp_path):
     assert reused(path, {"a": 1}, make) == {"value": 1}
     assert reused(path, {"a": 1}, make) == {"value": 1} and len(calls) == 1
     assert reused(path, {"a": 2}, make) == {"value": 2} and len(calls) == 2
+
+
+def test_training_speed_is_the_median_interval_so_a_pause_does_not_move_it(tmp_path):
+    rows = [{"step": 25 * i, "tokens_per_s": v} for i, v in enumerate([10.0, 100.0, 90.0, 0.5, 110.0], 1)]
+    rows[-1]["val_loss"] = 4.5
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train_log(tmp_path) == (4.5, 95.0)  # the warm-up interval left out, the paused one outvoted
 
 
 def test_code_share_counts_distinct_codes():

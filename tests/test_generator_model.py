@@ -209,6 +209,11 @@ def test_input_noise_replaces_inputs_not_targets_and_only_in_training():
     assert abs(noisy_loss.item() - clean) > 1e-3
     torch.manual_seed(6)
     assert model(codes, labels).item() == clean
+    # without noise a training forward draws nothing: runs from before the option keep their random stream
+    plain = random_model(config("class")).train()
+    state = torch.get_rng_state()
+    plain(codes, labels)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("decoder", sorted(DECODERS))

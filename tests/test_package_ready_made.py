@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from simvq_common.config import load_config
 from simvq_common.ready_made import READY_MADE
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.config import SamplingConfig
-from simvq_common.config import load_config
 from stage2_generator.model import Generator
 from test_sample import random_generator
 from tiny_models import tiny_tokenizer
@@ -43,8 +43,8 @@ def sources(tmp_path_factory):
 def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_give(sources, tmp_path):
     out = tmp_path / "models"
     done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
-                   sources / "text", "--class-metrics", sources / "metrics.json", "--storage", "fp16",
-                   "emoji-class=int8", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it",
+                   sources / "text", "--class-metrics", sources / "metrics.json", "--storage", "emoji-class=int8",
+                   "fp16", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it",
                    "--card-note", "emoji-class=int8 moves FID by 0.3", "--out", out)
     assert done.returncode == 0, done.stderr
     tokenizer = Tokenizer.from_pretrained(out / READY_MADE["emoji-tokenizer"])
@@ -77,14 +77,27 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
         tokenizer.fingerprint()
 
 
-def test_a_generator_trained_over_another_tokenizer_is_refused(sources, tmp_path):
+def test_a_generator_trained_over_another_tokenizer_is_refused_before_anything_is_written(sources, tmp_path):
     done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "foreign", "--out", tmp_path)
     assert done.returncode != 0 and "trained over tokenizer" in done.stderr
     assert Tokenizer.from_pretrained(sources / "other_tokenizer").fingerprint() in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_tokenizer_under_packaged_generators_is_refused(sources, tmp_path):
+    assert package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--out",
+                   tmp_path).returncode == 0
+    before = (tmp_path / READY_MADE["emoji-tokenizer"] / "fingerprint.txt").read_text()
+    done = package("--tokenizer", sources / "other_tokenizer", "--out", tmp_path)
+    assert done.returncode != 0 and f"{READY_MADE['emoji-class']} records tokenizer" in done.stderr
+    assert "--class-generator" in done.stderr
+    assert (tmp_path / READY_MADE["emoji-tokenizer"] / "fingerprint.txt").read_text() == before
 
 
 @pytest.mark.parametrize("args, message", [(["--storage", "int4"], "give a storage"),
                                            (["--storage", "emoji-cat=fp16"], "NAME one of"),
+                                           (["--card-note", "emoji-cat=a line"], "NAME one of"),
+                                           (["--retrain", "a command"], "give NAME=VALUE"),
                                            (["--max-mib", "0.001"], "over the 0.001 MiB budget")])
 def test_bad_storage_and_budget_overruns_are_refused(sources, tmp_path, args, message):
     done = package("--tokenizer", sources / "tokenizer", *args, "--out", tmp_path)
