@@ -93,7 +93,7 @@ def package(args) -> dict:
     """Load and check everything, then write: a refused generator leaves --out as it was."""
     out, run = Path(args.out), Path(args.run) if args.run else None
     storage = storages(args.storage)
-    retrain = {**RETRAIN, **{name: texts[-1] for name, texts in per_name("--retrain", args.retrain).items()}}
+    retrain = {**RETRAIN, **{name: "\n".join(texts) for name, texts in per_name("--retrain", args.retrain).items()}}
     notes = {name: [f"- {text}" for text in texts] for name, texts in per_name("--card-note", args.card_note).items()}
 
     # what goes where, and the tokenizer fingerprint every generator must record
@@ -200,7 +200,8 @@ def main() -> None:
     parser.add_argument("--text-sampling", nargs="*", default=[], help="sampler settings key=value (SamplingConfig)")
     parser.add_argument("--storage", nargs="*", default=[], help=f"the weights' storage ({', '.join(STORAGES)}) "
                         "for all, then NAME=STORAGE for one (default fp32)")
-    parser.add_argument("--retrain", nargs="*", default=[], help="NAME=COMMAND: the card's retraining command")
+    parser.add_argument("--retrain", nargs="*", default=[], help="NAME=COMMAND: the card's retraining command (one "
+                        "line each; several for NAME give several lines)")
     parser.add_argument("--card-note", nargs="*", default=[], help="NAME=TEXT: a line added to NAME's card")
     parser.add_argument("--out", default=str(REPO / "models"), help="where the model folders go")
     parser.add_argument("--max-mib", type=float, default=16.0, help="refuse to write more than this")

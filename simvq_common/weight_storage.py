@@ -26,7 +26,9 @@ def _int8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(state: dict[str, torch.Tensor], storage: str) -> dict[str, torch.Tensor]:
-    """The tensors to write for `state` in `storage` (non-float tensors are written as they are)."""
+    """The tensors to write for `state` in `storage` (non-float tensors are written as they are). Storing loaded
+    weights again writes the same tensors (the fp32 scale absmax / 127 survives q * s and back), so re-packaging
+    a ready-made model keeps its file and fingerprint."""
     if storage not in STORAGES:
         raise ValueError(f"unknown weight storage {storage!r}: use one of {', '.join(STORAGES)}")
     out = {}

@@ -14,7 +14,7 @@ import pytest
 from pipelines.cli import config_of, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "models").glob("**/README.md"))]
 INLINE = re.compile(r"`([^`\n]+)`")
 SHELL_OPERATOR_CHARS = set("();<>|&")  # shlex's punctuation_chars: what ends or redirects a shell command
 

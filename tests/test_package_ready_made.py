@@ -45,7 +45,7 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
     done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
                    sources / "text", "--class-metrics", sources / "metrics.json", "--storage", "emoji-class=int8",
                    "fp16", "--class-sampling", "guidance_scale=2.5", "--retrain", "emoji-class=make it",
-                   "--card-note", "emoji-class=int8 moves FID by 0.3", "--out", out)
+                   "emoji-class=then this", "--card-note", "emoji-class=int8 moves FID by 0.3", "--out", out)
     assert done.returncode == 0, done.stderr
     tokenizer = Tokenizer.from_pretrained(out / READY_MADE["emoji-tokenizer"])
     stored = {name: load_file(str(out / READY_MADE[name] / "model.safetensors"))
@@ -63,16 +63,18 @@ def test_models_are_stored_as_asked_and_load_with_the_fingerprints_their_cards_g
         assert generator.config.tokenizer_fingerprint == tokenizer.fingerprint()
     card = (out / READY_MADE["emoji-class"] / "README.md").read_text()
     assert "FID 99.12" in card and "make it" in card and "weights stored in int8" in card
-    assert "- int8 moves FID by 0.3" in card
+    assert "- int8 moves FID by 0.3" in card and "make it\nthen this\n" in card
     assert load_config(SamplingConfig, out / READY_MADE["emoji-class"] / "sampling.yaml").guidance_scale == 2.5
     assert "rFID 12.50" in (out / READY_MADE["emoji-tokenizer"] / "README.md").read_text()
 
     # the packaged tokenizer given as the source is kept as it is (its card too), and a generator re-packaged
     (out / READY_MADE["emoji-tokenizer"] / "README.md").write_text("kept")
+    weights = (out / READY_MADE["emoji-class"] / "model.safetensors").read_bytes()
     again = package("--tokenizer", out / READY_MADE["emoji-tokenizer"], "--class-generator",
                     out / READY_MADE["emoji-class"], "--storage", "int8", "--out", out)
     assert again.returncode == 0, again.stderr
     assert (out / READY_MADE["emoji-tokenizer"] / "README.md").read_text() == "kept"
+    assert (out / READY_MADE["emoji-class"] / "model.safetensors").read_bytes() == weights  # int8 again: the same file
     assert Generator.from_pretrained(out / READY_MADE["emoji-class"]).config.tokenizer_fingerprint == \
         tokenizer.fingerprint()
 

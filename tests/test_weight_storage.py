@@ -40,6 +40,13 @@ def test_int8_equals_a_brute_force_row_wise_absmax_quantizer():
     assert ((state["w"] - w).reshape(64, -1).abs() <= step[:, None] / 2 * (1 + 1e-5)).all()
 
 
+def test_storing_loaded_int8_weights_again_gives_the_same_tensors():
+    w = torch.randn(4096, 8, generator=torch.Generator().manual_seed(1)) * torch.rand(4096, 1)
+    first = encode({"w": w}, "int8")
+    again = encode(decode(first), "int8")
+    assert torch.equal(again["w:int8"], first["w:int8"]) and torch.equal(again["w:int8_scale"], first["w:int8_scale"])
+
+
 def test_vectors_and_small_tensors_are_not_int8_and_a_transposed_weight_is():
     w = torch.randn(64, INT8_MIN_ELEMENTS // 64)
     stored = encode({"small": torch.ones(2, INT8_MIN_ELEMENTS // 2 - 1), "vector": torch.ones(INT8_MIN_ELEMENTS),
