@@ -90,7 +90,8 @@ def card(name: str, model, what: str, numbers: list[str], extra: list[str], retr
 
 
 def package(args) -> dict:
-    """Load and check everything, then write: a refused generator leaves --out as it was."""
+    """Load, encode and check every model, then write: a refused model leaves --out as it was (the budget, which
+    counts the written files, is checked last)."""
     out, run = Path(args.out), Path(args.run) if args.run else None
     storage = storages(args.storage)
     retrain = {**RETRAIN, **{name: "\n".join(texts) for name, texts in per_name("--retrain", args.retrain).items()}}
@@ -110,9 +111,24 @@ def package(args) -> dict:
     generators = {}
     for name, stage in (("emoji-class", "class"), ("emoji-text", "text")):
         given = getattr(args, f"{stage}_generator")
+        if given and not Path(given).is_dir():
+            raise SystemExit(f"--{stage}-generator {given}: no such model directory")
         source = Path(given) if given else run / f"generator_{stage}" / "generator" if run else None
         if source is not None and source.is_dir():
-            generators[name] = (stage, source, Generator.from_pretrained(source))
+            generator = Generator.from_pretrained(source)
+            encode(generator.state_dict(), storage[name])  # refused here, before anything is written
+            generators[name] = (stage, source, generator)
+    for stage in ("class", "text"):
+        given = getattr(args, f"{stage}_metrics")
+        if given and not Path(given).is_file():
+            raise SystemExit(f"--{stage}-metrics {given}: no such file")
+    classifier = ImageClassifier.from_pretrained(args.classifier) if args.classifier else None
+    if classifier is not None:
+        encode(classifier.state_dict(), storage["emoji-classifier"])
+        if not (Path(args.classifier) / "eval.json").is_file():
+            raise SystemExit(f"{args.classifier} has no eval.json (`simvq train-classifier` writes it)")
+    if not keep_tokenizer:
+        encode(tokenizer_state, storage["emoji-tokenizer"])
     for name, (_, source, generator) in generators.items():
         if generator.config.tokenizer_fingerprint not in (trained_over, tokenizer.fingerprint()):
             raise SystemExit(f"{source} was trained over tokenizer {generator.config.tokenizer_fingerprint}, not "
@@ -146,7 +162,10 @@ def package(args) -> dict:
         model.load_state_dict(generator.state_dict())
         directory = save_pretrained(out / READY_MADE[name], "generator", config, model.state_dict(), storage[name])
         as_stored(model, storage[name])  # for the card's fingerprint
-        sampling = load_config(SamplingConfig, None, getattr(args, f"{stage}_sampling"))
+        # the given settings over the source's own sampling.yaml (re-packaging in place keeps them)
+        recommended = source / RECOMMENDED_SAMPLING
+        sampling = load_config(SamplingConfig, recommended if recommended.is_file() else None,
+                               getattr(args, f"{stage}_sampling"))
         write_text_atomic(directory / RECOMMENDED_SAMPLING, to_yaml(sampling))
         given_metrics = getattr(args, f"{stage}_metrics")
         metrics_path = Path(given_metrics) if given_metrics else run / f"samples_{stage}" / "metrics.json" if run \
@@ -161,8 +180,7 @@ def package(args) -> dict:
             retrain[name]))
         written[name] = directory
 
-    if args.classifier:
-        classifier = ImageClassifier.from_pretrained(args.classifier)
+    if classifier is not None:
         directory = classifier.save_pretrained(out / READY_MADE["emoji-classifier"], storage["emoji-classifier"])
         as_stored(classifier, storage["emoji-classifier"])  # for the card's fingerprint
         if (Path(args.classifier) / "eval.json").resolve() != (directory / "eval.json").resolve():
@@ -196,13 +214,18 @@ def main() -> None:
     parser.add_argument("--class-metrics", help="the class generator's evaluation JSON for its card")
     parser.add_argument("--text-metrics", help="the text generator's evaluation JSON for its card")
     parser.add_argument("--classifier", help="a `simvq train-classifier` output directory")
-    parser.add_argument("--class-sampling", nargs="*", default=[], help="sampler settings key=value (SamplingConfig)")
-    parser.add_argument("--text-sampling", nargs="*", default=[], help="sampler settings key=value (SamplingConfig)")
-    parser.add_argument("--storage", nargs="*", default=[], help=f"the weights' storage ({', '.join(STORAGES)}) "
-                        "for all, then NAME=STORAGE for one (default fp32)")
-    parser.add_argument("--retrain", nargs="*", default=[], help="NAME=COMMAND: the card's retraining command (one "
-                        "line each; several for NAME give several lines)")
-    parser.add_argument("--card-note", nargs="*", default=[], help="NAME=TEXT: a line added to NAME's card")
+    parser.add_argument("--class-sampling", nargs="*", action="extend", default=[],
+                        help="sampler settings key=value (SamplingConfig), over the source's sampling.yaml")
+    parser.add_argument("--text-sampling", nargs="*", action="extend", default=[],
+                        help="sampler settings key=value (SamplingConfig), over the source's sampling.yaml")
+    parser.add_argument("--storage", nargs="*", action="extend", default=[],
+                        help=f"the weights' storage ({', '.join(STORAGES)}) for all, then NAME=STORAGE for one "
+                        "(default fp32)")
+    parser.add_argument("--retrain", nargs="*", action="extend", default=[],
+                        help="NAME=COMMAND: the card's retraining command (one line each; several for NAME give "
+                        "several lines)")
+    parser.add_argument("--card-note", nargs="*", action="extend", default=[],
+                        help="NAME=TEXT: a line added to NAME's card")
     parser.add_argument("--out", default=str(REPO / "models"), help="where the model folders go")
     parser.add_argument("--max-mib", type=float, default=16.0, help="refuse to write more than this")
     args = parser.parse_args()

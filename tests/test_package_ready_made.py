@@ -100,6 +100,8 @@ def test_a_new_tokenizer_under_packaged_generators_is_refused(sources, tmp_path)
                                            (["--storage", "emoji-cat=fp16"], "NAME one of"),
                                            (["--card-note", "emoji-cat=a line"], "NAME one of"),
                                            (["--retrain", "a command"], "give NAME=VALUE"),
+                                           (["--class-generator", "emoji-cat"], "no such model directory"),
+                                           (["--class-metrics", "nowhere.json"], "no such file"),
                                            (["--max-mib", "0.001"], "over the 0.001 MiB budget")])
 def test_bad_storage_and_budget_overruns_are_refused(sources, tmp_path, args, message):
     done = package("--tokenizer", sources / "tokenizer", *args, "--out", tmp_path)
