@@ -68,10 +68,12 @@ def storages(values: list[str]) -> dict[str, str]:
     return chosen
 
 
-def as_stored(model, storage: str):
-    """`model` with the weights it will load from `storage` (its fingerprint is then the packaged one)."""
-    model.load_state_dict(decode(encode(model.state_dict(), storage)))
-    return model
+def as_stored(model, storage: str) -> tuple[dict, object]:
+    """(`model`'s weights as they are, to write; `model` now holding the weights it will load from `storage`, whose
+    fingerprint is the packaged one). Weights `storage` cannot hold are refused here, before anything is written."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(decode(encode(state, storage)))
+    return state, model
 
 
 def card(name: str, model, what: str, numbers: list[str], extra: list[str], retrain: str) -> str:
@@ -106,8 +108,7 @@ def package(args) -> dict:
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     trained_over = tokenizer.fingerprint()
     if not keep_tokenizer:
-        tokenizer_state = {k: v.clone() for k, v in tokenizer.state_dict().items()}
-        as_stored(tokenizer, storage["emoji-tokenizer"])
+        tokenizer_state, tokenizer = as_stored(tokenizer, storage["emoji-tokenizer"])
     generators = {}
     for name, stage in (("emoji-class", "class"), ("emoji-text", "text")):
         given = getattr(args, f"{stage}_generator")
@@ -115,24 +116,25 @@ def package(args) -> dict:
             raise SystemExit(f"--{stage}-generator {given}: no such model directory")
         source = Path(given) if given else run / f"generator_{stage}" / "generator" if run else None
         if source is not None and source.is_dir():
-            generator = Generator.from_pretrained(source)
-            encode(generator.state_dict(), storage[name])  # refused here, before anything is written
-            generators[name] = (stage, source, generator)
+            generators[name] = (stage, source, Generator.from_pretrained(source))
     for stage in ("class", "text"):
         given = getattr(args, f"{stage}_metrics")
         if given and not Path(given).is_file():
             raise SystemExit(f"--{stage}-metrics {given}: no such file")
-    classifier = ImageClassifier.from_pretrained(args.classifier) if args.classifier else None
-    if classifier is not None:
-        encode(classifier.state_dict(), storage["emoji-classifier"])
+    classifier = None
+    if args.classifier:
+        classifier_state, classifier = as_stored(ImageClassifier.from_pretrained(args.classifier),
+                                                 storage["emoji-classifier"])
         if not (Path(args.classifier) / "eval.json").is_file():
             raise SystemExit(f"{args.classifier} has no eval.json (`simvq train-classifier` writes it)")
-    if not keep_tokenizer:
-        encode(tokenizer_state, storage["emoji-tokenizer"])
-    for name, (_, source, generator) in generators.items():
+    for name, (stage, source, generator) in generators.items():
         if generator.config.tokenizer_fingerprint not in (trained_over, tokenizer.fingerprint()):
             raise SystemExit(f"{source} was trained over tokenizer {generator.config.tokenizer_fingerprint}, not "
                              f"{tokenizer_dir} ({trained_over}): package the tokenizer it was trained with")
+        model = Generator(replace(generator.config, tokenizer_path="emoji-tokenizer",
+                                  tokenizer_fingerprint=tokenizer.fingerprint()))
+        model.load_state_dict(generator.state_dict())
+        generators[name] = (stage, source, *as_stored(model, storage[name]))
     for name in ("emoji-class", "emoji-text"):  # a packaged generator left in place must fit the packaged tokenizer
         config_path = out / READY_MADE[name] / "config.yaml"
         if name not in generators and config_path.is_file():
@@ -155,13 +157,9 @@ def package(args) -> dict:
             retrain["emoji-tokenizer"]))
         written["emoji-tokenizer"] = packaged_tokenizer
 
-    for name, (stage, source, generator) in generators.items():
-        config = replace(generator.config, tokenizer_path="emoji-tokenizer",
-                         tokenizer_fingerprint=tokenizer.fingerprint())
-        model = Generator(config)
-        model.load_state_dict(generator.state_dict())
-        directory = save_pretrained(out / READY_MADE[name], "generator", config, model.state_dict(), storage[name])
-        as_stored(model, storage[name])  # for the card's fingerprint
+    for name, (stage, source, state, model) in generators.items():
+        config = model.config
+        directory = save_pretrained(out / READY_MADE[name], "generator", config, state, storage[name])
         # the given settings over the source's own sampling.yaml (re-packaging in place keeps them)
         recommended = source / RECOMMENDED_SAMPLING
         sampling = load_config(SamplingConfig, recommended if recommended.is_file() else None,
@@ -181,8 +179,8 @@ def package(args) -> dict:
         written[name] = directory
 
     if classifier is not None:
-        directory = classifier.save_pretrained(out / READY_MADE["emoji-classifier"], storage["emoji-classifier"])
-        as_stored(classifier, storage["emoji-classifier"])  # for the card's fingerprint
+        directory = save_pretrained(out / READY_MADE["emoji-classifier"], "classifier", classifier.config,
+                                    classifier_state, storage["emoji-classifier"])
         if (Path(args.classifier) / "eval.json").resolve() != (directory / "eval.json").resolve():
             shutil.copy(Path(args.classifier) / "eval.json", directory / "eval.json")
         accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]

@@ -4,8 +4,9 @@ int8 is weight-only, row-wise symmetric: a float matrix (or conv kernel) of at l
 becomes `NAME:int8` (its values rounded to q = round(w / s), |q| <= 127, in its own shape) and `NAME:int8_scale`
 (fp32, one s = max|row| / 127 per index of its first dimension), and loads as q * s; vectors and small tensors
 (norms, biases, gains, counts) are stored in fp16, where their bytes do not matter. A value fp16 cannot hold
-(beyond 65504, or not finite) is refused, naming the tensor, rather than stored as inf. A model's fingerprint is that of the fp32
-weights it loads, so it is computed from `decode(encode(state))` and is the same whichever storage wrote it.
+(beyond 65504, or not finite) is refused, naming the tensor, rather than stored as inf. A model's fingerprint is
+that of the fp32 weights it loads, so it is computed from `decode(encode(state))` and is the same whichever
+storage wrote it.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def encode(state: dict[str, torch.Tensor], storage: str) -> dict[str, torch.Tens
             raise ValueError(f"{name} holds non-finite values: it cannot be stored in {storage}")
         elif storage == "int8" and tensor.dim() >= 2 and tensor.numel() >= INT8_MIN_ELEMENTS:
             out[name + INT8_SUFFIX], out[name + SCALE_SUFFIX] = _int8(tensor)
-        elif tensor.numel() and tensor.abs().max() > FP16_MAX:
-            raise ValueError(f"{name} reaches {tensor.abs().max().item():.4g}, beyond fp16's {FP16_MAX:.0f}: store "
-                             f"this model in fp32")
         else:
+            peak = tensor.abs().max().item() if tensor.numel() else 0.0
+            if peak > FP16_MAX:
+                raise ValueError(f"{name} reaches {peak:.4g}, beyond fp16's {FP16_MAX:.0f}: store this model in fp32")
             out[name] = tensor.half()
     return out
 
