@@ -53,8 +53,8 @@ from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_cache_loader import build_cache  # noqa: E402
-from benchmarks.common import (MIB, REPO, cpu_times, markdown_table, other_cpu_share, proc_status_kib,  # noqa: E402
-                               provenance, publish, reset_peak_rss)
+from benchmarks.common import (MIB, REPO, cpu_times, markdown_table, other_cpu_share,  # noqa: E402
+                               parse_quick_args, proc_status_kib, provenance, publish, reset_peak_rss)
 from simvq_common import distributed  # noqa: E402
 from simvq_common.distributed import free_port  # noqa: E402
 from simvq_common.run_dir import read_metrics  # noqa: E402
@@ -188,10 +188,7 @@ def main() -> None:
                         help="torch threads of the 1-process run (the 2-process runs use one each)")
     parser.add_argument("--quick", action="store_true",
                         help="size tiny, K = 16,384, 8 x 8 grid, batch 2, 6 steps; print only, write nothing")
-    args = parser.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_quick_args(parser, QUICK)
     console = Console()
     measured = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,8 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import cpu_times, markdown_table, other_cpu_share, provenance, publish  # noqa: E402
+from benchmarks.common import (cpu_times, markdown_table, other_cpu_share, parse_quick_args,  # noqa: E402
+                               provenance, publish)
 from stage2_generator.config import GeneratorConfig, SamplingConfig  # noqa: E402
 from stage2_generator.decoders.llama import swiglu_hidden  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
@@ -98,10 +99,7 @@ def main() -> None:
                         help="torch threads (default 1: see the module docstring)")
     parser.add_argument("--quick", action="store_true",
                         help="size nano, K = 4,096, 8 x 8 grid, batch 4, one round; print only, write nothing")
-    args = parser.parse_args()
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_quick_args(parser, QUICK)
     torch.set_num_threads(args.threads)
     console = Console()
     cfg = GeneratorConfig(size=args.size, conditioning="class", codebook_size=args.codebook_size,

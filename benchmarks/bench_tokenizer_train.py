@@ -56,6 +56,7 @@ from benchmarks.common import (
     machine_rate,
     markdown_table,
     other_cpu_share,
+    parse_quick_args,
     provenance,
     publish,
     run_json_worker,
@@ -237,10 +238,7 @@ def parse_args(argv=None):
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_quick_args(parser, QUICK, argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1: the FLOPs are counted in the first (eager) step")
     return args

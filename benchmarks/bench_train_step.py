@@ -42,7 +42,7 @@ from rich.console import Console  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (MIB, cpu_times, machine_rate, markdown_table, other_cpu_share,  # noqa: E402
-                               provenance, publish, run_json_worker, timed_steps)
+                               parse_quick_args, provenance, publish, run_json_worker, timed_steps)
 from benchmarks.lean_generator import LeanGenerator, load_generator_weights  # noqa: E402
 from stage2_generator.config import GeneratorConfig  # noqa: E402
 from stage2_generator.model import Generator, parameter_groups, training_flops_per_token  # noqa: E402
@@ -223,10 +223,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="nano, K = 1,024, 8 x 8, 3 steps; print only")
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    args = parse_quick_args(parser, QUICK, argv)
     return args
 
 

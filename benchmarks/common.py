@@ -1,6 +1,7 @@
 """What every benchmark here shares: the GEMM yardstick, peak-memory probes, load accounting, provenance."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -152,6 +153,16 @@ def provenance(script: str, argv: list[str], watched: str, packages: tuple[str, 
         **{package: package_version(package) for package in packages},
         "python": sys.version.split()[0],
     }
+
+
+def parse_quick_args(parser: argparse.ArgumentParser, quick: dict,
+                     argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with `quick`'s values in place of the given ones under --quick (the flag is the caller's)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+    return args
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -293,6 +293,8 @@ def generation_section(result: dict) -> str:
                   f"({first['steps']} steps), generator seeds {cfg['generator_seeds']} (run.seed), over each "
                   f"tokenizer of `{cfg['tokenizer_study']}`; {first['num']} samples each in the val split's class mix "
                   f"at {sampling}, against the val split. Val loss in bits per image = nats per code x codes per "
-                  f"image / ln 2; perplexity = exp(nats per code). simvq-gen {env['git']}, torch {env['torch']}, "
-                  f"{env['cpu_count']} CPU cores."]
+                  f"image / ln 2; perplexity = exp(nats per code). Tokens/s are the study's own runs', which may "
+                  f"have shared the machine with other jobs; K's cost alone, side by side: `python "
+                  f"benchmarks/bench_codebook_cost.py` (docs/BENCHMARKS.md). simvq-gen {env['git']}, torch "
+                  f"{env['torch']}, {env['cpu_count']} CPU cores."]
     return "\n".join(lines)
