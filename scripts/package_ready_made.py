@@ -92,8 +92,8 @@ def card(name: str, model, what: str, numbers: list[str], extra: list[str], retr
 
 
 def package(args) -> dict:
-    """Load, encode and check every model, then write: a refused model leaves --out as it was (the budget, which
-    counts the written files, is checked last)."""
+    """Load, encode and check every model, then write into a staging folder beside --out and move the folders into
+    place only once the budget holds: a refusal leaves --out as it was."""
     out, run = Path(args.out), Path(args.run) if args.run else None
     storage = storages(args.storage)
     retrain = {**RETRAIN, **{name: "\n".join(texts) for name, texts in per_name("--retrain", args.retrain).items()}}
@@ -143,23 +143,26 @@ def package(args) -> dict:
                 raise SystemExit(f"{out / READY_MADE[name]} records tokenizer {recorded}, not the one packaged now "
                                  f"({tokenizer.fingerprint()}): re-package it too (--{name[6:]}-generator)")
 
+    staging = out / ".packaging"
+    shutil.rmtree(staging, ignore_errors=True)  # a packaging killed before its moves
     written = {}
     if not keep_tokenizer:
-        save_pretrained(packaged_tokenizer, "tokenizer", tokenizer.config, tokenizer_state, storage["emoji-tokenizer"])
+        staged_tokenizer = staging / READY_MADE["emoji-tokenizer"]
+        save_pretrained(staged_tokenizer, "tokenizer", tokenizer.config, tokenizer_state, storage["emoji-tokenizer"])
         eval_path = tokenizer_dir / "eval.json"
         evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-        write_text_atomic(packaged_tokenizer / "README.md", card(
+        write_text_atomic(staged_tokenizer / "README.md", card(
             "emoji-tokenizer", tokenizer, "A SimVQ image tokenizer: 32 px emoji <-> 8 x 8 codes of K = "
             f"{tokenizer.codebook_size:,}.",
             [f"- rFID {evaluation['rfid']:.2f}, PSNR {evaluation['psnr']:.2f} dB on the emoji val split "
              f"(`{eval_path}`)"] if "rfid" in evaluation else [],
             [f"- weights stored in {storage['emoji-tokenizer']}", *notes.get("emoji-tokenizer", [])],
             retrain["emoji-tokenizer"]))
-        written["emoji-tokenizer"] = packaged_tokenizer
+        written["emoji-tokenizer"] = staged_tokenizer
 
     for name, (stage, source, state, model) in generators.items():
         config = model.config
-        directory = save_pretrained(out / READY_MADE[name], "generator", config, state, storage[name])
+        directory = save_pretrained(staging / READY_MADE[name], "generator", config, state, storage[name])
         # the given settings over the source's own sampling.yaml (re-packaging in place keeps them)
         recommended = source / RECOMMENDED_SAMPLING
         sampling = load_config(SamplingConfig, recommended if recommended.is_file() else None,
@@ -179,7 +182,7 @@ def package(args) -> dict:
         written[name] = directory
 
     if classifier is not None:
-        directory = save_pretrained(out / READY_MADE["emoji-classifier"], "classifier", classifier.config,
+        directory = save_pretrained(staging / READY_MADE["emoji-classifier"], "classifier", classifier.config,
                                     classifier_state, storage["emoji-classifier"])
         if (Path(args.classifier) / "eval.json").resolve() != (directory / "eval.json").resolve():
             shutil.copy(Path(args.classifier) / "eval.json", directory / "eval.json")
@@ -191,11 +194,21 @@ def package(args) -> dict:
             retrain["emoji-classifier"]))
         written["emoji-classifier"] = directory
 
-    folders = [out / folder for folder in READY_MADE.values() if (out / folder).is_dir()]
-    total = sum(f.stat().st_size for d in folders for f in d.iterdir())
+    kept = [out / folder for folder in READY_MADE.values()
+            if (out / folder).is_dir() and not (staging / folder).is_dir()]
+    total = sum(f.stat().st_size for d in [*written.values(), *kept] for f in d.iterdir())
     if total > args.max_mib * 2**20:
+        shutil.rmtree(staging, ignore_errors=True)
         raise SystemExit(f"the models take {total / 2**20:.1f} MiB, over the {args.max_mib} MiB budget: "
                          f"try --storage fp16 (or NAME=int8), or smaller models")
+    for name, staged in written.items():  # each folder swapped whole: the old one out, the new one in
+        directory, old = out / staged.name, staging / f"{staged.name}.old"
+        if directory.is_dir():
+            directory.rename(old)
+        staged.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        written[name] = directory
+    shutil.rmtree(staging, ignore_errors=True)
     for name, directory in written.items():
         print(f"{name}: {directory} ({sum(f.stat().st_size for f in directory.iterdir()) / 2**20:.2f} MiB, "
               f"{storage[name]})")

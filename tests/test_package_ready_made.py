@@ -107,3 +107,20 @@ def test_bad_storage_and_budget_overruns_are_refused(sources, tmp_path, args, me
     done = package("--tokenizer", sources / "tokenizer", *args, "--out", tmp_path)
     assert done.returncode != 0 and message in done.stderr
 
+
+
+def test_a_budget_overrun_leaves_the_packaged_models_as_they_were(sources, tmp_path):
+    assert package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--storage", "fp16",
+                   "--out", tmp_path).returncode == 0
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    done = package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
+                   sources / "text", "--storage", "fp32", "--max-mib", "0.001", "--out", tmp_path)
+    assert done.returncode != 0 and "over the 0.001 MiB budget" in done.stderr
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before  # nor a staging folder left
+    # and the same packaging within the budget replaces the folders whole
+    assert package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--text-generator",
+                   sources / "text", "--storage", "fp32", "--out", tmp_path).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        READY_MADE[name] for name in ("emoji-tokenizer", "emoji-class", "emoji-text"))
+    stored = load_file(tmp_path / READY_MADE["emoji-class"] / "model.safetensors")
+    assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in stored.values())
