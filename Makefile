@@ -48,6 +48,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bench_cache_loader.py
 	$(BIN)/python benchmarks/bench_generator_loss.py
 	$(BIN)/python benchmarks/bench_sampling.py
+	$(BIN)/python benchmarks/bench_codebook_cost.py
 	$(BIN)/python benchmarks/bench_generator_train.py
 
 results: $(INSTALLED)

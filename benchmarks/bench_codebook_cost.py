@@ -1,11 +1,12 @@
 """What a larger codebook costs the generator: training and sampling speed of the same model at several K.
 
     python benchmarks/bench_codebook_cost.py [--size tiny] [--codebook-sizes 1024 8192 65536] [--grid 8]
-                                             [--batch 32] [--sample-batch 64] [--rounds 3] [--threads 1] [--quick]
+                                             [--batch 32] [--sample-batch 64] [--steps 10] [--rounds 3]
+                                             [--threads 1] [--quick]
 
-The generation study (docs/RESULTS.md, "What a fully used codebook gives the generator") trains one class
-generator over tokenizers of K = 1,024 / 8,192 / 65,536 codes; its own speed columns come from runs that shared
-the machine with other jobs. This measures the same generator alone, side by side: only K changes, which sizes
+The generation study (`simvq generation-study -c configs/study/generation_emoji.yaml`) trains one class generator
+over tokenizers of K = 1,024 / 8,192 / 65,536 codes; its own speed columns come from runs that may have shared the
+machine with other jobs. This measures the same generator alone, side by side: only K changes, which sizes
 the code embedding and the output head (K x width each) and the softmax over K at every position.
 
 For each K, a class-conditioned generator (default size "tiny", 9 classes, an 8 x 8 grid = 64 codes, fp32, the
@@ -122,7 +123,7 @@ def main() -> None:
     for m in measured.values():
         m["train_ratio"] = m["train_tokens_per_s"] / measured[smallest]["train_tokens_per_s"]
         m["sample_ratio"] = m["sample_tokens_per_s"] / measured[smallest]["sample_tokens_per_s"]
-    header = ["K", "parameters (embedding + head)", "train tokens/s", f"vs K = {smallest:,}",
+    header = ["K", "parameters (share in embedding + head)", "train tokens/s", f"vs K = {smallest:,}",
               "sampling tokens/s", f"vs K = {smallest:,}"]
     rows = []
     for k, m in measured.items():

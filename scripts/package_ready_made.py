@@ -11,8 +11,8 @@ it. --tokenizer / --class-generator / --text-generator take a model directory in
 must have been trained over the packaged tokenizer's codes: its recorded fingerprint is checked). The
 generators' configs name the tokenizer by its ready-made name (so they find it in any clone) and record the
 fingerprint of the packaged tokenizer; each carries sampling.yaml, the sampler settings `simvq sample` and
-`simvq serve` start from. Fails (after writing) when they take more than --max-mib together (the repository's
-budget).
+`simvq serve` start from. Refuses, leaving --out as it was, when they would take more than --max-mib together
+(the repository's budget).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def card(name: str, model, what: str, numbers: list[str], extra: list[str], retr
 
 
 def package(args) -> dict:
-    """Load, encode and check every model, then write into a staging folder beside --out and move the folders into
+    """Load, encode and check every model, then write into a staging folder inside --out and move the folders into
     place only once the budget holds: a refusal leaves --out as it was."""
     out, run = Path(args.out), Path(args.run) if args.run else None
     storage = storages(args.storage)
@@ -144,64 +144,68 @@ def package(args) -> dict:
                                  f"({tokenizer.fingerprint()}): re-package it too (--{name[6:]}-generator)")
 
     staging = out / ".packaging"
-    shutil.rmtree(staging, ignore_errors=True)  # a packaging killed before its moves
-    written = {}
-    if not keep_tokenizer:
-        staged_tokenizer = staging / READY_MADE["emoji-tokenizer"]
-        save_pretrained(staged_tokenizer, "tokenizer", tokenizer.config, tokenizer_state, storage["emoji-tokenizer"])
-        eval_path = tokenizer_dir / "eval.json"
-        evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-        write_text_atomic(staged_tokenizer / "README.md", card(
-            "emoji-tokenizer", tokenizer, "A SimVQ image tokenizer: 32 px emoji <-> 8 x 8 codes of K = "
-            f"{tokenizer.codebook_size:,}.",
-            [f"- rFID {evaluation['rfid']:.2f}, PSNR {evaluation['psnr']:.2f} dB on the emoji val split "
-             f"(`{eval_path}`)"] if "rfid" in evaluation else [],
-            [f"- weights stored in {storage['emoji-tokenizer']}", *notes.get("emoji-tokenizer", [])],
-            retrain["emoji-tokenizer"]))
-        written["emoji-tokenizer"] = staged_tokenizer
+    recover(out, staging)
+    try:
+        written = {}
+        if not keep_tokenizer:
+            staged_tokenizer = staging / READY_MADE["emoji-tokenizer"]
+            save_pretrained(staged_tokenizer, "tokenizer", tokenizer.config, tokenizer_state,
+                            storage["emoji-tokenizer"])
+            eval_path = tokenizer_dir / "eval.json"
+            evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+            write_text_atomic(staged_tokenizer / "README.md", card(
+                "emoji-tokenizer", tokenizer, "A SimVQ image tokenizer: 32 px emoji <-> 8 x 8 codes of K = "
+                f"{tokenizer.codebook_size:,}.",
+                [f"- rFID {evaluation['rfid']:.2f}, PSNR {evaluation['psnr']:.2f} dB on the emoji val split "
+                 f"(`{eval_path}`, of the weights before storage)"] if "rfid" in evaluation else [],
+                [f"- weights stored in {storage['emoji-tokenizer']}", *notes.get("emoji-tokenizer", [])],
+                retrain["emoji-tokenizer"]))
+            written["emoji-tokenizer"] = staged_tokenizer
 
-    for name, (stage, source, state, model) in generators.items():
-        config = model.config
-        directory = save_pretrained(staging / READY_MADE[name], "generator", config, state, storage[name])
-        # the given settings over the source's own sampling.yaml (re-packaging in place keeps them)
-        recommended = source / RECOMMENDED_SAMPLING
-        sampling = load_config(SamplingConfig, recommended if recommended.is_file() else None,
-                               getattr(args, f"{stage}_sampling"))
-        write_text_atomic(directory / RECOMMENDED_SAMPLING, to_yaml(sampling))
-        given_metrics = getattr(args, f"{stage}_metrics")
-        metrics_path = Path(given_metrics) if given_metrics else run / f"samples_{stage}" / "metrics.json" if run \
-            else None
-        metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else {}
-        numbers = [f"- FID {metrics['fid']:.2f} against the emoji val split ({metrics_path}; the sampler settings "
-                   f"of that evaluation and the study's are in docs/RESULTS.md)"] if "fid" in metrics else []
-        write_text_atomic(directory / "README.md", card(
-            name, model, f"A {stage}-conditional GPT-{config.size} over the codes of `emoji-tokenizer`.", numbers,
-            [f"- recommended sampler settings (`{RECOMMENDED_SAMPLING}`, where `simvq sample` and `simvq serve` "
-             f"start): {json.dumps(asdict(sampling))}", f"- weights stored in {storage[name]}", *notes.get(name, [])],
-            retrain[name]))
-        written[name] = directory
+        for name, (stage, source, state, model) in generators.items():
+            config = model.config
+            directory = save_pretrained(staging / READY_MADE[name], "generator", config, state, storage[name])
+            # the given settings over the source's own sampling.yaml (re-packaging in place keeps them)
+            recommended = source / RECOMMENDED_SAMPLING
+            sampling = load_config(SamplingConfig, recommended if recommended.is_file() else None,
+                                   getattr(args, f"{stage}_sampling"))
+            write_text_atomic(directory / RECOMMENDED_SAMPLING, to_yaml(sampling))
+            given_metrics = getattr(args, f"{stage}_metrics")
+            metrics_path = Path(given_metrics) if given_metrics else run / f"samples_{stage}" / "metrics.json" if run \
+                else None
+            metrics = json.loads(metrics_path.read_text()) if metrics_path and metrics_path.is_file() else {}
+            numbers = [f"- FID {metrics['fid']:.2f} against the emoji val split ({metrics_path}; the sampler settings "
+                       f"of that evaluation and the study's are in docs/RESULTS.md)"] if "fid" in metrics else []
+            write_text_atomic(directory / "README.md", card(
+                name, model, f"A {stage}-conditional GPT-{config.size} over the codes of `emoji-tokenizer`.", numbers,
+                [f"- recommended sampler settings (`{RECOMMENDED_SAMPLING}`, where `simvq sample` and `simvq serve` "
+                 f"start): {json.dumps(asdict(sampling))}", f"- weights stored in {storage[name]}",
+                 *notes.get(name, [])],
+                retrain[name]))
+            written[name] = directory
 
-    if classifier is not None:
-        directory = save_pretrained(staging / READY_MADE["emoji-classifier"], "classifier", classifier.config,
-                                    classifier_state, storage["emoji-classifier"])
-        if (Path(args.classifier) / "eval.json").resolve() != (directory / "eval.json").resolve():
+        if classifier is not None:
+            directory = save_pretrained(staging / READY_MADE["emoji-classifier"], "classifier", classifier.config,
+                                        classifier_state, storage["emoji-classifier"])
             shutil.copy(Path(args.classifier) / "eval.json", directory / "eval.json")
-        accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]
-        write_text_atomic(directory / "README.md", card(
-            "emoji-classifier", classifier, "The class-agreement classifier of the 9 emoji categories "
-            "(evaluation/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"],
-            [f"- weights stored in {storage['emoji-classifier']}", *notes.get("emoji-classifier", [])],
-            retrain["emoji-classifier"]))
-        written["emoji-classifier"] = directory
+            accuracy = json.loads((directory / "eval.json").read_text())["val"]["accuracy"]
+            write_text_atomic(directory / "README.md", card(
+                "emoji-classifier", classifier, "The class-agreement classifier of the 9 emoji categories "
+                "(evaluation/classifier.py).", [f"- val accuracy {accuracy:.3f} (eval.json, of the fp32 weights)"],
+                [f"- weights stored in {storage['emoji-classifier']}", *notes.get("emoji-classifier", [])],
+                retrain["emoji-classifier"]))
+            written["emoji-classifier"] = directory
 
-    kept = [out / folder for folder in READY_MADE.values()
-            if (out / folder).is_dir() and not (staging / folder).is_dir()]
-    total = sum(f.stat().st_size for d in [*written.values(), *kept] for f in d.iterdir())
-    if total > args.max_mib * 2**20:
+        kept = [out / folder for folder in READY_MADE.values()
+                if (out / folder).is_dir() and not (staging / folder).is_dir()]
+        total = sum(f.stat().st_size for d in [*written.values(), *kept] for f in d.iterdir())
+        if total > args.max_mib * 2**20:
+            raise SystemExit(f"the models take {total / 2**20:.1f} MiB, over the {args.max_mib} MiB budget: "
+                             f"try --storage fp16 (or NAME=int8), or smaller models")
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        raise SystemExit(f"the models take {total / 2**20:.1f} MiB, over the {args.max_mib} MiB budget: "
-                         f"try --storage fp16 (or NAME=int8), or smaller models")
-    for name, staged in written.items():  # each folder swapped whole: the old one out, the new one in
+        raise
+    for name, staged in written.items():  # each folder swapped whole: the old one aside, the new one in
         directory, old = out / staged.name, staging / f"{staged.name}.old"
         if directory.is_dir():
             directory.rename(old)
@@ -214,6 +218,15 @@ def package(args) -> dict:
               f"{storage[name]})")
     print(f"total {total / 2**20:.2f} MiB (every ready-made folder in {out})")
     return written
+
+
+def recover(out: Path, staging: Path) -> None:
+    """Undo what a packaging killed mid-way left: a folder set aside (NAME.old) whose replacement never arrived goes
+    back; the rest of the staging folder is dropped."""
+    for old in staging.glob("*.old"):
+        if not (out / old.name[:-4]).exists():
+            old.rename(out / old.name[:-4])
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def main() -> None:

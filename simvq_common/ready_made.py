@@ -13,8 +13,8 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 READY_MADE: dict[str, str] = {
-    "emoji-tokenizer": "emoji32-tokenizer",  # SimVQ, K = 8,192, 32 px -> 8 x 8 codes
-    "emoji-class": "emoji32-class",  # class-conditional GPT-small (its EMA) over its codes (9 emoji categories)
+    "emoji-tokenizer": "emoji32-tokenizer",  # SimVQ, K = 1,024, 32 px -> 8 x 8 codes
+    "emoji-class": "emoji32-class",  # class-conditional GPT-medium (its EMA) over its codes (9 emoji categories)
     "emoji-text": "emoji32-text",  # text-conditional GPT-tiny (all-MiniLM-L6-v2 embeddings of emoji names)
     "emoji-classifier": "emoji32-classifier",  # the class-agreement classifier of the 9 categories
 }

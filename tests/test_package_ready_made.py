@@ -108,7 +108,6 @@ def test_bad_storage_and_budget_overruns_are_refused(sources, tmp_path, args, me
     assert done.returncode != 0 and message in done.stderr
 
 
-
 def test_a_budget_overrun_leaves_the_packaged_models_as_they_were(sources, tmp_path):
     assert package("--tokenizer", sources / "tokenizer", "--class-generator", sources / "class", "--storage", "fp16",
                    "--out", tmp_path).returncode == 0
@@ -124,3 +123,20 @@ def test_a_budget_overrun_leaves_the_packaged_models_as_they_were(sources, tmp_p
         READY_MADE[name] for name in ("emoji-tokenizer", "emoji-class", "emoji-text"))
     stored = load_file(tmp_path / READY_MADE["emoji-class"] / "model.safetensors")
     assert all(t.dtype.is_floating_point and t.dtype.itemsize == 4 for t in stored.values())
+
+
+def test_a_folder_set_aside_by_a_killed_packaging_is_put_back(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("package_ready_made", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    staging = tmp_path / ".packaging"
+    (staging / "emoji32-class.old").mkdir(parents=True)  # killed between setting it aside and moving its successor in
+    (staging / "emoji32-class.old" / "model.safetensors").write_text("the packaged weights")
+    (staging / "emoji32-text.old").mkdir()  # its successor did arrive: the old one is dropped
+    (tmp_path / "emoji32-text").mkdir()
+    (tmp_path / "emoji32-text" / "model.safetensors").write_text("the new weights")
+    module.recover(tmp_path, staging)
+    assert (tmp_path / "emoji32-class" / "model.safetensors").read_text() == "the packaged weights"
+    assert (tmp_path / "emoji32-text" / "model.safetensors").read_text() == "the new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emoji32-class", "emoji32-text"]
