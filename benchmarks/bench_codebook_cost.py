@@ -36,7 +36,7 @@ from rich.console import Console
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (cpu_times, markdown_table, other_cpu_share, parse_quick_args,  # noqa: E402
-                               provenance, publish)
+                               provenance, publish, timed_steps)
 from stage2_generator.config import GeneratorConfig, SamplingConfig  # noqa: E402
 from stage2_generator.model import Generator, parameter_groups  # noqa: E402
 from stage2_generator.sampling import generate  # noqa: E402
@@ -65,16 +65,16 @@ class Contender:
         embed_and_head = self.model.token_embed.weight.numel() + self.model.head.weight.numel()
         self.parameters = {"total": self.model.num_parameters(), "embedding_and_head": embed_and_head}
 
+    def train_step(self) -> None:
+        self.model(self.codes, self.labels).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train_steps(self) -> float:
         """Seconds per optimizer step over `steps` steps."""
         self.model.train()
-        start = time.perf_counter()
-        for _ in range(self.steps):
-            loss = self.model(self.codes, self.labels)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return (time.perf_counter() - start) / self.steps
+        _, seconds, _ = timed_steps(self.train_step, self.steps, torch.device("cpu"))
+        return sum(seconds) / self.steps
 
     def sample(self) -> float:
         self.model.eval()

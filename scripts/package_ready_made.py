@@ -196,8 +196,8 @@ def package(args) -> dict:
                 retrain["emoji-classifier"]))
             written["emoji-classifier"] = directory
 
-        kept = [out / folder for folder in READY_MADE.values()
-                if (out / folder).is_dir() and not (staging / folder).is_dir()]
+        replaced = {staged.name for staged in written.values()}
+        kept = [out / folder for folder in READY_MADE.values() if folder not in replaced and (out / folder).is_dir()]
         total = sum(f.stat().st_size for d in [*written.values(), *kept] for f in d.iterdir())
         if total > args.max_mib * 2**20:
             raise SystemExit(f"the models take {total / 2**20:.1f} MiB, over the {args.max_mib} MiB budget: "
