@@ -50,7 +50,7 @@ def load_emoji(split: str = "train", resolution: int = 64) -> ImageSet:
     if not 1 <= resolution <= EMOJI_NATIVE_RESOLUTION:
         raise ConfigError(f"emoji resolution must lie in [1, {EMOJI_NATIVE_RESOLUTION}] px, got {resolution}")
     arrays = _emoji_arrays()
-    keep = np.ones(len(arrays["labels"]), bool) if split == "all" else arrays["split"] == SPLITS.index(split)
+    keep = _in_split(arrays, split)
     images = torch.from_numpy(arrays["images"][keep]).permute(0, 3, 1, 2).contiguous()
     if resolution != EMOJI_NATIVE_RESOLUTION:
         resized = F.interpolate(images.float(), size=(resolution, resolution), mode="area")
@@ -58,10 +58,29 @@ def load_emoji(split: str = "train", resolution: int = 64) -> ImageSet:
     return ImageSet(
         images=images,
         labels=torch.from_numpy(arrays["labels"][keep]),
-        captions=[str(name) for name in arrays["names"][keep]],
+        captions=[str(name) for name in arrays["cldr_names"][keep]],
         class_names=[str(name) for name in arrays["categories"]],
         source=f"{arrays['source']}; split={split}; {resolution}px",
     )
+
+
+def _in_split(arrays: dict[str, np.ndarray], split: str) -> np.ndarray:
+    return np.ones(len(arrays["labels"]), bool) if split == "all" else arrays["split"] == SPLITS.index(split)
+
+
+def find_emoji(name: str, split: str = "train") -> int:
+    """The index in load_emoji(split) of the image named `name`: its caption (the CLDR name, "red heart") or its
+    Unicode character name ("heavy black heart", the captions before 2026-12-07); the first of several."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}': expected one of {SPLITS}")
+    arrays = _emoji_arrays()
+    keep = _in_split(arrays, split)
+    for names in (arrays["cldr_names"][keep], arrays["names"][keep]):
+        found = np.flatnonzero(names == name)
+        if len(found):
+            return int(found[0])
+    raise ConfigError(f"no {split} emoji is named {name!r}: give a caption (`simvq dataset-info` lists the "
+                      f"categories; the names are CLDR's, like 'red heart') or a Unicode character name")
 
 
 class EmojiDataset(Dataset):

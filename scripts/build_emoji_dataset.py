@@ -1,11 +1,13 @@
-"""Build the bundled emoji dataset from the npm package emoji-datasource-google@16.0.0.
+"""Build the bundled emoji dataset from the npm packages emoji-datasource-google@16.0.0 and emojibase-data@16.0.3.
 
-    python scripts/build_emoji_dataset.py [--package-dir DIR] [--out PATH]
+    python scripts/build_emoji_dataset.py [--package-dir DIR] [--emojibase-dir DIR] [--out PATH]
 
-Without --package-dir the script runs `npm pack` itself (needs npm and the registry). The
+Without the directories the script runs `npm pack` itself (needs npm and the registry). The
 output is one compressed .npz: 64x64 RGB images composited on white, category labels (the
-9 real categories; "Component" swatches are dropped), subcategories, names usable as
-captions, codepoints, the variant group of every image, and a fixed 90/10 train/val split of whole
+9 real categories; "Component" swatches are dropped), subcategories, the Unicode character names
+(`names`: "heavy black heart", "slice of pizza") and the CLDR names people call the emoji by (`cldr_names`:
+"red heart", "pizza"; emojibase's English labels), the captions; codepoints, the variant group of every image,
+and a fixed 90/10 train/val split of whole
 groups, stratified by category: every variant of one emoji (skin tones, gender, hair, direction,
 presentation selectors) falls on one side, so val holds no sibling of a train image (docs/DATA.md).
 The images are Apache-2.0 (Google Noto emoji); see image_data/assets/NOTICE_noto_emoji.txt.
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 PACKAGE = "emoji-datasource-google@16.0.0"
+EMOJIBASE = "emojibase-data@16.0.3"
 SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium",
               "1F3FE": "medium-dark", "1F3FF": "dark"}
 VAL_FRACTION = 0.1
@@ -52,12 +55,32 @@ GENDERED_SIBLINGS = {
 }
 
 
-def fetch_package(workdir: Path) -> Path:
-    subprocess.run(["npm", "pack", PACKAGE], cwd=workdir, check=True, capture_output=True)
-    (tgz,) = workdir.glob("emoji-datasource-google-*.tgz")
+def fetch_package(spec: str, workdir: Path) -> Path:
+    """`npm pack` the package `spec` (name@version) into workdir and unpack it; its directory."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["npm", "pack", spec], cwd=workdir, check=True, capture_output=True)
+    (tgz,) = workdir.glob("*.tgz")
     with tarfile.open(tgz) as tar:
         tar.extractall(workdir, filter="data")
     return workdir / "package"
+
+
+def _without_presentation(unified: str) -> str:
+    return "-".join(c for c in unified.upper().split("-") if c not in PRESENTATION)
+
+
+def cldr_names(emojibase_dir: Path, rows: list[dict]) -> list[str]:
+    """Each row's CLDR name (emojibase's English label, skin-tone variants included), matched on codepoints
+    without presentation selectors."""
+    labels = {}
+    for emoji in json.loads((emojibase_dir / "en" / "data.json").read_text()):
+        for entry in [emoji, *(emoji.get("skins") or [])]:
+            labels[_without_presentation(entry["hexcode"])] = entry["label"]
+    missing = [r["unified"] for r in rows if _without_presentation(r["unified"]) not in labels]
+    if missing:
+        raise SystemExit(f"{len(missing)} emoji have no label in {emojibase_dir}, e.g. {missing[:5]}: "
+                         f"give the emojibase-data release that matches {PACKAGE} ({EMOJIBASE})")
+    return [labels[_without_presentation(r["unified"])] for r in rows]
 
 
 def list_entries(package_dir: Path) -> list[dict]:
@@ -131,7 +154,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return split
 
 
-def build(package_dir: Path, out: Path, size: int = 64) -> None:
+def build(package_dir: Path, emojibase_dir: Path, out: Path, size: int = 64) -> None:
     rows = list_entries(package_dir)
     categories = sorted({r["category"] for r in rows})
     labels = np.array([categories.index(r["category"]) for r in rows], dtype=np.int64)
@@ -148,6 +171,7 @@ def build(package_dir: Path, out: Path, size: int = 64) -> None:
         categories=np.array(categories),
         subcategories=np.array([r["subcategory"] for r in rows]),
         names=np.array([r["name"] for r in rows]),
+        cldr_names=np.array(cldr_names(emojibase_dir, rows)),
         codepoints=np.array([r["unified"] for r in rows]),
         source=np.array(f"npm emoji-datasource-google@{version}, img/google/64, composited on white"),
     )
@@ -157,15 +181,15 @@ def build(package_dir: Path, out: Path, size: int = 64) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--package-dir", type=Path, help="an unpacked emoji-datasource-google package")
+    parser.add_argument("--package-dir", type=Path, help=f"an unpacked {PACKAGE} package")
+    parser.add_argument("--emojibase-dir", type=Path, help=f"an unpacked {EMOJIBASE} package")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1]
                         / "image_data" / "assets" / "noto_emoji_64.npz")
     args = parser.parse_args()
-    if args.package_dir is not None:
-        build(args.package_dir, args.out)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        build(fetch_package(Path(tmp)), args.out)
+        package_dir = args.package_dir or fetch_package(PACKAGE, Path(tmp) / "images")
+        emojibase_dir = args.emojibase_dir or fetch_package(EMOJIBASE, Path(tmp) / "names")
+        build(package_dir, emojibase_dir, args.out)
 
 
 if __name__ == "__main__":

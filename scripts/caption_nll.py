@@ -3,8 +3,8 @@
     python scripts/caption_nll.py --generator emoji-text --names "heavy black heart" rocket "slice of pizza"
 
 Prints the mean next-code negative log-likelihood (nats per code, teacher-forced, no guidance) of each image's
-codes (rows; the bundled emoji's train image of that name, encoded by the generator's tokenizer) under each name
-as the caption (columns). A generator that reads its captions scores an image best under its own name, by a
+codes (rows; the bundled emoji's train image of that name, its caption or its Unicode name, encoded by the
+generator's tokenizer) under each name as the caption (columns). A generator that reads its captions scores an image best under its own name, by a
 margin; equal columns mean the caption is ignored (docs/RESULTS.md, "Why the text prompts stay unrecognisable").
 """
 from __future__ import annotations
@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from image_data.emoji import load_emoji  # noqa: E402
+from image_data.emoji import find_emoji, load_emoji  # noqa: E402
 from image_data.transforms import to_model_range  # noqa: E402
 from pipelines.text import TextEncoder  # noqa: E402
+from simvq_common.errors import ConfigError  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
 
@@ -29,10 +30,10 @@ from stage2_generator.model import Generator  # noqa: E402
 def caption_nll(generator: Generator, tokenizer: Tokenizer, names: list[str], split: str = "train") -> torch.Tensor:
     """(n, n): entry (i, j) is image i's mean NLL per code under caption j."""
     images = load_emoji(split, generator.config.grid[0] * tokenizer.downsample_factor)
-    missing = [name for name in names if name not in images.captions]
-    if missing:
-        raise SystemExit(f"no {split} image is named {missing}: give names from the emoji's captions")
-    pixels = torch.stack([images.images[images.captions.index(name)] for name in names])
+    try:
+        pixels = torch.stack([images.images[find_emoji(name, split)] for name in names])
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     codes = tokenizer.encode(to_model_range(pixels)).flatten(1)
     captions = torch.from_numpy(TextEncoder(generator.config.text_encoder).encode(names).features).float()
     table = torch.empty(len(names), len(names))

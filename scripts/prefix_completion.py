@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from image_data.emoji import load_emoji  # noqa: E402
+from image_data.emoji import find_emoji, load_emoji  # noqa: E402
 from image_data.transforms import to_model_range, to_uint8  # noqa: E402
 from pipelines.text import TextEncoder  # noqa: E402
+from simvq_common.errors import ConfigError  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 from stage2_generator.config import SamplingConfig  # noqa: E402
 from stage2_generator.model import Generator  # noqa: E402
@@ -35,11 +36,13 @@ def complete(generator: Generator, tokenizer: Tokenizer, name: str, max_rows: in
     if not 0 <= max_rows <= rows:
         raise SystemExit(f"--max-rows must lie in [0, {rows}] (the generator's grid has {rows} rows), got {max_rows}")
     images = load_emoji(split, cols * tokenizer.downsample_factor)
-    if name not in images.captions:
-        raise SystemExit(f"no {split} image is named {name!r}: give a name from the emoji's captions")
-    index = images.captions.index(name)
+    try:
+        index = find_emoji(name, split)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     codes = tokenizer.encode(to_model_range(images.images[index][None])).flatten(1)
     if generator.config.conditioning == "text":
+        # the name as given is the caption: a Unicode name reaches its image, and the caption is what was typed
         condition = torch.from_numpy(TextEncoder(generator.config.text_encoder).encode([name]).features).float()
     elif generator.config.conditioning == "class":
         condition = images.labels[index][None]

@@ -40,4 +40,4 @@ def test_the_script_prints_the_table_and_refuses_unknown_names():
     assert "rocket" in done.stdout and "own " in done.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT), "--names", "rocket", "a unicorn made of cheese"],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "no train image is named ['a unicorn made of cheese']" in bad.stderr
+    assert bad.returncode != 0 and "no train emoji is named 'a unicorn made of cheese'" in bad.stderr

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from image_data.emoji import _emoji_arrays, load_emoji
+from image_data.emoji import _emoji_arrays, find_emoji, load_emoji
+from simvq_common.errors import ConfigError
 from image_data.transforms import to_model_range, to_uint8
 
 
@@ -97,6 +98,23 @@ def test_captions_and_labels_line_up():
     s = load_emoji("all")
     i = s.captions.index("grinning face")
     assert s.class_names[int(s.labels[i])] == "Smileys & Emotion"
+
+
+def test_captions_are_the_cldr_names_and_either_name_finds_the_image():
+    train, arrays = load_emoji("train", 8), _emoji_arrays()
+    unicode_names = [str(n) for n in arrays["names"][arrays["split"] == 0]]
+    assert len(train.captions) == len(unicode_names) == len(train)
+    for caption, unicode_name in [("red heart", "heavy black heart"), ("pizza", "slice of pizza"),
+                                  ("person running", "runner"), ("rocket", "rocket")]:
+        index = train.captions.index(caption)
+        assert unicode_names[index] == unicode_name
+        assert find_emoji(caption) == find_emoji(unicode_name) == index
+    val = load_emoji("val", 8)
+    assert find_emoji(val.captions[5], "val") == val.captions.index(val.captions[5])
+    with pytest.raises(ConfigError, match="no train emoji is named 'a unicorn'"):
+        find_emoji("a unicorn")
+    with pytest.raises(ConfigError, match="unknown split 'test'"):
+        find_emoji("rocket", "test")
 
 
 def test_range_conversions_round_trip():

@@ -46,4 +46,4 @@ def test_the_script_writes_the_grid_and_refuses_unknown_names(tmp_path):
     assert Image.open(out).size == (2 * 32, 2 * 32)
     bad = subprocess.run([sys.executable, str(SCRIPT), "--name", "a unicorn made of cheese", "--out", str(out)],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "no train image is named 'a unicorn made of cheese'" in bad.stderr
+    assert bad.returncode != 0 and "no train emoji is named 'a unicorn made of cheese'" in bad.stderr
