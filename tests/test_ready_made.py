@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from evaluation.classifier import ImageClassifier
+from image_data.emoji import load_emoji
 from pipelines.config import SampleConfig
 from pipelines.sample import sample
 from simvq_common.config import load_config
@@ -63,6 +64,20 @@ def test_the_ready_made_generators_sample_from_their_recommended_settings(name, 
     sample(SampleConfig(generator=name, out=str(tmp_path / "t"), sampling=SamplingConfig(guidance_scale=3.5),
                         **given))
     assert json.loads((tmp_path / "t" / "sampling.json").read_text())["config"]["sampling"]["guidance_scale"] == 3.5
+
+
+def test_the_ready_made_text_generator_draws_the_emoji_its_prompt_names(tmp_path):
+    """Each caption names one train image and emoji-text learned the pairs by heart: at its recommended settings a
+    prompt's samples lie nearer (in pixels) to the train image of that name than to any other train image."""
+    prompts = ["red heart", "rocket", "pizza"]
+    sample(SampleConfig(generator="emoji-text", out=str(tmp_path / "s"), prompts=prompts, per_prompt=2))
+    with np.load(tmp_path / "s" / "samples.npz") as data:
+        drawn, asked = torch.from_numpy(data["arr_0"]).float().flatten(1), [str(p) for p in data["prompts"]]
+    assert sorted(asked) == sorted(prompts * 2)
+    train = load_emoji("train", 32)
+    pixels = train.images.permute(0, 2, 3, 1).float().flatten(1)
+    nearest = torch.cdist(drawn, pixels).argmin(dim=1)
+    assert [train.captions[int(i)] for i in nearest] == asked
 
 
 def test_the_classifier_ships_with_its_val_accuracy():

@@ -1,0 +1,51 @@
+"""Does a text generator draw the emoji a train caption names? One sample per caption, matched to the train set.
+
+    python scripts/caption_recall.py --generator emoji-text --out runs/caption_recall
+
+Samples one image for each of --num train captions (drawn at random by --seed) at the generator's recommended
+settings, and counts the captions whose sample lies nearest, in pixels, to the train image of that caption. Each
+caption names one train image, so this is how many of its (caption, image) pairs the generator has learned
+(docs/RESULTS.md, "The ready-made text generator draws its prompts").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from image_data.emoji import ImageSet, load_emoji  # noqa: E402
+from pipelines.config import SampleConfig  # noqa: E402
+from pipelines.sample import sample  # noqa: E402
+
+
+def nearest_captions(drawn: torch.Tensor, train: ImageSet) -> list[str]:
+    """The caption of the train image nearest (L2 in pixels) to each drawn image (N, H, W, 3) uint8."""
+    pixels = train.images.permute(0, 2, 3, 1).flatten(1).float()
+    return [train.captions[int(i)] for i in torch.cdist(drawn.flatten(1).float(), pixels).argmin(dim=1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generator", default="emoji-text", help="a text generator over the bundled emoji")
+    parser.add_argument("--out", required=True, help="where the samples go (a `simvq sample` directory)")
+    parser.add_argument("--num", type=int, default=128, help="train captions, drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="which captions")
+    args = parser.parse_args()
+    train = load_emoji("train", 32)
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.num].tolist()
+    captions = [train.captions[i] for i in picked]
+    sample(SampleConfig(generator=args.generator, out=args.out, prompts=captions, per_prompt=1))
+    with np.load(Path(args.out) / "samples.npz") as data:
+        drawn, prompts = torch.from_numpy(data["arr_0"]), [str(p) for p in data["prompts"]]  # each sample's prompt
+    hits = sum(found == wanted for found, wanted in zip(nearest_captions(drawn, train), prompts))
+    print(f"{args.generator}: {hits} of {len(captions)} train captions ({hits / len(captions):.1%}) drawn nearest "
+          f"to their own train image")
+
+
+if __name__ == "__main__":
+    main()
