@@ -1,6 +1,8 @@
 """The bundled Noto emoji set: real images with class labels and captions, offline."""
 from __future__ import annotations
 
+import difflib
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -68,9 +70,15 @@ def _in_split(arrays: dict[str, np.ndarray], split: str) -> np.ndarray:
     return np.ones(len(arrays["labels"]), bool) if split == "all" else arrays["split"] == SPLITS.index(split)
 
 
+def emoji_captions_identity() -> str:
+    """16 hex of the captions of every image: what a text cache of the emoji depends on besides the pixels."""
+    return hashlib.sha256("\n".join(map(str, _emoji_arrays()["cldr_names"])).encode("utf-8")).hexdigest()[:16]
+
+
 def find_emoji(name: str, split: str = "train") -> int:
     """The index in load_emoji(split) of the image named `name`: its caption (the CLDR name, "red heart") or its
-    Unicode character name ("heavy black heart", the captions before 2026-12-07); the first of several."""
+    Unicode character name ("heavy black heart", the captions before 2026-12-07); the first of several. A name
+    that is one image's caption and another's Unicode name ("grinning face with smiling eyes") finds the caption's."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split '{split}': expected one of {SPLITS}")
     arrays = _emoji_arrays()
@@ -79,8 +87,14 @@ def find_emoji(name: str, split: str = "train") -> int:
         found = np.flatnonzero(names == name)
         if len(found):
             return int(found[0])
-    raise ConfigError(f"no {split} emoji is named {name!r}: give a caption (`simvq dataset-info` lists the "
-                      f"categories; the names are CLDR's, like 'red heart') or a Unicode character name")
+    elsewhere = [other for other in SPLITS[:2] if other != split and np.any(
+        (arrays["cldr_names"] == name) | (arrays["names"] == name))]
+    if elsewhere:
+        raise ConfigError(f"no {split} emoji is named {name!r}: it is in the {elsewhere[0]} split (pass that split)")
+    known = [str(n) for n in np.concatenate([arrays["cldr_names"][keep], arrays["names"][keep]])]
+    near = difflib.get_close_matches(name, known, n=3)
+    raise ConfigError(f"no {split} emoji is named {name!r}: give its caption (a CLDR name, like 'red heart') or its "
+                      f"Unicode character name" + (f"; near: {near}" if near else ""))
 
 
 class EmojiDataset(Dataset):

@@ -54,6 +54,7 @@ from stage1_tokenizer.config import TokenizerEvalConfig, TokenizerTrainConfig
 from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
+from image_data.emoji import emoji_captions_identity
 from image_data.transforms import to_uint8
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.conditionings import conditioning_for
@@ -185,6 +186,8 @@ def tokenizer_job_identity(job: TokenizerEvalConfig | PretokenizeConfig, tokeniz
     """Every field of a job that reads the tokenizer, but where it runs and writes; the tokenizer by its
     fingerprint. All the rest by default, so a field added to the job's config joins its identity."""
     fields = {k: v for k, v in asdict(job).items() if k not in ("tokenizer", "out", "device")}
+    if isinstance(job, PretokenizeConfig) and job.text_embeddings and job.data == "emoji":
+        fields["captions"] = emoji_captions_identity()  # the bundled captions changed once (Unicode -> CLDR names)
     return {"tokenizer": tokenizer_fingerprint, **fields}
 
 

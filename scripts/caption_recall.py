@@ -2,10 +2,11 @@
 
     python scripts/caption_recall.py --generator emoji-text --out runs/caption_recall
 
-Samples one image for each of --num train captions (drawn at random by --seed) at the generator's recommended
-settings, and counts the captions whose sample lies nearest, in pixels, to the train image of that caption. Each
-caption names one train image, so this is how many of its (caption, image) pairs the generator has learned
-(docs/RESULTS.md, "The ready-made text generator draws its prompts").
+Samples one image for each of --num train captions of the bundled emoji (drawn at random by --seed) at the
+generator's recommended settings, and counts the captions whose sample lies nearest, in pixels, to a train image
+of that caption. A caption names one train image (18 names caption six skin tones each: the facing-right figures),
+so this is how many of its (caption, image) pairs the generator has learned (docs/RESULTS.md, "The ready-made
+text generator draws its prompts").
 """
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=128, help="train captions, drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="which captions")
     args = parser.parse_args()
-    train = load_emoji("train", 32)
-    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.num].tolist()
-    captions = [train.captions[i] for i in picked]
-    sample(SampleConfig(generator=args.generator, out=args.out, prompts=captions, per_prompt=1))
+    captions = load_emoji("train", 1).captions
+    picked = torch.randperm(len(captions), generator=torch.Generator().manual_seed(args.seed))[:args.num].tolist()
+    sample(SampleConfig(generator=args.generator, out=args.out, prompts=[captions[i] for i in picked], per_prompt=1))
     with np.load(Path(args.out) / "samples.npz") as data:
         drawn, prompts = torch.from_numpy(data["arr_0"]), [str(p) for p in data["prompts"]]  # each sample's prompt
+    train = load_emoji("train", drawn.shape[1])  # at the generator's resolution
     hits = sum(found == wanted for found, wanted in zip(nearest_captions(drawn, train), prompts))
-    print(f"{args.generator}: {hits} of {len(captions)} train captions ({hits / len(captions):.1%}) drawn nearest "
+    print(f"{args.generator}: {hits} of {len(prompts)} train captions ({hits / len(prompts):.1%}) drawn nearest "
           f"to their own train image")
 
 

@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 from image_data.emoji import find_emoji, load_emoji  # noqa: E402
 from image_data.transforms import to_model_range, to_uint8  # noqa: E402
-from pipelines.text import TextEncoder  # noqa: E402
+from pipelines.conditions import generator_text_encoder  # noqa: E402
 from simvq_common.errors import ConfigError  # noqa: E402
 from stage1_tokenizer.tokenizer import Tokenizer  # noqa: E402
 from stage2_generator.config import SamplingConfig  # noqa: E402
@@ -42,8 +42,11 @@ def complete(generator: Generator, tokenizer: Tokenizer, name: str, max_rows: in
         raise SystemExit(str(error)) from None
     codes = tokenizer.encode(to_model_range(images.images[index][None])).flatten(1)
     if generator.config.conditioning == "text":
+        if generator.config.text_features not in ("", "pooled"):
+            raise SystemExit("a text generator over token features: give one over pooled captions")
         # the name as given is the caption: a Unicode name reaches its image, and the caption is what was typed
-        condition = torch.from_numpy(TextEncoder(generator.config.text_encoder).encode([name]).features).float()
+        encoder = generator_text_encoder(generator.config, torch.device("cpu"))
+        condition = torch.from_numpy(encoder.encode([name]).features).float()
     elif generator.config.conditioning == "class":
         condition = images.labels[index][None]
     else:

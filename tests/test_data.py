@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from image_data.emoji import _emoji_arrays, find_emoji, load_emoji
+from image_data.emoji import _emoji_arrays, emoji_captions_identity, find_emoji, load_emoji
 from simvq_common.errors import ConfigError
 from image_data.transforms import to_model_range, to_uint8
 
@@ -110,11 +110,24 @@ def test_captions_are_the_cldr_names_and_either_name_finds_the_image():
         assert unicode_names[index] == unicode_name
         assert find_emoji(caption) == find_emoji(unicode_name) == index
     val = load_emoji("val", 8)
-    assert find_emoji(val.captions[5], "val") == val.captions.index(val.captions[5])
-    with pytest.raises(ConfigError, match="no train emoji is named 'a unicorn'"):
-        find_emoji("a unicorn")
+    only_val = next(c for c in val.captions if c not in train.captions and c not in unicode_names)
+    assert val.captions[find_emoji(only_val, "val")] == only_val
+    with pytest.raises(ConfigError, match=f"no train emoji is named '{only_val}': it is in the val split"):
+        find_emoji(only_val)
+    with pytest.raises(ConfigError, match=r"no train emoji is named 'rocket ship'.*near: \['rocket'"):
+        find_emoji("rocket ship")
     with pytest.raises(ConfigError, match="unknown split 'test'"):
         find_emoji("rocket", "test")
+
+
+def test_the_captions_identity_follows_the_captions(monkeypatch):
+    arrays = dict(_emoji_arrays())
+    before = emoji_captions_identity()
+    assert before == emoji_captions_identity() and len(before) == 16
+    renamed = arrays["cldr_names"].copy()
+    renamed[0] = "another name"
+    monkeypatch.setattr("image_data.emoji._emoji_arrays", lambda: {**arrays, "cldr_names": renamed})
+    assert emoji_captions_identity() != before
 
 
 def test_range_conversions_round_trip():

@@ -67,7 +67,7 @@ def test_the_ready_made_generators_sample_from_their_recommended_settings(name, 
 
 
 def test_the_ready_made_text_generator_draws_the_emoji_its_prompt_names(tmp_path):
-    """Each caption names one train image and emoji-text learned the pairs by heart: at its recommended settings a
+    """A caption names one train image and emoji-text learned the pairs by heart: at its recommended settings a
     prompt's samples lie nearer (in pixels) to the train image of that name than to any other train image."""
     prompts = ["red heart", "rocket", "pizza"]
     sample(SampleConfig(generator="emoji-text", out=str(tmp_path / "s"), prompts=prompts, per_prompt=2))

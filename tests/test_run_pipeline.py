@@ -314,3 +314,14 @@ def test_run_on_webdataset_tars_trains_a_token_feature_text_generator(tmp_path, 
     with np.load(tmp_path / "run" / "samples_text" / "samples.npz") as data:
         val = CodeCache(tmp_path / "run" / "cache_val")
         assert data["prompts"].tolist() == [val.caption(i) for i in range(8)]  # one sample per val caption
+
+
+def test_an_emoji_text_cache_stage_is_identified_by_its_captions_too(monkeypatch):
+    from pipelines.config import PretokenizeConfig
+    from pipelines.run import tokenizer_job_identity
+
+    text = PretokenizeConfig(tokenizer="t", data="emoji", resolution=32, out="o", text_embeddings=True)
+    before = tokenizer_job_identity(text, "f")
+    assert "captions" not in tokenizer_job_identity(replace(text, text_embeddings=False), "f")
+    monkeypatch.setattr(run_module, "emoji_captions_identity", lambda: "other captions")
+    assert identity_hash(tokenizer_job_identity(text, "f")) != identity_hash(before)
