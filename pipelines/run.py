@@ -13,7 +13,6 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     baseline         class-wise unigram codes, decoded, evaluated       baseline/
     ready-made-NAME  a grid of each ready-made generator of `ready_made`    ready_made_NAME/
     report           report.md, report.json, grids, curves (always rebuilt)
-
 A stage's identity is a hash of what determines its output: its config and the fingerprints of the
 artifacts it reads. `stages/NAME.json` records the identity when the stage starts and its result when it
 ends. A finished stage with the same identity is skipped; an unfinished one is resumed (the trainers and
@@ -183,11 +182,11 @@ def tokenizer_eval_config(cfg: PipelineConfig, tokenizer_dir: str) -> TokenizerE
 
 
 def tokenizer_job_identity(job: TokenizerEvalConfig | PretokenizeConfig, tokenizer_fingerprint: str) -> dict:
-    """Every field of a job that reads the tokenizer, but where it runs and writes; the tokenizer by its
-    fingerprint. All the rest by default, so a field added to the job's config joins its identity."""
+    """Every field of a job that reads the tokenizer, but where it runs and writes; the tokenizer by its fingerprint;
+    an emoji text cache's captions by their hash. All the rest by default: a field added to the job joins it."""
     fields = {k: v for k, v in asdict(job).items() if k not in ("tokenizer", "out", "device")}
-    if isinstance(job, PretokenizeConfig) and job.text_embeddings and job.data == "emoji":
-        fields["captions"] = emoji_captions_identity()  # the bundled captions changed once (Unicode -> CLDR names)
+    if isinstance(job, PretokenizeConfig) and job.text_embeddings and job.data == "emoji":  # they changed once
+        fields["captions"] = emoji_captions_identity()
     return {"tokenizer": tokenizer_fingerprint, **fields}
 
 
@@ -294,8 +293,7 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
         kind = request_kind(gen_cfg.model)
         captions = {"captions": caches["val"].fingerprint} if kind.fid_on_captions else {}
         plan = kind.fid_plan(cfg.class_mix, reference_counts, fid_samples)
-        samples = stages.run(
-            f"samples-{stage.name}",
+        samples = stages.run(f"samples-{stage.name}",
             {"generator": gen.fingerprint, "sampling": asdict(cfg.sampling), "num": fid_samples,
              "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **plan, **captions},
             out / f"samples_{stage.name}",
