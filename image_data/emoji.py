@@ -87,10 +87,10 @@ def find_emoji(name: str, split: str = "train") -> int:
         found = np.flatnonzero(names == name)
         if len(found):
             return int(found[0])
-    elsewhere = [other for other in SPLITS[:2] if other != split and np.any(
-        (arrays["cldr_names"] == name) | (arrays["names"] == name))]
-    if elsewhere:
-        raise ConfigError(f"no {split} emoji is named {name!r}: it is in the {elsewhere[0]} split (pass that split)")
+    named = (arrays["cldr_names"] == name) | (arrays["names"] == name)
+    if named.any():  # in the other split
+        raise ConfigError(f"no {split} emoji is named {name!r}: it is in the "
+                          f"{SPLITS[int(arrays['split'][named][0])]} split (pass that split)")
     known = [str(n) for n in np.concatenate([arrays["cldr_names"][keep], arrays["names"][keep]])]
     near = difflib.get_close_matches(name, known, n=3)
     raise ConfigError(f"no {split} emoji is named {name!r}: give its caption (a CLDR name, like 'red heart') or its "

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from evaluation.memorisation import nearest, pixels  # noqa: E402
 from image_data.emoji import ImageSet, load_emoji  # noqa: E402
 from pipelines.config import SampleConfig  # noqa: E402
 from pipelines.sample import sample  # noqa: E402
@@ -26,8 +27,8 @@ from pipelines.sample import sample  # noqa: E402
 
 def nearest_captions(drawn: torch.Tensor, train: ImageSet) -> list[str]:
     """The caption of the train image nearest (L2 in pixels) to each drawn image (N, H, W, 3) uint8."""
-    pixels = train.images.permute(0, 2, 3, 1).flatten(1).float()
-    return [train.captions[int(i)] for i in torch.cdist(drawn.flatten(1).float(), pixels).argmin(dim=1)]
+    _, index = nearest(pixels(drawn.permute(0, 3, 1, 2)), pixels(train.images))
+    return [train.captions[int(i)] for i in index]
 
 
 def main() -> None:

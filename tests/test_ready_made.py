@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from evaluation.classifier import ImageClassifier
+from evaluation.memorisation import nearest
 from image_data.emoji import load_emoji
 from pipelines.config import SampleConfig
 from pipelines.sample import sample
@@ -75,9 +76,8 @@ def test_the_ready_made_text_generator_draws_the_emoji_its_prompt_names(tmp_path
         drawn, asked = torch.from_numpy(data["arr_0"]).float().flatten(1), [str(p) for p in data["prompts"]]
     assert sorted(asked) == sorted(prompts * 2)
     train = load_emoji("train", 32)
-    pixels = train.images.permute(0, 2, 3, 1).float().flatten(1)
-    nearest = torch.cdist(drawn, pixels).argmin(dim=1)
-    assert [train.captions[int(i)] for i in nearest] == asked
+    _, index = nearest(drawn, train.images.permute(0, 2, 3, 1).float().flatten(1))
+    assert [train.captions[int(i)] for i in index] == asked
 
 
 def test_the_classifier_ships_with_its_val_accuracy():
