@@ -8,10 +8,17 @@ the class generator it is compared with (`simvq run` does).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from image_data.transforms import to_uint8
+from stage1_tokenizer.tokenizer import Tokenizer
 from stage2_generator.cache_reader import CodeCache
+
+from .conditions import class_order
+from .sample_files import write_samples
 
 CHUNK = 8192  # sequences read from the cache at a time
 
@@ -59,3 +66,23 @@ def class_unigram_codes(counts_by_class: np.ndarray, labels: np.ndarray, sequenc
         rows = np.flatnonzero(labels == c)
         codes[rows] = rng.choice(len(counts), size=(len(rows), sequence_length), p=counts / counts.sum())
     return torch.from_numpy(codes), without_codes
+
+
+@torch.no_grad()
+def baseline_samples(tokenizer_dir: str, cache_dir: str, plan: dict, num: int, seed: int, folder: Path,
+                     device: torch.device) -> dict:
+    """Class-wise unigram codes with the classes a class generator's FID samples get under `plan`, decoded."""
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
+    cache = CodeCache(cache_dir)
+    counts = plan["class_counts"]
+    labels = class_order(counts) if counts else np.arange(num) % len(cache.class_names)
+    codes, without_codes = class_unigram_codes(code_counts_by_class(cache), labels, cache.sequence_length, seed)
+    images = torch.cat([to_uint8(tokenizer.decode(chunk.to(device).view(-1, *cache.grid))).cpu()
+                        for chunk in codes.split(64)])
+    write_samples(folder, images, labels=labels, indices=np.arange(num), codes=codes.numpy(), prompts=[""] * num,
+                  meta={"kind": "class-wise unigram baseline: each sample's codes drawn independently from the code "
+                                "frequencies of the train cache's sequences of its class", **plan,
+                        "classes_without_train_codes": without_codes, "seed": seed, "cache": cache.fingerprint,
+                        "tokenizer": {"path": tokenizer_dir, "fingerprint": tokenizer.fingerprint()}})
+    return {"path": str(folder), "num": num, "grid": str(folder / "grid.png"), **plan,
+            "classes_without_train_codes": without_codes}

@@ -1,8 +1,9 @@
 """Config schemas of the pipeline jobs (typed dataclasses; loaded with simvq_common.config.load_config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from simvq_common.config import load_config
 from simvq_common.ready_made import DEFAULT_GENERATOR
 from stage2_generator.config import SamplingConfig
 
@@ -116,6 +117,10 @@ class GeneratorStage:
     config: str = "configs/generator/emoji32_class_tiny_cpu.yaml"
     overrides: list[str] = field(default_factory=list)  # data.cache / val_cache / run.out_dir are set by the run
     prompts: list[str] = field(default_factory=list)  # text generators: prompts shown in the report's grid
+    # its train cache's views when not the run's `aug` (e.g. "none" for a text generator that learns each
+    # caption's one image: the flip gives a caption two images that point opposite ways); a cache per view set
+    aug: str = ""
+    sampling: str = ""  # its sampler settings over the run's `sampling` (SamplingConfig key=value, space-separated)
 
 
 @dataclass
@@ -224,3 +229,8 @@ class GenerationStudyConfig:
     results_md: str = ""  # a markdown file whose generation-study section is rewritten ("" = none)
     figure: str = ""  # a PNG of generation FID and rFID against K per quantizer ("" = none)
     command: str = ""  # the command line, recorded with the results
+
+
+def sampling_with(base: SamplingConfig, settings: str) -> SamplingConfig:
+    """`base` with space-separated SamplingConfig key=value settings over it ("temperature=0.5 top_k=100")."""
+    return load_config(SamplingConfig, None, [*(f"{k}={v}" for k, v in asdict(base).items()), *settings.split()])

@@ -44,10 +44,10 @@ from studies.config import TokenizerComparisonConfig
 from studies.tokenizer_comparison import run_config, run_name
 
 from .conditions import largest_remainder
-from .config import EvaluateConfig, GenerationStudyConfig, PretokenizeConfig, SampleConfig, StudyTokenizer
+from .config import (EvaluateConfig, GenerationStudyConfig, PretokenizeConfig, SampleConfig, StudyTokenizer,
+                     sampling_with)
 from .evaluate import evaluate
 from .pretokenize import pretokenize
-from .quality_study import sweep_setting
 from .run import identity_hash, reference_classes
 from .sample import sample
 
@@ -99,7 +99,7 @@ class GenerationStudy:
             raise ConfigError(f"sweep_tokenizers {missing} are not among the study's tokenizers {names}")
         if "fid" not in cfg.metrics:
             raise ConfigError(f"metrics={cfg.metrics}: the study compares FIDs; add fid")
-        self.sweep = [sweep_setting(cfg.sampling, setting) for setting in cfg.sweep]  # a bad key fails here, early
+        self.sweep = [sampling_with(cfg.sampling, setting) for setting in cfg.sweep]  # a bad key fails here, early
 
     @staticmethod
     def name(t: StudyTokenizer) -> str:

@@ -37,7 +37,7 @@ from stage2_generator.checkpoints import export_checkpoint
 from stage2_generator.train import train_generator
 
 from .conditionings import request_kind
-from .config import EvaluateConfig, PipelineConfig, QualityStudyConfig, SampleConfig
+from .config import EvaluateConfig, PipelineConfig, QualityStudyConfig, SampleConfig, sampling_with
 from .evaluate import evaluate
 from .sample import sample
 
@@ -121,10 +121,6 @@ class Study:
         return row
 
 
-def sweep_setting(base: SamplingConfig, setting: str) -> SamplingConfig:
-    return load_config(SamplingConfig, None, [*(f"{k}={v}" for k, v in asdict(base).items()), *setting.split()])
-
-
 def run_quality_study(cfg: QualityStudyConfig) -> dict:
     study = Study(cfg)
     rows = []
@@ -138,7 +134,7 @@ def run_quality_study(cfg: QualityStudyConfig) -> dict:
             rows.append(study.measure(f"step_{step:06d}", "checkpoint", generator, study.sampling, step=step,
                                       val_loss=losses.get(step)))
     final = study.gen_run / "generator"
-    sweep = [study.measure(f"sweep_{i:02d}", "sweep", final, sweep_setting(study.sampling, s), setting=s)
+    sweep = [study.measure(f"sweep_{i:02d}", "sweep", final, sampling_with(study.sampling, s), setting=s)
              for i, s in enumerate(cfg.sweep)]
     rows += sweep
     if sweep:

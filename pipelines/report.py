@@ -155,6 +155,11 @@ def describe_reference(ref: dict, result: dict) -> str:
             f"{result['config']['resolution']} px)")
 
 
+def sampler_settings(sampling: dict) -> str:
+    """A grid heading's sampler settings."""
+    return ", ".join(f"{k} {sampling[k]}" for k in ("guidance_scale", "top_k", "temperature"))
+
+
 def write_results_section(path: str | Path, out: Path, result: dict) -> None:
     """A section of docs/RESULTS.md: the quality table with its provenance, and the grids copied beside it."""
     path = Path(path)
@@ -208,7 +213,8 @@ def write_report(out: Path, result: dict) -> dict:
         copied = _copy(g["samples"]["grid"], out, f"grid_{name}.png")
         if copied:
             what = request_kind_named(g["conditioning"]).grid_rows
-            grids.append(f"### Generator `{name}` ({what})\n\n![{name}]({copied})\n")
+            grids.append(f"### Generator `{name}` ({what}; {sampler_settings(g['sampling'])})\n\n"
+                         f"![{name}]({copied})\n")
     if baseline:
         copied = _copy(baseline["samples"]["grid"], out, "grid_baseline.png")
         if copied:
@@ -216,8 +222,8 @@ def write_report(out: Path, result: dict) -> dict:
     for name, ready in result.get("ready_made", {}).items():
         copied = _copy(ready["grid"], out, f"grid_ready_made_{name}.png")
         if copied:
-            settings = ", ".join(f"{k} {ready['sampling'][k]}" for k in ("guidance_scale", "top_k", "temperature"))
-            grids.append(f"### Ready-made `{name}` (models/; the showcase recipe, docs/RESULTS.md; {settings})\n\n"
+            grids.append(f"### Ready-made `{name}` (models/; the showcase recipe, docs/RESULTS.md; "
+                         f"{sampler_settings(ready['sampling'])})\n\n"
                          f"![{name}]({copied})\n")
     recon = _copy(tok.get("reconstruction_grid", ""), out, "tokenizer_reconstructions.png")
     tok_usage = _copy(Path(tok["reconstruction_grid"]).with_name("eval_usage.png"), out, "tokenizer_usage.png") \
@@ -239,7 +245,7 @@ Command: `{result['config']['command']}` (config: `{out / 'config.yaml'}`)
 
 FID, KID and precision/recall: {rfid['suite']}, Inception-v3 pool3 (sFID: its mixed_6/conv features; source {rfid['inception_source']}, weights sha256
 {rfid['weights_sha256'][:16]}...), TF1-style bilinear resize to 299x299, against {describe_reference(ref, result)}. Sampling
-{json.dumps(result['config']['sampling'])}. At N <= 2048 the FID is biased upward (singular covariance): compare
+{json.dumps(result['config']['sampling'])}, or a generator's own (its grid says). At N <= 2048 the FID is biased upward (singular covariance): compare
 only within this table, at equal N, reference and class mix.
 
 {class_mix_text(result)}

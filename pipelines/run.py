@@ -5,6 +5,7 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     tokenizer        train the SimVQ tokenizer                          tokenizer/ (run dir; tokenizer/tokenizer)
     tokenizer-eval   rFID, PSNR, SSIM, LPIPS, usage on the val split    tokenizer/tokenizer/eval.json
     cache-train      pre-tokenize the train split (with its views)      cache_train/
+    cache-train-AUG  the same with a generator's own views (its `aug`)   cache_train_AUG/
     cache-val        pre-tokenize the val split (no views)              cache_val/
     generator-NAME   train each generator on the caches                 generator_NAME/ (run dir; .../generator)
     samples-NAME     samples in the reference's class mix (or balanced)  samples_NAME/
@@ -54,23 +55,21 @@ from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
 from image_data.emoji import emoji_captions_identity
-from image_data.transforms import to_uint8
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.conditionings import conditioning_for
-from stage2_generator.config import GeneratorTrainConfig
+from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
 from stage2_generator.model import Generator
 from stage2_generator.train import train_generator
 
-from .baseline import class_unigram_codes, code_counts_by_class
+from .baseline import baseline_samples
 from .conditionings import request_kind
 from .conditionings.class_label import ClassRequests
 from .conditions import class_order
-from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeConfig, SampleConfig
+from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeConfig, SampleConfig, sampling_with
 from .evaluate import evaluate
 from .pretokenize import pretokenize
 from .report import write_report, write_results_section
 from .sample import sample
-from .sample_files import write_samples
 
 
 @dataclass(frozen=True)
@@ -168,10 +167,16 @@ def tokenizer_config(cfg: PipelineConfig) -> TokenizerTrainConfig:
     return tok
 
 
-def generator_config(cfg: PipelineConfig, stage: GeneratorStage, caches: dict[str, Path]) -> GeneratorTrainConfig:
+def train_cache_key(cfg: PipelineConfig, aug: str) -> str:
+    """The train cache with these views: "train" (cache_train/) with the run's own, "train_AUG" else."""
+    return "train" if aug == cfg.aug else f"train_{aug}"
+
+
+def generator_config(cfg: PipelineConfig, stage: GeneratorStage) -> GeneratorTrainConfig:
+    out = Path(cfg.out_dir)
     return load_config(GeneratorTrainConfig, stage.config, [
-        *stage.overrides, f"data.cache={caches['train']}", f"data.val_cache={caches['val']}",
-        f"run.out_dir={Path(cfg.out_dir) / f'generator_{stage.name}'}"])
+        *stage.overrides, f"data.cache={out / f'cache_{train_cache_key(cfg, stage.aug or cfg.aug)}'}",
+        f"data.val_cache={out / 'cache_val'}", f"run.out_dir={out / f'generator_{stage.name}'}"])
 
 
 def tokenizer_eval_config(cfg: PipelineConfig, tokenizer_dir: str) -> TokenizerEvalConfig:
@@ -245,8 +250,8 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
                           f"'balanced' (round robin over the classes)")
 
     tok_cfg = tokenizer_config(cfg)
-    gen_cfgs = {g.name: generator_config(cfg, g, {"train": out / "cache_train", "val": out / "cache_val"})
-                for g in cfg.generators}
+    gen_cfgs = {g.name: generator_config(cfg, g) for g in cfg.generators}
+    samplings = {g.name: sampling_with(cfg.sampling, g.sampling) for g in cfg.generators}  # a bad key fails here
     if tok_cfg.run.deterministic or any(c.run.deterministic for c in gen_cfgs.values()):
         fix_cublas_workspace()  # before this process's first GPU matmul, whichever stage asks
 
@@ -258,17 +263,21 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     tok_eval = stages.run("tokenizer-eval", tokenizer_job_identity(tok_eval_cfg, tok.fingerprint), None,
                           partial(evaluate_tokenizer, tok_eval_cfg), everywhere=False)
 
-    # pre-tokenization: text embeddings when any generator is text-conditioned
-    text = any(conditioning_for(c.model).needs_text for c in gen_cfgs.values())
+    # pre-tokenization: a train cache with the run's views (the baseline's) and one per other views a generator
+    # asks for; text embeddings in those a text generator reads
+    reads_text = {g.name: conditioning_for(gen_cfgs[g.name].model).needs_text for g in cfg.generators}
+    views = {g.name: g.aug or cfg.aug for g in cfg.generators}
+    jobs = {train_cache_key(cfg, aug): ("train", aug, any(reads_text[n] for n, a in views.items() if a == aug))
+            for aug in [cfg.aug, *views.values()]}
+    jobs["val"] = ("val", "none", any(reads_text.values()))
     caches: dict[str, CacheRecord] = {}
-    for split, aug in (("train", cfg.aug), ("val", "none")):
+    for key, (split, aug, text) in jobs.items():
         cache_cfg = PretokenizeConfig(tokenizer=tok.path, data=cfg.data, split=split, resolution=cfg.resolution,
-                                      out=str(out / f"cache_{split}"), aug=aug, text_embeddings=text,
+                                      out=str(out / f"cache_{key}"), aug=aug, text_embeddings=text,
                                       max_images=cfg.max_images if split == "train" else cfg.max_reference,
                                       batch_size=cfg.pretokenize_batch_size, num_workers=0, text=cfg.text)
-        caches[split] = CacheRecord(**stages.run(
-            f"cache-{split}", tokenizer_job_identity(cache_cfg, tok.fingerprint), out / f"cache_{split}",
-            partial(pretokenized, cache_cfg)))
+        caches[key] = CacheRecord(**stages.run(f"cache-{key.replace('_', '-')}", tokenizer_job_identity(
+            cache_cfg, tok.fingerprint), out / f"cache_{key}", partial(pretokenized, cache_cfg)))
     fid_samples = cfg.fid_samples or caches["val"].sequences  # as many as the reference has images
     val_labels, reference_counts = reference_classes(caches["val"].path, caches["train"].path)
     eval_base = dict(reference=cfg.reference or cfg.data, reference_split="val", max_reference=cfg.max_reference,
@@ -283,10 +292,11 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     # stage 2: each generator, its samples and their metrics
     generators = {}
     for stage in cfg.generators:
-        gen_cfg = gen_cfgs[stage.name]
+        gen_cfg, sampling = gen_cfgs[stage.name], samplings[stage.name]
+        train_cache = caches[train_cache_key(cfg, stage.aug or cfg.aug)]
         gen = ModelRecord(**stages.run(
             f"generator-{stage.name}",
-            {**training_identity(gen_cfg), "cache_train": caches["train"].fingerprint,
+            {**training_identity(gen_cfg), "cache_train": train_cache.fingerprint,
              "cache_val": caches["val"].fingerprint},
             Path(gen_cfg.run.out_dir), partial(trained_generator, gen_cfg)))
         # a text generator's FID samples are conditioned on the val cache's captions
@@ -294,14 +304,14 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
         captions = {"captions": caches["val"].fingerprint} if kind.fid_on_captions else {}
         plan = kind.fid_plan(cfg.class_mix, reference_counts, fid_samples)
         samples = stages.run(f"samples-{stage.name}",
-            {"generator": gen.fingerprint, "sampling": asdict(cfg.sampling), "num": fid_samples,
+            {"generator": gen.fingerprint, "sampling": asdict(sampling), "num": fid_samples,
              "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **plan, **captions},
             out / f"samples_{stage.name}",
-            partial(sample_generator, cfg, gen.path, gen_cfg, stage, fid_samples, plan, out / f"samples_{stage.name}",
-                    caches["val"].path, val_labels))
+            partial(sample_generator, cfg, gen.path, gen_cfg, stage, sampling, fid_samples, plan,
+                    out / f"samples_{stage.name}", caches["val"].path, val_labels))
         generators[stage.name] = {"generator": asdict(gen), "samples": samples, "metrics": evaluated(stage.name, samples),
                                   "run_dir": gen_cfg.run.out_dir, "conditioning": gen_cfg.model.conditioning,
-                                  "size": gen_cfg.model.size, "steps": gen_cfg.run.steps}
+                                  "size": gen_cfg.model.size, "steps": gen_cfg.run.steps, "sampling": asdict(sampling)}
 
     baseline = None
     if cfg.baseline:  # the classes a class generator's samples have, whether or not the run trains one
@@ -352,10 +362,11 @@ def trained_generator(cfg: GeneratorTrainConfig) -> dict:
 
 
 def sample_generator(cfg: PipelineConfig, generator: str, gen_cfg: GeneratorTrainConfig, stage: GeneratorStage,
-                     num: int, plan: dict, folder: Path, val_cache: str, val_labels: np.ndarray) -> dict:
+                     sampling: SamplingConfig, num: int, plan: dict, folder: Path, val_cache: str,
+                     val_labels: np.ndarray) -> dict:
     """FID samples (classes as `plan` says, or val captions in the reference's class mix for text) plus the
     report's grid samples."""
-    common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=cfg.sampling, save_pngs=False)
+    common = dict(generator=generator, batch_size=cfg.sample_batch_size, sampling=sampling, save_pngs=False)
 
     def captions() -> list[str]:  # the val captions (emoji names, or an image folder's class names), in the mix
         return reference_captions(CodeCache(val_cache), val_labels, plan["class_counts"])
@@ -378,23 +389,3 @@ def ready_made_grid(cfg: PipelineConfig, name: str, prompts: list[str], folder: 
     sampling = json.loads((folder / "sampling.json").read_text())["config"]["sampling"]
     return {"path": str(folder), "grid": str(folder / "grid.png"), "conditioning": conditioning,
             "sampling": sampling, "summary": summary}
-
-
-@torch.no_grad()
-def baseline_samples(tokenizer_dir: str, cache_dir: str, plan: dict, num: int, seed: int, folder: Path,
-                     device: torch.device) -> dict:
-    """Class-wise unigram codes with the classes a class generator's FID samples get under `plan`, decoded."""
-    tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
-    cache = CodeCache(cache_dir)
-    counts = plan["class_counts"]
-    labels = class_order(counts) if counts else np.arange(num) % len(cache.class_names)
-    codes, without_codes = class_unigram_codes(code_counts_by_class(cache), labels, cache.sequence_length, seed)
-    images = torch.cat([to_uint8(tokenizer.decode(chunk.to(device).view(-1, *cache.grid))).cpu()
-                        for chunk in codes.split(64)])
-    write_samples(folder, images, labels=labels, indices=np.arange(num), codes=codes.numpy(), prompts=[""] * num,
-                  meta={"kind": "class-wise unigram baseline: each sample's codes drawn independently from the code "
-                                "frequencies of the train cache's sequences of its class", **plan,
-                        "classes_without_train_codes": without_codes, "seed": seed, "cache": cache.fingerprint,
-                        "tokenizer": {"path": tokenizer_dir, "fingerprint": tokenizer.fingerprint()}})
-    return {"path": str(folder), "num": num, "grid": str(folder / "grid.png"), **plan,
-            "classes_without_train_codes": without_codes}

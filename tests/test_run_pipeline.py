@@ -54,9 +54,15 @@ def records(out_dir) -> dict:
 def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(tmp_path, monkeypatch, lone_process):
     monkeypatch.setenv("SIMVQ_FID_CACHE", str(tmp_path / "fid-cache"))
     out = tmp_path / "run"
-    result = run_pipeline(tiny_pipeline(out))
+
+    def pipeline(class_steps=3) -> PipelineConfig:  # the showcase's text stage: its own views and sampler
+        cfg = tiny_pipeline(out, class_steps)
+        cfg.generators[1] = replace(cfg.generators[1], aug="none", sampling="guidance_scale=1.5")
+        return cfg
+
+    result = run_pipeline(pipeline())
     first = records(out)
-    assert set(first) == {"tokenizer", "tokenizer-eval", "cache-train", "cache-val", "generator-class",
+    assert set(first) == {"tokenizer", "tokenizer-eval", "cache-train", "cache-train-none", "cache-val", "generator-class",
                           "generator-text", "samples-class", "samples-text", "eval-class", "eval-text", "baseline",
                           "eval-baseline"}
     assert all("result" in r for r in first.values())
@@ -66,6 +72,10 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
         assert report["generators"][name]["metrics"]["num_generated"] == 8
     assert report["baseline"]["metrics"]["fid"] > 0 and report["tokenizer"]["eval"]["rfid"] >= 0
     assert report["caches"]["train"]["sequences"] == 128  # 64 images x (image, mirror)
+    assert report["caches"]["train_none"]["sequences"] == 64  # the text stage's: the images alone
+    for name, guidance in (("class", 1.0), ("text", 1.5)):  # the run's, and the text stage's own
+        sampling = json.loads((out / f"samples_{name}" / "sampling.json").read_text())["config"]["sampling"]
+        assert sampling["guidance_scale"] == guidance, name
     md = (out / "report.md").read_text()
     assert "baseline: unigram codes" in md and "rFID: the floor" in md
     assert "samples follow the reference's class mix (val split counts" in md
@@ -80,11 +90,11 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     assert (tmp_path / "figures" / "run_class.png").is_file()
 
     # unchanged: every stage skipped (its record untouched)
-    run_pipeline(tiny_pipeline(out))
+    run_pipeline(pipeline())
     assert records(out) == first
 
     # one generator changed: it and its samples / metrics rerun, nothing upstream or beside it
-    run_pipeline(tiny_pipeline(out, class_steps=4))
+    run_pipeline(pipeline(class_steps=4))
     second = records(out)
     changed = {name for name in first if second[name]["identity"] != first[name]["identity"]}
     assert changed == {"generator-class", "samples-class", "eval-class"}
@@ -94,12 +104,12 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     started = {"identity": second["samples-text"]["identity"], "inputs": second["samples-text"]["inputs"],
                "started": 0.0}
     (out / "stages" / "samples-text.json").write_text(json.dumps(started))
-    run_pipeline(tiny_pipeline(out, class_steps=4))
+    run_pipeline(pipeline(class_steps=4))
     third = records(out)
     assert third["samples-text"]["result"]["num"] == 8 and third["eval-text"] == second["eval-text"]
 
     # ready-made models' grids beside the run's: two stages more, nothing else rerun, each at its own settings
-    with_ready = tiny_pipeline(out, class_steps=4)
+    with_ready = pipeline(class_steps=4)
     with_ready.ready_made = ["emoji-class", "emoji-text"]
     report = run_pipeline(with_ready)
     fourth = records(out)
@@ -144,6 +154,7 @@ def stage_identities(cfg: PipelineConfig, monkeypatch, stop_at: str, tokenizer_f
     """The identity run_pipeline gives each stage up to `stop_at`, every stage faked: nothing trains or runs."""
     results = {"tokenizer": {"path": "tokenizer", "fingerprint": tokenizer_fingerprint},
                "cache-train": {"path": "cache_train", "fingerprint": "train-cache", "sequences": 8},
+               "cache-train-none": {"path": "cache_train_none", "fingerprint": "unflipped-cache", "sequences": 4},
                "cache-val": {"path": "cache_val", "fingerprint": val_cache_fingerprint, "sequences": 8}}
     identities = {}
 
@@ -212,6 +223,39 @@ def test_samples_identities_hold_the_class_mix_they_sample(tmp_path, monkeypatch
     assert halved["samples-class"]["class_counts"] == [1, 1, 2]  # quotas 0.5, 1, 2.5: the tie to the lower class
     with pytest.raises(ConfigError, match="class_mix='even'.*'reference'.*'balanced'"):
         run_pipeline(replace(cfg, class_mix="even"))
+
+
+def test_a_generator_with_its_own_views_and_sampler_gets_its_own_cache_and_samples(tmp_path, monkeypatch):
+    """A text stage with aug=none trains on a cache of its own without the flip (the only one with text
+    embeddings besides val); the class stage keeps the run's flipped cache; each samples at its own settings."""
+    cfg = tiny_pipeline(tmp_path / "run")
+    cfg.generators[1] = replace(cfg.generators[1], aug="none", sampling="guidance_scale=1.0 temperature=0.5")
+    ids = stage_identities(cfg, monkeypatch, "baseline")
+    assert [n for n in ids if n.startswith("cache-")] == ["cache-train", "cache-train-none", "cache-val"]
+    assert (ids["cache-train"]["aug"], ids["cache-train"]["text_embeddings"]) == ("flip", False)
+    assert (ids["cache-train-none"]["aug"], ids["cache-train-none"]["text_embeddings"]) == ("none", True)
+    assert ids["cache-val"]["text_embeddings"] is True
+    assert ids["generator-class"]["cache_train"] == "train-cache"
+    assert ids["generator-text"]["cache_train"] == "unflipped-cache"
+    assert f"cache: {tmp_path / 'run' / 'cache_train_none'}" in ids["generator-text"]["config"]
+    assert ids["baseline"]["cache"] == "train-cache"  # the run's own views
+    text, klass = ids["samples-text"]["sampling"], ids["samples-class"]["sampling"]
+    assert (text["guidance_scale"], text["temperature"]) == (1.0, 0.5)
+    assert (klass["guidance_scale"], klass["temperature"]) == (cfg.sampling.guidance_scale, cfg.sampling.temperature)
+    # the run's own views named again: the one shared cache, as if the stage named none
+    cfg.generators[1] = replace(cfg.generators[1], aug=cfg.aug)
+    same = stage_identities(cfg, monkeypatch, "baseline")
+    assert "cache-train-none" not in same and same["cache-train"]["text_embeddings"] is True
+
+
+def test_a_bad_generator_sampler_setting_fails_before_any_stage_runs(tmp_path, monkeypatch):
+    cfg = tiny_pipeline(tmp_path / "run")
+    cfg.generators[0] = replace(cfg.generators[0], sampling="guidance=2")
+    ran = []
+    monkeypatch.setattr(Stages, "run", lambda self, name, *args, **kwargs: ran.append(name))
+    with pytest.raises(ConfigError, match="guidance"):
+        run_pipeline(cfg)
+    assert ran == []
 
 
 def test_text_captions_follow_the_reference_mix_one_val_image_each_at_its_size(tmp_path):
