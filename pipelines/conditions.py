@@ -6,7 +6,9 @@ gets entry g of `class_order(counts)`, the classes interleaved in proportion to 
 consecutive indices follows the mix to within about one sample per class and equal counts give round robin.
 Either way a sample's class does not depend on the batch size, the process count or the split into calls.
 
-`largest_remainder` allocates a reference's class histogram to N samples (`simvq run`'s class_mix=reference).
+`largest_remainder` allocates a reference's class histogram to N samples (`simvq run`'s class_mix=reference);
+`reference_classes` reads that histogram from a val cache, and `reference_captions` gives a text generator's
+samples the val captions in the same mix.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from pipelines.config import SampleConfig
 from pipelines.text import TextEncoder, check_same_encoder
-from simvq_common.errors import UserError
+from simvq_common.errors import ConfigError, UserError
 from simvq_common.fingerprint import file_sha256
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.config import GeneratorConfig
@@ -173,3 +175,29 @@ def sample_count(cfg: SampleConfig, conditions: Conditions, per_condition: int) 
                         f"first_index={cfg.first_index} with num_samples={num} asks for indices up to "
                         f"{cfg.first_index + num - 1}: lower num_samples or first_index, or raise the counts")
     return num
+
+
+def reference_classes(val_cache: str, train_cache: str) -> tuple[np.ndarray, list[int]]:
+    """The class of each val cache sequence (one per reference image) as an id of the train cache's classes
+    (those the generators learned; an image folder's splits may list different classes), and their histogram."""
+    val, train_names = CodeCache(val_cache), CodeCache(train_cache).class_names
+    missing = sorted(set(val.class_names) - set(train_names))
+    labels = val.labels(np.arange(len(val))).astype(np.int64)
+    if missing and np.isin(labels, [val.class_names.index(name) for name in missing]).any():
+        raise ConfigError(f"the val split has images of classes the train split lacks ({missing[:5]}): no "
+                          f"generator learned them; give both splits the same class folders")
+    to_train = np.array([train_names.index(name) if name in train_names else -1 for name in val.class_names])
+    labels = to_train[labels]
+    return labels, np.bincount(labels, minlength=len(train_names)).tolist()
+
+
+def reference_captions(val: CodeCache, labels: np.ndarray, class_counts: list[int]) -> list[str]:
+    """Sample g's prompt: the caption of a val image of class class_order(class_counts)[g]; class c's samples
+    are spread evenly over its val images in val order (at counts = the val counts, each image once)."""
+    members = [np.flatnonzero(labels == c) for c in range(len(class_counts))]
+    taken = [0] * len(class_counts)
+    captions = []
+    for c in class_order(class_counts).tolist():
+        captions.append(val.caption(int(members[c][taken[c] * len(members[c]) // class_counts[c]])))
+        taken[c] += 1
+    return captions

@@ -120,7 +120,7 @@ class GeneratorStage:
     # its train cache's views when not the run's `aug` (e.g. "none" for a text generator that learns each
     # caption's one image: the flip gives a caption two images that point opposite ways); a cache per view set
     aug: str = ""
-    sampling: str = ""  # its sampler settings over the run's `sampling` (SamplingConfig key=value, space-separated)
+    sampling: list[str] = field(default_factory=list)  # its sampler over the run's `sampling` (key=value of it)
 
 
 @dataclass

@@ -94,7 +94,11 @@ def quality_rows(result: dict) -> list[str]:
         return (f"| {what} | {mix} | {_fmt(m.get('fid'), '.2f')} | {_fmt(m.get('sfid'), '.2f')} | "
                 f"{_fmt(m.get('kid_mean'), '.4f')} | "
                 f"{_fmt(m.get('precision'), '.3f')} | {_fmt(m.get('recall'), '.3f')} | {m['num_generated']} |")
-    rows = [row(f"generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps)",
+    def own_sampler(g: dict) -> str:
+        settings = sampler_settings(g["sampling"], result["config"]["sampling"])
+        return f"; its sampler: {settings}" if settings else ""
+    rows = [row(f"generator `{name}` ({g['conditioning']}-conditional GPT-{g['size']}, {g['steps']} steps"
+                f"{own_sampler(g)})",
                 MIX_SHOWN[g["samples"]["class_mix"]]
                 + (" (val captions)" if request_kind_named(g["conditioning"]).fid_on_captions else ""),
                 g["metrics"]) for name, g in result["generators"].items()]
@@ -155,9 +159,10 @@ def describe_reference(ref: dict, result: dict) -> str:
             f"{result['config']['resolution']} px)")
 
 
-def sampler_settings(sampling: dict) -> str:
-    """A grid heading's sampler settings."""
-    return ", ".join(f"{k} {sampling[k]}" for k in ("guidance_scale", "top_k", "temperature"))
+def sampler_settings(sampling: dict, run_sampling: dict | None = None) -> str:
+    """A sampler's settings (those that differ from the run's, when given), for a row label or a grid heading."""
+    return ", ".join(f"{k} {v}" for k, v in sampling.items()
+                     if k != "compile" and (run_sampling is None or run_sampling.get(k) != v))
 
 
 def write_results_section(path: str | Path, out: Path, result: dict) -> None:
@@ -169,7 +174,7 @@ def write_results_section(path: str | Path, out: Path, result: dict) -> None:
     for name, g in result["generators"].items():
         if Path(g["samples"]["grid"]).is_file():
             shutil.copyfile(g["samples"]["grid"], figures / f"{out.name}_{name}.png")
-            grids.append(f"![{name}](figures/{out.name}_{name}.png)")
+            grids.append(f"![{name}: {sampler_settings(g['sampling'])}](figures/{out.name}_{name}.png)")
     tok, env = result["tokenizer"]["eval"], result["environment"]
     rfid = tok["conventions"]["rfid"]
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items())
@@ -186,7 +191,7 @@ cores, GPU {env['cuda'] or 'none'}.
 
 Against {describe_reference(first_reference(result), result)}; {rfid['suite']}, Inception source
 {rfid['inception_source']} (weights sha256 {rfid['weights_sha256'][:16]}...); sampling
-{json.dumps(result['config']['sampling'])}; tokenizer `{result['tokenizer']['fingerprint']}` (PSNR {tok['psnr']:.2f} dB,
+{json.dumps(result['config']['sampling'])} (or a generator's own: its row says); tokenizer `{result['tokenizer']['fingerprint']}` (PSNR {tok['psnr']:.2f} dB,
 val utilisation {tok['utilisation']:.1%}). At this N the FID is biased upward: compare within the table only.
 Samples (one row per class / prompt):
 
@@ -245,7 +250,7 @@ Command: `{result['config']['command']}` (config: `{out / 'config.yaml'}`)
 
 FID, KID and precision/recall: {rfid['suite']}, Inception-v3 pool3 (sFID: its mixed_6/conv features; source {rfid['inception_source']}, weights sha256
 {rfid['weights_sha256'][:16]}...), TF1-style bilinear resize to 299x299, against {describe_reference(ref, result)}. Sampling
-{json.dumps(result['config']['sampling'])}, or a generator's own (its grid says). At N <= 2048 the FID is biased upward (singular covariance): compare
+{json.dumps(result['config']['sampling'])}, or a generator's own (its row says). At N <= 2048 the FID is biased upward (singular covariance): compare
 only within this table, at equal N, reference and class mix.
 
 {class_mix_text(result)}
@@ -273,8 +278,8 @@ Codes of the train cache: {usage['codes_used']:,} of {usage['codebook_size']:,} 
 {f'{chr(10)}![tokenizer usage on val]({tok_usage}){chr(10)}' if tok_usage else ''}
 ## Provenance
 
-- tokenizer `{result['tokenizer']['fingerprint']}`; caches train `{result['caches']['train']['fingerprint']}`
-  ({result['caches']['train']['sequences']:,} sequences), val `{result['caches']['val']['fingerprint']}`
+- tokenizer `{result['tokenizer']['fingerprint']}`; caches {', '.join(f"{key} `{c['fingerprint']}` ({c['sequences']:,} sequences)"
+                                                              for key, c in result['caches'].items())}
 - generators: {', '.join(f"`{n}` {g['generator']['fingerprint']}" for n, g in result['generators'].items())}
 - simvq-gen {env['git']}, torch {env['torch']}, {env['cpu_count']} CPU cores, GPU {env['cuda'] or 'none'}
 - stage times: {timings}

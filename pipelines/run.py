@@ -5,7 +5,7 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     tokenizer        train the SimVQ tokenizer                          tokenizer/ (run dir; tokenizer/tokenizer)
     tokenizer-eval   rFID, PSNR, SSIM, LPIPS, usage on the val split    tokenizer/tokenizer/eval.json
     cache-train      pre-tokenize the train split (with its views)      cache_train/
-    cache-train-AUG  the same with a generator's own views (its `aug`)   cache_train_AUG/
+    cache-train-AUG  the same with a generator's own views (its `aug`)  cache_train_AUG/
     cache-val        pre-tokenize the val split (no views)              cache_val/
     generator-NAME   train each generator on the caches                 generator_NAME/ (run dir; .../generator)
     samples-NAME     samples in the reference's class mix (or balanced)  samples_NAME/
@@ -55,6 +55,7 @@ from stage1_tokenizer.evaluate import evaluate_tokenizer
 from stage1_tokenizer.tokenizer import Tokenizer
 from stage1_tokenizer.train import train_tokenizer
 from image_data.emoji import emoji_captions_identity
+from stage2_generator.cache_format import AUGMENTATION_VIEWS
 from stage2_generator.cache_reader import CodeCache
 from stage2_generator.conditionings import conditioning_for
 from stage2_generator.config import GeneratorTrainConfig, SamplingConfig
@@ -64,7 +65,7 @@ from stage2_generator.train import train_generator
 from .baseline import baseline_samples
 from .conditionings import request_kind
 from .conditionings.class_label import ClassRequests
-from .conditions import class_order
+from .conditions import reference_captions, reference_classes
 from .config import EvaluateConfig, GeneratorStage, PipelineConfig, PretokenizeConfig, SampleConfig, sampling_with
 from .evaluate import evaluate
 from .pretokenize import pretokenize
@@ -172,10 +173,14 @@ def train_cache_key(cfg: PipelineConfig, aug: str) -> str:
     return "train" if aug == cfg.aug else f"train_{aug}"
 
 
+def stage_views(cfg: PipelineConfig, stage: GeneratorStage) -> str:
+    return stage.aug or cfg.aug
+
+
 def generator_config(cfg: PipelineConfig, stage: GeneratorStage) -> GeneratorTrainConfig:
     out = Path(cfg.out_dir)
     return load_config(GeneratorTrainConfig, stage.config, [
-        *stage.overrides, f"data.cache={out / f'cache_{train_cache_key(cfg, stage.aug or cfg.aug)}'}",
+        *stage.overrides, f"data.cache={out / f'cache_{train_cache_key(cfg, stage_views(cfg, stage))}'}",
         f"data.val_cache={out / 'cache_val'}", f"run.out_dir={out / f'generator_{stage.name}'}"])
 
 
@@ -201,32 +206,6 @@ def samples_hash(npz: Path) -> str:
         return hashlib.sha256(np.ascontiguousarray(data["arr_0"]).tobytes()).hexdigest()[:16]
 
 
-def reference_classes(val_cache: str, train_cache: str) -> tuple[np.ndarray, list[int]]:
-    """The class of each val cache sequence (one per reference image) as an id of the train cache's classes
-    (those the generators learned; an image folder's splits may list different classes), and their histogram."""
-    val, train_names = CodeCache(val_cache), CodeCache(train_cache).class_names
-    missing = sorted(set(val.class_names) - set(train_names))
-    labels = val.labels(np.arange(len(val))).astype(np.int64)
-    if missing and np.isin(labels, [val.class_names.index(name) for name in missing]).any():
-        raise ConfigError(f"the val split has images of classes the train split lacks ({missing[:5]}): no "
-                          f"generator learned them; give both splits the same class folders")
-    to_train = np.array([train_names.index(name) if name in train_names else -1 for name in val.class_names])
-    labels = to_train[labels]
-    return labels, np.bincount(labels, minlength=len(train_names)).tolist()
-
-
-def reference_captions(val: CodeCache, labels: np.ndarray, class_counts: list[int]) -> list[str]:
-    """Sample g's prompt: the caption of a val image of class class_order(class_counts)[g]; class c's samples
-    are spread evenly over its val images in val order (at counts = the val counts, each image once)."""
-    members = [np.flatnonzero(labels == c) for c in range(len(class_counts))]
-    taken = [0] * len(class_counts)
-    captions = []
-    for c in class_order(class_counts).tolist():
-        captions.append(val.caption(int(members[c][taken[c] * len(members[c]) // class_counts[c]])))
-        taken[c] += 1
-    return captions
-
-
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Every stage of `cfg` in cfg.out_dir, which it holds alone (see the module doc)."""
     cfg = replace(cfg, command=cfg.command or command_line())
@@ -235,23 +214,37 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         return _run_pipeline(cfg, device)
 
 
-def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
-    out = Path(cfg.out_dir)
-    if distributed.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_kind(out, "pipeline-run")
-        (out / "config.yaml").write_text(to_yaml(cfg))
-    stages = Stages(out)
+def generator_stages(cfg: PipelineConfig) -> tuple[dict[str, GeneratorTrainConfig], dict[str, SamplingConfig]]:
+    """Each generator stage's training config and sampler, checked before anything trains or is written."""
     names = [g.name for g in cfg.generators]
     if len(set(names)) != len(names):
         raise ConfigError(f"generator names must be unique, got {names}")
     if cfg.class_mix not in ("reference", "balanced"):
         raise ConfigError(f"class_mix={cfg.class_mix!r}: expected 'reference' (the val split's class histogram) or "
                           f"'balanced' (round robin over the classes)")
+    for where, aug in [("aug", cfg.aug), *((f"generator {g.name}: aug", g.aug) for g in cfg.generators if g.aug)]:
+        if aug not in AUGMENTATION_VIEWS:
+            raise ConfigError(f"{where}={aug!r}: expected one of {sorted(AUGMENTATION_VIEWS)} (a generator stage "
+                              f"without one takes the run's aug)")
+    gen_cfgs, samplings = {g.name: generator_config(cfg, g) for g in cfg.generators}, {}
+    for g in cfg.generators:
+        try:
+            samplings[g.name] = sampling_with(cfg.sampling, " ".join(g.sampling))
+            samplings[g.name].check(conditioning_for(gen_cfgs[g.name].model).conditional)
+        except ConfigError as error:
+            raise ConfigError(f"generator {g.name}: sampling {g.sampling}: {error}") from None
+    return gen_cfgs, samplings
 
+
+def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
+    out = Path(cfg.out_dir)
     tok_cfg = tokenizer_config(cfg)
-    gen_cfgs = {g.name: generator_config(cfg, g) for g in cfg.generators}
-    samplings = {g.name: sampling_with(cfg.sampling, g.sampling) for g in cfg.generators}  # a bad key fails here
+    gen_cfgs, samplings = generator_stages(cfg)
+    if distributed.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_kind(out, "pipeline-run")
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    stages = Stages(out)
     if tok_cfg.run.deterministic or any(c.run.deterministic for c in gen_cfgs.values()):
         fix_cublas_workspace()  # before this process's first GPU matmul, whichever stage asks
 
@@ -266,7 +259,7 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     # pre-tokenization: a train cache with the run's views (the baseline's) and one per other views a generator
     # asks for; text embeddings in those a text generator reads
     reads_text = {g.name: conditioning_for(gen_cfgs[g.name].model).needs_text for g in cfg.generators}
-    views = {g.name: g.aug or cfg.aug for g in cfg.generators}
+    views = {g.name: stage_views(cfg, g) for g in cfg.generators}
     jobs = {train_cache_key(cfg, aug): ("train", aug, any(reads_text[n] for n, a in views.items() if a == aug))
             for aug in [cfg.aug, *views.values()]}
     jobs["val"] = ("val", "none", any(reads_text.values()))
@@ -293,7 +286,7 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
     generators = {}
     for stage in cfg.generators:
         gen_cfg, sampling = gen_cfgs[stage.name], samplings[stage.name]
-        train_cache = caches[train_cache_key(cfg, stage.aug or cfg.aug)]
+        train_cache = caches[train_cache_key(cfg, stage_views(cfg, stage))]
         gen = ModelRecord(**stages.run(
             f"generator-{stage.name}",
             {**training_identity(gen_cfg), "cache_train": train_cache.fingerprint,

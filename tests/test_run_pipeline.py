@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from pipelines import run as run_module
-from pipelines.conditions import class_order
+from pipelines.conditions import class_order, reference_captions, reference_classes
 from pipelines.config import GeneratorStage, PipelineConfig
-from pipelines.run import Stages, identity_hash, reference_captions, reference_classes, run_pipeline
+from pipelines.run import Stages, identity_hash, run_pipeline
 from simvq_common.config import load_config
 from simvq_common.errors import ConfigError
 from simvq_common.ready_made import MODELS_DIR, READY_MADE
@@ -57,7 +57,7 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
 
     def pipeline(class_steps=3) -> PipelineConfig:  # the showcase's text stage: its own views and sampler
         cfg = tiny_pipeline(out, class_steps)
-        cfg.generators[1] = replace(cfg.generators[1], aug="none", sampling="guidance_scale=1.5")
+        cfg.generators[1] = replace(cfg.generators[1], aug="none", sampling=["guidance_scale=1.5"])
         return cfg
 
     result = run_pipeline(pipeline())
@@ -79,6 +79,8 @@ def test_run_builds_everything_skips_what_is_unchanged_and_reruns_what_changed(t
     md = (out / "report.md").read_text()
     assert "baseline: unigram codes" in md and "rFID: the floor" in md
     assert "samples follow the reference's class mix (val split counts" in md
+    assert md.count("its sampler:") == 1 and "3 steps; its sampler: guidance_scale 1.5)" in md  # the text row
+    assert "train_none `" in md  # every cache in the provenance
     with np.load(out / "samples_class" / "samples.npz") as data:  # the val cache's mix, at N = its size
         assert np.bincount(data["labels"], minlength=9).tolist() == report["reference_class_counts"]
         assert "arr_0" in data.files and "images" not in data.files
@@ -229,7 +231,7 @@ def test_a_generator_with_its_own_views_and_sampler_gets_its_own_cache_and_sampl
     """A text stage with aug=none trains on a cache of its own without the flip (the only one with text
     embeddings besides val); the class stage keeps the run's flipped cache; each samples at its own settings."""
     cfg = tiny_pipeline(tmp_path / "run")
-    cfg.generators[1] = replace(cfg.generators[1], aug="none", sampling="guidance_scale=1.0 temperature=0.5")
+    cfg.generators[1] = replace(cfg.generators[1], aug="none", sampling=["guidance_scale=1.0", "temperature=0.5"])
     ids = stage_identities(cfg, monkeypatch, "baseline")
     assert [n for n in ids if n.startswith("cache-")] == ["cache-train", "cache-train-none", "cache-val"]
     assert (ids["cache-train"]["aug"], ids["cache-train"]["text_embeddings"]) == ("flip", False)
@@ -248,14 +250,19 @@ def test_a_generator_with_its_own_views_and_sampler_gets_its_own_cache_and_sampl
     assert "cache-train-none" not in same and same["cache-train"]["text_embeddings"] is True
 
 
-def test_a_bad_generator_sampler_setting_fails_before_any_stage_runs(tmp_path, monkeypatch):
-    cfg = tiny_pipeline(tmp_path / "run")
-    cfg.generators[0] = replace(cfg.generators[0], sampling="guidance=2")
+def test_a_bad_generator_sampler_or_views_fail_before_any_stage_runs_or_is_written(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(Stages, "run", lambda self, name, *args, **kwargs: ran.append(name))
-    with pytest.raises(ConfigError, match="guidance"):
-        run_pipeline(cfg)
-    assert ran == []
+    for stage, change, error in ((0, {"sampling": ["guidance=2"]}, "generator class: sampling.*guidance"),
+                                 (0, {"sampling": ["top_p=0"]}, "generator class: sampling.*top_p"),
+                                 (1, {"aug": "flpi"}, r"generator text: aug='flpi': expected one of \['flip', 'none'")):
+        cfg = tiny_pipeline(tmp_path / "run")
+        cfg.generators[stage] = replace(cfg.generators[stage], **change)
+        with pytest.raises(ConfigError, match=error):
+            run_pipeline(cfg)
+    with pytest.raises(ConfigError, match="aug='mirror'"):
+        run_pipeline(replace(tiny_pipeline(tmp_path / "run"), aug="mirror"))
+    assert ran == [] and not (tmp_path / "run" / "config.yaml").exists()  # nothing ran, nothing was written
 
 
 def test_text_captions_follow_the_reference_mix_one_val_image_each_at_its_size(tmp_path):
