@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipelines.config import PipelineConfig
-from pipelines.run import generator_config, tokenizer_config
+from pipelines.run import generator_stages, tokenizer_config
 from simvq_common.config import load_config
 from simvq_common.ready_made import READY_MADE
 
@@ -20,9 +20,12 @@ def test_pipeline_config_and_its_stage_configs_load(name, monkeypatch):
     cfg = load_config(PipelineConfig, REPO / "configs" / "pipeline" / name)
     tok = tokenizer_config(cfg)
     assert tok.data.source == cfg.data and tok.data.resolution == cfg.resolution
+    gen_cfgs, _ = generator_stages(cfg)  # every stage's views and sampler checked too
     for stage in cfg.generators:
-        gen = generator_config(cfg, stage, {"train": Path("train"), "val": Path("val")})
+        gen = gen_cfgs[stage.name]
         assert gen.run.out_dir == str(Path(cfg.out_dir) / f"generator_{stage.name}")
+        views = "" if stage.aug in ("", cfg.aug) else f"_{stage.aug}"
+        assert gen.data.cache == str(Path(cfg.out_dir) / f"cache_train{views}")
         for override in stage.overrides:  # each override reached the generator's config
             key, value = override.split("=", 1)
             section, field = key.split(".")
