@@ -3,7 +3,7 @@
     python scripts/caption_recall.py --generator emoji-text --out runs/caption_recall
 
 Samples one image for each of --num train captions of the bundled emoji (drawn at random by --seed) at the
-generator's recommended settings (its sampling.yaml; --sampling key=value sets others), and counts the captions whose sample lies nearest, in pixels, to a train image
+generator's recommended settings (its sampling.yaml; --sampling KEY=VALUE ... sets others over them), and counts the captions whose sample lies nearest, in pixels, to a train image
 of that caption. A caption names one train image (18 names caption six skin tones each: the facing-right figures),
 so this is how many of its (caption, image) pairs the generator has learned (docs/RESULTS.md, "The ready-made
 text generator draws its prompts").
@@ -23,7 +23,8 @@ from evaluation.memorisation import nearest, pixels  # noqa: E402
 from image_data.emoji import ImageSet, load_emoji  # noqa: E402
 from pipelines.config import SampleConfig, sampling_with  # noqa: E402
 from pipelines.sample import sample  # noqa: E402
-from stage2_generator.config import SamplingConfig  # noqa: E402
+from simvq_common.hub import resolve_model_dir  # noqa: E402
+from stage2_generator.config import SamplingConfig, recommended_sampling  # noqa: E402
 
 
 def nearest_captions(drawn: torch.Tensor, train: ImageSet) -> list[str]:
@@ -43,8 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     captions = load_emoji("train", 1).captions
     picked = torch.randperm(len(captions), generator=torch.Generator().manual_seed(args.seed))[:args.num].tolist()
+    recommended = recommended_sampling(SamplingConfig(), resolve_model_dir(args.generator))
     sample(SampleConfig(generator=args.generator, out=args.out, prompts=[captions[i] for i in picked], per_prompt=1,
-                        sampling=sampling_with(SamplingConfig(), " ".join(args.sampling))))
+                        sampling=sampling_with(recommended, " ".join(args.sampling)), sampling_preset="none"))
     with np.load(Path(args.out) / "samples.npz") as data:
         drawn, prompts = torch.from_numpy(data["arr_0"]), [str(p) for p in data["prompts"]]  # each sample's prompt
     train = load_emoji("train", drawn.shape[1])  # at the generator's resolution
