@@ -43,12 +43,12 @@ from stage2_generator.train import train_generator
 from studies.config import TokenizerComparisonConfig
 from studies.tokenizer_comparison import run_config, run_name
 
-from .conditions import largest_remainder
+from .conditions import largest_remainder, reference_classes
 from .config import (EvaluateConfig, GenerationStudyConfig, PretokenizeConfig, SampleConfig, StudyTokenizer,
                      sampling_with)
 from .evaluate import evaluate
 from .pretokenize import pretokenize
-from .run import identity_hash, reference_classes
+from .run import identity_hash
 from .sample import sample
 
 

@@ -14,6 +14,7 @@ Stages, in order (each an ordinary run of the stage's own job, in a folder of `o
     baseline         class-wise unigram codes, decoded, evaluated       baseline/
     ready-made-NAME  a grid of each ready-made generator of `ready_made`    ready_made_NAME/
     report           report.md, report.json, grids, curves (always rebuilt)
+
 A stage's identity is a hash of what determines its output: its config and the fingerprints of the
 artifacts it reads. `stages/NAME.json` records the identity when the stage starts and its result when it
 ends. A finished stage with the same identity is skipped; an unfinished one is resumed (the trainers and
@@ -174,6 +175,7 @@ def train_cache_key(cfg: PipelineConfig, aug: str) -> str:
 
 
 def stage_views(cfg: PipelineConfig, stage: GeneratorStage) -> str:
+    """The views of a generator stage's train cache: its own `aug`, or the run's."""
     return stage.aug or cfg.aug
 
 
@@ -296,7 +298,8 @@ def _run_pipeline(cfg: PipelineConfig, device: torch.device) -> dict:
         kind = request_kind(gen_cfg.model)
         captions = {"captions": caches["val"].fingerprint} if kind.fid_on_captions else {}
         plan = kind.fid_plan(cfg.class_mix, reference_counts, fid_samples)
-        samples = stages.run(f"samples-{stage.name}",
+        samples = stages.run(
+            f"samples-{stage.name}",
             {"generator": gen.fingerprint, "sampling": asdict(sampling), "num": fid_samples,
              "grid_per_class": cfg.grid_per_class, "prompts": stage.prompts, **plan, **captions},
             out / f"samples_{stage.name}",

@@ -5,7 +5,8 @@
 Prints the mean next-code negative log-likelihood (nats per code, teacher-forced, no guidance) of each image's
 codes (rows; the bundled emoji's train image of that name, its caption or its Unicode name, encoded by the
 generator's tokenizer) under each name as the caption (columns). A generator that reads its captions scores an
-image best under its own name, by a margin; equal columns mean the caption is ignored (docs/RESULTS.md, "Why the text prompts stay unrecognisable").
+image best under its own name, by a margin; equal columns mean the caption is ignored (docs/RESULTS.md, "Why the
+text prompts stay unrecognisable").
 """
 from __future__ import annotations
 

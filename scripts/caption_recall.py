@@ -3,10 +3,10 @@
     python scripts/caption_recall.py --generator emoji-text --out runs/caption_recall
 
 Samples one image for each of --num train captions of the bundled emoji (drawn at random by --seed) at the
-generator's recommended settings (its sampling.yaml; --sampling KEY=VALUE ... sets others over them), and counts the captions whose sample lies nearest, in pixels, to a train image
-of that caption. A caption names one train image (18 names caption six skin tones each: the facing-right figures),
-so this is how many of its (caption, image) pairs the generator has learned (docs/RESULTS.md, "The ready-made
-text generator draws its prompts").
+generator's recommended settings (its sampling.yaml; --sampling KEY=VALUE ... sets others over them), and counts
+the captions whose sample lies nearest, in pixels, to a train image of that caption. A caption names one train
+image (18 names caption six skin tones each: the facing-right figures), so this is how many of its (caption,
+image) pairs the generator has learned (docs/RESULTS.md, "The ready-made text generator draws its prompts").
 """
 from __future__ import annotations
 
